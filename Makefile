@@ -1,0 +1,32 @@
+# `make demo`: set up .venv, then init -> prepare -> train -> merge -> generate on CPU in a few minutes.
+# `make test`: set up .venv, then run the test suite (CPU only; GPU tests skip without CUDA).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test lint format bench clean
+
+venv: $(STAMP)
+
+# torch first, pinned to the CPU wheel: a bare `torch` requirement would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev,quant,plot]"
+	touch $(STAMP)
+
+demo: venv
+	$(VENV)/bin/rwkv-disha demo --out demo_out
+
+test: venv
+	$(VENV)/bin/python -m pytest
+
+lint: venv
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf demo_out .pytest_cache
