@@ -1,0 +1,38 @@
+"""flash-linear-attention's Triton RWKV-7 kernel (GPU only), behind an import guard.
+
+fla takes the same log-decay ``w`` and (a, b) as :mod:`rwkv_disha.kernels.wkv7`, but lays its state
+out as (key, value): the transpose of ours, so the state is transposed in and out.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+
+@functools.cache
+def fla_available() -> bool:
+    return importlib.util.find_spec("fla") is not None and torch.cuda.is_available()
+
+
+def wkv7_fla(r, w, k, v, a, b, state=None):
+    """(B, T, H, N) inputs on a CUDA device -> (y (B, T, H, N), state (B, H, N, N) as (value, key))."""
+    from fla.ops.rwkv7 import chunk_rwkv7
+
+    out_dtype = r.dtype
+    init = None if state is None else state.float().transpose(-1, -2).contiguous()
+    with torch.autocast(device_type="cuda", enabled=False):
+        y, final = chunk_rwkv7(
+            r=r.float(),
+            w=w.float(),
+            k=k.float(),
+            v=v.float(),
+            a=a.float(),
+            b=b.float(),
+            scale=1.0,
+            initial_state=init,
+            output_final_state=True,
+        )
+    return y.to(out_dtype), final.transpose(-1, -2)

@@ -1,0 +1,176 @@
+"""RWKV-7 ("x070", Goose) in plain PyTorch, with the official parameter names (SPEC §1, §2).
+
+    x = emb(idx); x = ln0(x)                                   (block 0)
+    per block:  x = x + att(ln1(x));  x = x + ffn(ln2(x))
+    logits = head(ln_out(x))
+
+``model(idx)`` returns logits (B, T, V). ``model(idx, state=s, return_state=True)`` also carries the
+recurrent state: a list with one ``LayerState`` per block, so a sequence can be fed in pieces
+(generation, long documents). The Linear layers named in SPEC §3 are plain ``nn.Linear`` modules that
+adapters replace in place, keeping their ``.weight`` names.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from rwkv_disha.config import ModelConfig
+from rwkv_disha.kernels import get_wkv7
+
+Tensor = torch.Tensor
+_DECAY_SCALE = 0.6065306597126334  # exp(-0.5): the largest per-step log-decay magnitude
+
+
+class LayerState(NamedTuple):
+    """Recurrent state of one block: last ln1 output (B, C), WKV state (B, H, N, N) fp32, last ln2 output."""
+
+    att_x: Tensor
+    wkv: Tensor
+    ffn_x: Tensor
+
+
+def token_shift(x: Tensor, last: Tensor | None) -> Tensor:
+    """x (B, T, C) -> previous token's x, with ``last`` (B, C) (or zeros) before t = 0."""
+    prev = torch.zeros_like(x[:, :1]) if last is None else last.unsqueeze(1).to(x.dtype)
+    return torch.cat([prev, x[:, :-1]], dim=1)
+
+
+class TimeMix(nn.Module):
+    """RWKV-7 attention ("att"): low-rank data-dependent decay, in-context learning rate a, WKV state."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, op: str = "auto"):
+        super().__init__()
+        C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
+        self.layer_id, self.n_head, self.head_size = layer_id, H, N
+        self.op = op
+        for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a"):
+            setattr(self, name, nn.Parameter(torch.zeros(1, 1, C)))
+        self.w1 = nn.Parameter(torch.zeros(C, cfg.d_decay))
+        self.w2 = nn.Parameter(torch.zeros(cfg.d_decay, C))
+        self.a1 = nn.Parameter(torch.zeros(C, cfg.d_aaa))
+        self.a2 = nn.Parameter(torch.zeros(cfg.d_aaa, C))
+        if layer_id > 0:  # layer 0 defines v_first; later layers mix towards it
+            self.v0 = nn.Parameter(torch.zeros(1, 1, C))
+            self.v1 = nn.Parameter(torch.zeros(C, cfg.d_mv))
+            self.v2 = nn.Parameter(torch.zeros(cfg.d_mv, C))
+        self.g1 = nn.Parameter(torch.zeros(C, cfg.d_gate))
+        self.g2 = nn.Parameter(torch.zeros(cfg.d_gate, C))
+        self.r_k = nn.Parameter(torch.zeros(H, N))
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
+
+    def forward(
+        self, x: Tensor, v_first: Tensor | None, last_x: Tensor | None = None, wkv: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T, C) -> (out (B, T, C), v_first (B, T, C), final WKV state (B, H, N, N))."""
+        B, T, C = x.shape
+        H, N = self.n_head, self.head_size
+        xx = token_shift(x, last_x) - x
+        xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
+        xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
+
+        r = self.receptance(xr)
+        k = self.key(xk)
+        v = self.value(xv)
+        # log of the per-step decay, in (-exp(-0.5), 0): the kernels take the log to stay in fp32 range
+        log_w = -_DECAY_SCALE * torch.sigmoid(self.w0 + torch.tanh(xw @ self.w1) @ self.w2)
+        if self.layer_id == 0:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
+        g = torch.sigmoid(xg @ self.g1) @ self.g2
+
+        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0)
+        k = k * (1 + (a - 1) * self.k_a)
+        heads = lambda t: t.view(B, T, H, N)  # noqa: E731
+        y, wkv = get_wkv7(self.op)(
+            heads(r), heads(log_w), heads(k), heads(v), -kk, kk * heads(a), wkv
+        )  # y (B, T, H, N)
+        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
+        bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)
+        y = y + bonus.reshape(B, T, C)
+        return self.output(y * g), v_first, wkv
+
+
+class ChannelMix(nn.Module):
+    """RWKV-7 feed-forward ("ffn"): token shift, squared ReLU."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.x_k = nn.Parameter(torch.zeros(1, 1, cfg.n_embd))
+        self.key = nn.Linear(cfg.n_embd, cfg.dim_ffn, bias=False)
+        self.value = nn.Linear(cfg.dim_ffn, cfg.n_embd, bias=False)
+
+    def forward(self, x: Tensor, last_x: Tensor | None = None) -> Tensor:
+        xx = token_shift(x, last_x) - x
+        k = torch.relu(self.key(x + xx * self.x_k)) ** 2
+        return self.value(k)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, op: str = "auto"):
+        super().__init__()
+        self.layer_id = layer_id
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(cfg.n_embd)
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.att = TimeMix(cfg, layer_id, op)
+        self.ffn = ChannelMix(cfg)
+
+    def forward(
+        self, x: Tensor, v_first: Tensor | None, state: LayerState | None = None
+    ) -> tuple[Tensor, Tensor, LayerState]:
+        if self.layer_id == 0:
+            x = self.ln0(x)
+        xa = self.ln1(x)
+        att, v_first, wkv = self.att(
+            xa, v_first, None if state is None else state.att_x, None if state is None else state.wkv
+        )
+        x = x + att
+        xf = self.ln2(x)
+        x = x + self.ffn(xf, None if state is None else state.ffn_x)
+        return x, v_first, LayerState(xa[:, -1], wkv, xf[:, -1])
+
+
+class RWKV7(nn.Module):
+    """The whole RWKV-7 language model. ``op`` picks the WKV kernel (see :mod:`rwkv_disha.kernels`)."""
+
+    def __init__(self, cfg: ModelConfig, op: str = "auto"):
+        super().__init__()
+        self.config = cfg
+        self.grad_cp = False  # block-level activation checkpointing while training
+        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg, i, op) for i in range(cfg.n_layer))
+        self.ln_out = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+
+    def set_op(self, op: str) -> None:
+        for block in self.blocks:
+            block.att.op = op
+
+    def forward(
+        self, idx: Tensor, state: list[LayerState] | None = None, return_state: bool = False
+    ) -> Tensor | tuple[Tensor, list[LayerState]]:
+        """idx (B, T) -> logits (B, T, V) [, new state]."""
+        x = self.emb(idx)
+        v_first = None
+        new_state: list[LayerState] = []
+        for i, block in enumerate(self.blocks):
+            layer_state = None if state is None else state[i]
+            if self.grad_cp and self.training and torch.is_grad_enabled():
+                x, v_first, s = checkpoint(block, x, v_first, layer_state, use_reentrant=False)
+            else:
+                x, v_first, s = block(x, v_first, layer_state)
+            new_state.append(s)
+        logits = self.head(self.ln_out(x))
+        return (logits, new_state) if return_state else logits
