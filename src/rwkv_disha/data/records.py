@@ -1,0 +1,217 @@
+"""Input records -> tokens (+ answer masks), shared by ``prepare`` and the on-the-fly ``jsonl`` dataset.
+
+Accepted JSON records (one per line of a ``.jsonl`` file):
+
+- ``{"text": "..."}`` (the key is ``--text_key``; a list of strings is joined with ``"\\n\\n"``; a bare
+  JSON string is also a text document), tokenized exactly as json2binidx does;
+- chat: ``{"messages": [{"role": "user"|"assistant"|"system", "content": "..."}, ...]}`` (ShareGPT's
+  ``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}`` too; an optional top-level
+  ``"system"`` string becomes a first system turn), rendered in the RWKV chat format;
+- Q&A: one of ``question`` / ``prompt`` / ``instruction`` and one of ``answer`` / ``response`` /
+  ``output`` (an optional non-empty ``input`` is appended to the question after a newline, an optional
+  ``system`` becomes a system turn), rendered as a one-turn chat.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rwkv_disha.data.tokenizer import EOS, WorldTokenizer, encode_segments, get_tokenizer, render_chat
+
+QUESTION_KEYS = ("question", "prompt", "instruction")
+ANSWER_KEYS = ("answer", "response", "output")
+JSON_SUFFIXES = (".jsonl", ".jsonlines", ".json", ".ndjson")
+TXT_SPLITS = ("blank", "file")
+
+
+def record_segments(obj, text_key: str = "text") -> tuple[list[tuple[str, bool]], str]:
+    """One parsed JSON record -> ``(segments, kind)``, kind ``text`` / ``chat`` / ``qa``.
+
+    Text records are one segment marked as answer (every token of a plain-text document counts in
+    the ``qa`` loss mask). Raises ``ValueError`` with the reason for a malformed record.
+    """
+    if isinstance(obj, str):
+        return [(obj, True)], "text"
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    if text_key in obj:
+        text = obj[text_key]
+        if isinstance(text, list) and all(isinstance(t, str) for t in text):
+            text = "\n\n".join(text)
+        if not isinstance(text, str):
+            raise ValueError(f'"{text_key}" must be a string, got {type(text).__name__}')
+        return [(text, True)], "text"
+    system = obj.get("system")
+    if system is not None and not isinstance(system, str):
+        raise ValueError('"system" must be a string')
+    head = [{"role": "system", "content": system}] if system else []
+    for key in ("messages", "conversations"):
+        if key in obj:
+            msgs = obj[key]
+            if not isinstance(msgs, list):
+                raise ValueError(f'"{key}" must be a list of messages')
+            try:
+                return render_chat(head + msgs), "chat"
+            except ValueError as e:
+                raise ValueError(f'"{key}": {e}') from None
+    q_key = next((k for k in QUESTION_KEYS if k in obj), None)
+    a_key = next((k for k in ANSWER_KEYS if k in obj), None)
+    if q_key and a_key:
+        q, a = obj[q_key], obj[a_key]
+        if not isinstance(q, str) or not isinstance(a, str):
+            raise ValueError(f'"{q_key}" and "{a_key}" must be strings')
+        extra = obj.get("input")
+        if isinstance(extra, str) and extra.strip():
+            q = f"{q}\n{extra}"
+        msgs = head + [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        return render_chat(msgs), "qa"
+    keys = ", ".join(sorted(map(str, obj))) or "none"
+    raise ValueError(
+        f'no "{text_key}", "messages" or question/answer keys (keys: {keys}); see docs/DATA.md for input forms'
+    )
+
+
+def encode_segments_doc(
+    segments: list[tuple[str, bool]], kind: str, tok: WorldTokenizer, append_eos: bool = True
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(tokens int32, answer mask uint8 or None for plain text)``; empty text gives 0 tokens.
+
+    With ``append_eos`` the end-of-text token 0 is appended; it is an answer token when the last
+    segment is (an assistant turn, or plain text).
+    """
+    if kind == "text":
+        text = segments[0][0]
+        ids = np.asarray(tok.encode(text) if text else [], dtype=np.int32)
+        mask = None
+    else:
+        lst, m = encode_segments(segments, tok)
+        ids, mask = np.asarray(lst, dtype=np.int32), m
+    if append_eos and ids.size:
+        ids = np.append(ids, np.int32(EOS))
+        if mask is not None:
+            mask = np.append(mask, np.uint8(1 if segments[-1][1] else 0))
+    return ids, mask
+
+
+def split_text(text: str, txt_split: str) -> list[str]:
+    """``blank``: one document per block separated by blank lines; ``file``: the whole text."""
+    if txt_split == "file":
+        return [text] if text else []
+    blocks = re.split(r"\n(?:[ \t]*\n)+", text.replace("\r\n", "\n"))
+    return [b.strip("\n") for b in blocks if b.strip()]
+
+
+def is_json_file(path: str) -> bool:
+    return path.lower().endswith(JSON_SUFFIXES)
+
+
+@dataclass
+class Encoded:
+    """Several encoded documents back to back (what a worker returns for one chunk of input)."""
+
+    tokens: np.ndarray  # int32, all documents concatenated
+    sizes: np.ndarray  # int64 per document
+    masks: np.ndarray | None = None  # uint8 per token; None when every document is plain text
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (file:line, reason)
+    empty: int = 0  # documents skipped because their text is empty (json2binidx skips them too)
+    chat: int = 0  # chat / Q&A documents
+
+
+def encode_items(
+    kind: str, path: str, items: list, text_key: str = "text", append_eos: bool = True
+) -> Encoded:
+    """Encode a chunk of input: ``kind`` ``jsonl`` (items: ``(line, raw bytes)``), ``obj`` (items:
+    ``(record number, parsed object)``) or ``text`` (items: ``(block number, str)``)."""
+    tok = get_tokenizer()
+    toks: list[np.ndarray] = []
+    masks: list[np.ndarray | None] = []
+    out = Encoded(np.zeros(0, np.int32), np.zeros(0, np.int64))
+    for where, raw in items:
+        if kind == "jsonl":
+            try:
+                obj = json.loads(raw)
+            except UnicodeDecodeError:
+                out.errors.append((f"{path}:{where}", "not valid UTF-8"))
+                continue
+            except json.JSONDecodeError as e:
+                out.errors.append((f"{path}:{where}", f"not valid JSON ({e.msg} at column {e.colno})"))
+                continue
+        else:
+            obj = raw
+        try:
+            segments, rkind = record_segments(obj, text_key) if kind != "text" else ([(obj, True)], "text")
+        except ValueError as e:
+            label = f"{path}:{where}" if kind != "obj" else f"{path}: record {where}"
+            out.errors.append((label, str(e)))
+            continue
+        ids, mask = encode_segments_doc(segments, rkind, tok, append_eos)
+        if ids.size == 0:
+            out.empty += 1
+            continue
+        out.chat += rkind != "text"
+        toks.append(ids)
+        masks.append(mask)
+    if toks:
+        out.tokens = np.concatenate(toks)
+        out.sizes = np.array([t.size for t in toks], dtype=np.int64)
+        if any(m is not None for m in masks):
+            out.masks = np.concatenate(
+                [m if m is not None else np.ones(t.size, np.uint8) for t, m in zip(toks, masks)]
+            )
+    return out
+
+
+def iter_chunks(
+    path: str, txt_split: str = "blank", chunk_bytes: int = 1 << 20, chunk_items: int = 2048
+) -> Iterator[tuple[str, str, list, int]]:
+    """Yield ``(kind, path, items, bytes)`` chunks of an input file for :func:`encode_items`.
+
+    ``.jsonl`` / ``.json`` files are JSON (a ``.json`` file whose first character is ``[`` is one JSON
+    array of records); anything else is UTF-8 text split by ``txt_split``. Raises ``ValueError`` for
+    a text file that is not UTF-8 or a JSON array file that does not parse.
+    """
+    if is_json_file(path):
+        with open(path, "rb") as f:
+            first = f.read(64).lstrip()
+        if path.lower().endswith(".json") and first.startswith(b"["):
+            with open(path, "rb") as f:
+                data = f.read()
+            try:
+                arr = json.loads(data)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path}: not a valid JSON array ({e})") from None
+            for k in range(0, len(arr), chunk_items):
+                part = arr[k : k + chunk_items]
+                yield "obj", path, list(enumerate(part, start=k + 1)), len(data) * len(part) // max(len(arr), 1)
+            return
+        items: list = []
+        size = 0
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    size += len(line)
+                    continue
+                items.append((lineno, line))
+                size += len(line)
+                if size >= chunk_bytes or len(items) >= chunk_items:
+                    yield "jsonl", path, items, size
+                    items, size = [], 0
+        if items or size:
+            yield "jsonl", path, items, size
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    docs = split_text(text, txt_split)
+    nbytes = len(text.encode("utf-8"))
+    step = max(1, min(chunk_items, len(docs) * chunk_bytes // max(nbytes, 1)))
+    for k in range(0, len(docs), step):
+        part = docs[k : k + step]
+        yield "text", path, list(enumerate(part, start=k + 1)), nbytes * len(part) // max(len(docs), 1)
