@@ -80,7 +80,14 @@ def init_state_dict(
         for ln in ("ln1", "ln2"):
             sd[p + f"{ln}.weight"], sd[p + f"{ln}.bias"] = ones_ln(), small(C)
         a = p + "att."
-        for name, power in (("x_r", 0.2), ("x_w", 0.9), ("x_k", 0.7), ("x_v", 0.7), ("x_a", 0.9), ("x_g", 0.2)):
+        for name, power in (
+            ("x_r", 0.2),
+            ("x_w", 0.9),
+            ("x_k", 0.7),
+            ("x_v", 0.7),
+            ("x_a", 0.9),
+            ("x_g", 0.2),
+        ):
             sd[a + name] = (1.0 - ddd.pow(power * r1a0)).float()
         n = torch.arange(C, dtype=torch.float64)
         decay_speed = -7 + 5 * (n / max(C - 1, 1)) ** (0.85 + 1.0 * r01**0.5)
@@ -119,7 +126,9 @@ class Config:
     vocab_size: int = opt(65536, "vocabulary size (65536 for the RWKV World tokenizer)")
     head_size: int = opt(64, "head size N (64 in every released model)")
     dtype: str = opt("fp32", "dtype of the saved tensors", choices=tuple(_DTYPES))
-    style: str = opt("pretrain", "pretrain: the authors' init; random: every tensor random", ("pretrain", "random"))
+    style: str = opt(
+        "pretrain", "pretrain: the authors' init; random: every tensor random", ("pretrain", "random")
+    )
     seed: int = opt(0, "random seed")
 
 
@@ -131,5 +140,7 @@ def run(cfg: Config) -> int:
     )
     path = save_state_dict(sd, cfg.output)
     n_params = sum(t.numel() for t in sd.values())
-    print(f"wrote {path}: RWKV-7 L{cfg.n_layer} C{cfg.n_embd} V{cfg.vocab_size}, {n_params / 1e6:.2f}M params, {cfg.dtype}")
+    print(
+        f"wrote {path}: RWKV-7 L{cfg.n_layer} C{cfg.n_embd} V{cfg.vocab_size}, {n_params / 1e6:.2f}M params, {cfg.dtype}"
+    )
     return 0

@@ -191,6 +191,9 @@ def save_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> Pat
             save_file({k: v.contiguous() for k, v in sd.items()}, tmp)
         else:
             torch.save(sd, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
