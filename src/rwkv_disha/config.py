@@ -76,9 +76,7 @@ def from_mapping(cls: type, values: dict[str, Any], source: str = "options") -> 
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise RWKVDishaError(
-            f"unknown {source}: {', '.join(unknown)} (known: {', '.join(sorted(names))})"
-        )
+        raise RWKVDishaError(f"unknown {source}: {', '.join(unknown)} (known: {', '.join(sorted(names))})")
     return cls(**values)
 
 

@@ -57,6 +57,7 @@ class Config:
     epochs: int = opt(3, "training epochs")
     epoch_steps: int = opt(40, "micro-batches per epoch")
     r: int = opt(32, "Bone rank")
+    lr: float = opt(3e-3, "peak learning rate")
     seed: int = opt(0, "seed for the corpus, the model and training")
 
 
@@ -115,56 +116,14 @@ def run(cfg: Config) -> int:
     _step("4/6 train Bone")
     proj = out / "train"
     train_args = [
-        "train",
-        "--load_model",
-        str(base),
-        "--proj_dir",
-        str(proj),
-        "--data_file",
-        str(data),
-        "--data_type",
-        "binidx",
-        "--dataload",
-        "pad",
-        "--loss_mask",
-        "qa",
-        "--ctx_len",
-        "64",
-        "--micro_bsz",
-        "8",
-        "--epoch_steps",
-        str(cfg.epoch_steps),
-        "--epoch_count",
-        str(cfg.epochs),
-        "--epoch_save",
-        "1",
-        "--lr_init",
-        "3e-3",
-        "--lr_final",
-        "1e-3",
-        "--warmup_steps",
-        "10",
-        "--accelerator",
-        "cpu",
-        "--devices",
-        "1",
-        "--precision",
-        "fp32",
-        "--strategy",
-        "auto",
-        "--peft",
-        "disha",
-        "--disha_config",
-        json.dumps({"mode": "bone", "load": "", "r": cfg.r}),
-        "--train_parts",
-        "time",
-        "ln",
-        "emb",
-        "--random_seed",
-        str(cfg.seed),
-        "--progress_bar",
-        "0",
-    ]
+        "train", "--load_model", str(base), "--proj_dir", str(proj), "--data_file", str(data),
+        "--data_type", "binidx", "--dataload", "pad", "--loss_mask", "qa", "--ctx_len", "64",
+        "--micro_bsz", "8", "--epoch_steps", str(cfg.epoch_steps), "--epoch_count", str(cfg.epochs),
+        "--epoch_save", "1", "--lr_init", str(cfg.lr), "--lr_final", str(cfg.lr / 3), "--warmup_steps", "10",
+        "--accelerator", "cpu", "--devices", "1", "--precision", "fp32", "--strategy", "auto",
+        "--peft", "disha", "--disha_config", json.dumps({"mode": "bone", "load": "", "r": cfg.r}),
+        "--train_parts", "time", "ln", "--random_seed", str(cfg.seed), "--progress_bar", "0",
+    ]  # fmt: skip
     _cli(train_args)
     adapter = proj / f"rwkv-{cfg.epochs - 1}.pth"
 

@@ -20,6 +20,7 @@ or failed write never leaves a half file under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from collections.abc import Iterable
@@ -69,10 +70,8 @@ def _tmp_name(path: str) -> str:
 
 
 def _remove(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.remove(path)
-    except FileNotFoundError:
-        pass
 
 
 class BinIdxWriter:
@@ -135,6 +134,11 @@ class BinIdxWriter:
         self._sizes.append(sizes.astype(np.int32))
         self.num_docs += int(sizes.size)
         self.num_tokens += int(flat.size)
+
+    def sizes_so_far(self) -> np.ndarray:
+        """Sizes of the documents added so far (int32)."""
+        self._flush_sizes()
+        return np.concatenate(self._sizes) if self._sizes else np.zeros(0, np.int32)
 
     def _flush_sizes(self) -> None:
         if self._pending:
@@ -233,7 +237,7 @@ class BinIdx:
             head = f.read(HEADER.size)
         if len(head) < 9 or head[:9] != MAGIC:
             raise RWKVDishaError(
-                f"{self.idx_path} is not a binidx index (wrong magic bytes {head[:9]!r}, expected {MAGIC!r}); "
+                f"{self.idx_path} is not a binidx index (magic bytes {head[:9]!r}, expected {MAGIC!r}); "
                 "re-create it with `rwkv-disha prepare`"
             )
         if len(head) < HEADER.size:
@@ -340,7 +344,9 @@ class BinIdx:
     def tokens(self, start: int, length: int) -> np.ndarray:
         """``length`` tokens of the whole stream from token ``start`` (documents back to back)."""
         if start < 0 or length < 0 or start + length > self.num_tokens:
-            raise IndexError(f"token range [{start}, {start + length}) outside the stream of {self.num_tokens}")
+            raise IndexError(
+                f"token range [{start}, {start + length}) outside the stream of {self.num_tokens}"
+            )
         return self._bin()[start : start + length]
 
     def __repr__(self) -> str:

@@ -15,6 +15,7 @@ Accepted JSON records (one per line of a ``.jsonl`` file):
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -72,7 +73,8 @@ def record_segments(obj, text_key: str = "text") -> tuple[list[tuple[str, bool]]
         return render_chat(msgs), "qa"
     keys = ", ".join(sorted(map(str, obj))) or "none"
     raise ValueError(
-        f'no "{text_key}", "messages" or question/answer keys (keys: {keys}); see docs/DATA.md for input forms'
+        f'no "{text_key}", "messages" or question/answer keys (keys: {keys}); '
+        "see docs/DATA.md for the input forms"
     )
 
 
@@ -117,37 +119,52 @@ class Encoded:
     tokens: np.ndarray  # int32, all documents concatenated
     sizes: np.ndarray  # int64 per document
     masks: np.ndarray | None = None  # uint8 per token; None when every document is plain text
-    errors: list[tuple[str, str]] = field(default_factory=list)  # (file:line, reason)
+    # (path, line or record number, reason); a jsonl chunk numbers lines from 1 within the chunk
+    errors: list[tuple[str, int, str]] = field(default_factory=list)
     empty: int = 0  # documents skipped because their text is empty (json2binidx skips them too)
     chat: int = 0  # chat / Q&A documents
+    lines: int = 0  # lines read (jsonl chunks), to number the next chunk's lines
 
 
-def encode_items(
-    kind: str, path: str, items: list, text_key: str = "text", append_eos: bool = True
-) -> Encoded:
-    """Encode a chunk of input: ``kind`` ``jsonl`` (items: ``(line, raw bytes)``), ``obj`` (items:
-    ``(record number, parsed object)``) or ``text`` (items: ``(block number, str)``)."""
+def _read_lines(path: str, span: tuple[int, int]) -> list[bytes]:
+    start, end = span
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def encode_items(kind: str, path: str, items, text_key: str = "text", append_eos: bool = True) -> Encoded:
+    """Encode one chunk of input (see :func:`iter_chunks`): ``kind`` ``jsonl`` (items: a byte range
+    ``(start, end)`` of the file, read here so that workers, not the parent, do the reading), ``obj``
+    (items: ``(record number, parsed object)``) or ``text`` (items: ``(block number, str)``)."""
     tok = get_tokenizer()
     toks: list[np.ndarray] = []
     masks: list[np.ndarray | None] = []
     out = Encoded(np.zeros(0, np.int32), np.zeros(0, np.int64))
+    if kind == "jsonl":
+        lines = _read_lines(path, items)
+        out.lines = len(lines)
+        items = ((n, line) for n, line in enumerate(lines, start=1) if line.strip())
     for where, raw in items:
         if kind == "jsonl":
             try:
                 obj = json.loads(raw)
             except UnicodeDecodeError:
-                out.errors.append((f"{path}:{where}", "not valid UTF-8"))
+                out.errors.append((path, where, "not valid UTF-8"))
                 continue
             except json.JSONDecodeError as e:
-                out.errors.append((f"{path}:{where}", f"not valid JSON ({e.msg} at column {e.colno})"))
+                out.errors.append((path, where, f"not valid JSON ({e.msg} at column {e.colno})"))
                 continue
         else:
             obj = raw
         try:
             segments, rkind = record_segments(obj, text_key) if kind != "text" else ([(obj, True)], "text")
         except ValueError as e:
-            label = f"{path}:{where}" if kind != "obj" else f"{path}: record {where}"
-            out.errors.append((label, str(e)))
+            out.errors.append((path, where, str(e)))
             continue
         ids, mask = encode_segments_doc(segments, rkind, tok, append_eos)
         if ids.size == 0:
@@ -166,14 +183,35 @@ def encode_items(
     return out
 
 
+class LineNumbers:
+    """Turns the chunk-relative error positions of successive :class:`Encoded` results (in input
+    order) into ``file:line`` labels."""
+
+    def __init__(self):
+        self.path: str | None = None
+        self.base = 0
+
+    def __call__(self, kind: str, path: str, enc: Encoded) -> list[tuple[str, str]]:
+        if path != self.path:
+            self.path, self.base = path, 0
+        if kind == "jsonl":
+            out = [(f"{p}:{self.base + n}", why) for p, n, why in enc.errors]
+            self.base += enc.lines
+            return out
+        if kind == "obj":
+            return [(f"{p}: record {n}", why) for p, n, why in enc.errors]
+        return [(f"{p}: block {n}", why) for p, n, why in enc.errors]
+
+
 def iter_chunks(
     path: str, txt_split: str = "blank", chunk_bytes: int = 1 << 20, chunk_items: int = 2048
-) -> Iterator[tuple[str, str, list, int]]:
+) -> Iterator[tuple[str, str, object, int]]:
     """Yield ``(kind, path, items, bytes)`` chunks of an input file for :func:`encode_items`.
 
     ``.jsonl`` / ``.json`` files are JSON (a ``.json`` file whose first character is ``[`` is one JSON
-    array of records); anything else is UTF-8 text split by ``txt_split``. Raises ``ValueError`` for
-    a text file that is not UTF-8 or a JSON array file that does not parse.
+    array of records); a jsonl chunk is a byte range ending at a line end. Anything else is UTF-8 text
+    split by ``txt_split``. Raises ``ValueError`` for a text file that is not UTF-8 or a JSON array
+    file that does not parse.
     """
     if is_json_file(path):
         with open(path, "rb") as f:
@@ -185,24 +223,22 @@ def iter_chunks(
                 arr = json.loads(data)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{path}: not a valid JSON array ({e})") from None
+            if not isinstance(arr, list):
+                raise ValueError(f"{path}: not a JSON array of records")
             for k in range(0, len(arr), chunk_items):
                 part = arr[k : k + chunk_items]
-                yield "obj", path, list(enumerate(part, start=k + 1)), len(data) * len(part) // max(len(arr), 1)
+                nbytes = len(data) * len(part) // max(len(arr), 1)
+                yield "obj", path, list(enumerate(part, start=k + 1)), nbytes
             return
-        items: list = []
-        size = 0
+        size = os.path.getsize(path)
         with open(path, "rb") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    size += len(line)
-                    continue
-                items.append((lineno, line))
-                size += len(line)
-                if size >= chunk_bytes or len(items) >= chunk_items:
-                    yield "jsonl", path, items, size
-                    items, size = [], 0
-        if items or size:
-            yield "jsonl", path, items, size
+            pos = 0
+            while pos < size:
+                f.seek(min(pos + chunk_bytes, size))
+                f.readline()  # extend to the end of the line
+                end = f.tell()
+                yield "jsonl", path, (pos, end), end - pos
+                pos = end
         return
     try:
         with open(path, encoding="utf-8") as f:

@@ -70,7 +70,9 @@ class WorldTokenizer:
                 self.backend = "pyrwkv"
             except ImportError:
                 if backend == "pyrwkv":
-                    raise RWKVDishaError("pyrwkv-tokenizer is not installed; pip install pyrwkv-tokenizer") from None
+                    raise RWKVDishaError(
+                        "pyrwkv-tokenizer is not installed; pip install pyrwkv-tokenizer"
+                    ) from None
         if self._impl is None:
             if backend not in ("auto", "trie"):
                 raise RWKVDishaError(f"unknown tokenizer backend {backend!r} (use auto, pyrwkv or trie)")
@@ -89,7 +91,7 @@ class WorldTokenizer:
         self._lengths: np.ndarray | None = None
 
     def encode(self, text: str) -> list[int]:
-        return list(self._impl.encode(text))
+        return self._impl.encode(text)
 
     def _load_vocab(self, with_bytes: bool) -> None:
         with self._lock:

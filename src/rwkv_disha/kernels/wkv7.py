@@ -73,6 +73,7 @@ def wkv7_chunked(r, w, k, v, a, b, state: Tensor | None = None, chunk: int = 64)
             return r.new_zeros(r.shape), S
         L = min(chunk, T)
         pad = (-T) % L
+
         # (B, T, H, N) -> (B, H, NC, L, N); zero padding is exact: w = 0 means decay 1, k = v = a = b = 0.
         def prep(t: Tensor) -> Tensor:
             t = t.to(dt)

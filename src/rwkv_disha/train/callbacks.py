@@ -21,16 +21,17 @@ def adapter_path(cfg, epoch: int) -> Path:
 
 
 class EpochData(L.Callback):
-    """Seed each epoch from (seed, epoch): dropout masks are then the same in a resumed run."""
+    """Seed every micro-batch from (seed, epoch, batch, rank): dropout masks do not depend on what else
+    drew random numbers before, so a resumed run repeats an uninterrupted one exactly."""
 
     def __init__(self, cfg, vocab: int):
         self.cfg, self.vocab = cfg, vocab
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         from rwkv_disha.train.run import seed_of
 
         epoch = self.cfg.epoch_begin + trainer.current_epoch
-        torch.manual_seed(seed_of(self.cfg) * 1000 + epoch * 10 + trainer.global_rank)
+        torch.manual_seed(((seed_of(self.cfg) * 100_003 + epoch) * 1_000_003 + batch_idx) * 64 + trainer.global_rank)
 
 
 class SaveAdapters(L.Callback):

@@ -35,6 +35,8 @@ class DishaModule(L.LightningModule):
         return self.model(idx)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.cfg.log_samples:
+            self._log_samples(batch["input_ids"])
         logits = self.model(batch["input_ids"])
         loss = masked_lm_loss(logits, batch["labels"], batch["mask"])
         now = time.perf_counter()
@@ -49,6 +51,14 @@ class DishaModule(L.LightningModule):
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, on_step=True, on_epoch=False)
         self.loss_history.append((self.trainer.global_step, float(loss.detach())))
         return loss
+
+    def _log_samples(self, idx: torch.Tensor) -> None:
+        from pathlib import Path
+
+        path = Path(self.cfg.proj_dir) / f"samples-rank{self.global_rank}.txt"
+        with open(path, "a") as f:
+            for row in idx[:, :8].tolist():
+                f.write(" ".join(map(str, row)) + "\n")
 
     def configure_optimizers(self):
         cfg = self.cfg

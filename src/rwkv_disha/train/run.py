@@ -108,12 +108,15 @@ class Config:
     tensorboard: bool = opt(False, "also log to TensorBoard (proj_dir/tb)")
     progress_bar: bool = opt(True, "show the progress bar")
     log_every_n_steps: int = opt(1, "metrics.csv / logger interval in steps")
+    log_samples: bool = opt(False, "write proj_dir/samples-rank{R}.txt: each sample's first token ids (check data order)")
 
 
 def validate(cfg: Config) -> None:
     """Cheap checks of everything a user can get wrong, before any model or data is loaded."""
     from rwkv_disha.kernels import resolve_op
 
+    if cfg.resume and not (Path(cfg.resume) / "resume.ckpt").is_file():
+        raise RWKVDishaError(f"--resume {cfg.resume}: no resume.ckpt there (it is written at each epoch end)")
     if not cfg.load_model:
         raise RWKVDishaError("--load_model is required: the base RWKV .pth to fine-tune")
     if not Path(cfg.load_model).is_file():
@@ -166,9 +169,11 @@ def validate(cfg: Config) -> None:
             raise RWKVDishaError(f"--strategy {cfg.strategy} needs deepspeed: pip install 'rwkv-disha[gpu]'")
     if cfg.precision == "fp16" and not on_gpu:
         raise RWKVDishaError("--precision fp16 is GPU-only; on CPU use bf16 or fp32")
-    if cfg.resume and not (Path(cfg.resume) / "resume.ckpt").is_file():
-        raise RWKVDishaError(f"--resume {cfg.resume}: no resume.ckpt there (it is written at each epoch end)")
     resolve_op(cfg.op)
+
+
+def check_proj_dir(cfg: Config) -> None:
+    """Create proj_dir and prove it writable (the last check: a failed run before it writes nothing)."""
     proj = Path(cfg.proj_dir)
     try:
         proj.mkdir(parents=True, exist_ok=True)
@@ -202,6 +207,4 @@ def seed_of(cfg: Config) -> int:
 def run(cfg: Config) -> int:
     from rwkv_disha.train.trainer import fit
 
-    validate(cfg)
-    check_model_shape(cfg)
     return fit(cfg)

@@ -88,20 +88,22 @@ def _resume_config(cfg: Config) -> Config:
     return Config(**merged)
 
 
-def fit(cfg: Config) -> int:
+def fit(cfg: Config, extra_callbacks: list | None = None) -> int:
+    """Train as ``cfg`` says; ``extra_callbacks`` (tests, embedding) are added to Lightning's list."""
     from rwkv_disha.adapters.inject import adapter_state_dict
     from rwkv_disha.train.callbacks import EpochData, SaveAdapters, TrainLog
     from rwkv_disha.train.module import DishaModule
-    from rwkv_disha.train.run import check_model_shape, validate
+    from rwkv_disha.train.run import check_model_shape, check_proj_dir, validate
 
     if cfg.resume:
         cfg = _resume_config(cfg)
-        validate(cfg)
+    validate(cfg)
     mcfg = check_model_shape(cfg)
     seed = seed_of(cfg)
     acfg = build_adapter_config(cfg)
     vocab = mcfg.vocab_size
     build_dataset(cfg, vocab)  # every data problem surfaces here, before the model is loaded
+    check_proj_dir(cfg)
     if cfg.precision == "tf32":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -146,6 +148,7 @@ def fit(cfg: Config) -> int:
         EpochData(cfg, vocab),
         SaveAdapters(cfg, acfg, saved_names, fingerprint),
         log,
+        *(extra_callbacks or []),
     ]
     accelerator = {"cuda": "gpu"}.get(cfg.accelerator, cfg.accelerator)
     strategy = cfg.strategy  # ddp on CPU uses the gloo backend (Lightning picks it)

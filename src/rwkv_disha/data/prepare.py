@@ -1,0 +1,261 @@
+"""Tokenize jsonl / text files into binidx (PREFIX.bin + PREFIX.idx) with the RWKV World tokenizer.
+
+  rwkv-disha prepare --input data.jsonl --output data/mydata
+
+Each record becomes one document with token 0 appended, stored as int32 exactly like json2binidx
+(`{"text": ...}` input gives byte-identical files). Input forms: {"text": ...}; chat
+{"messages": [{"role": "user"|"assistant"|"system", "content": ...}]}; Q&A {"question"|"prompt"|
+"instruction": ..., "answer"|"response"|"output": ...}; plain text files (--txt_split blank: one document
+per blank-line separated block; file: the whole file). For chat / Q&A input the per-token answer mask
+used by --loss_mask qa is written next to the data as PREFIX.mask.bin / PREFIX.mask.idx (uint8).
+Files appear only when everything succeeded (temporary files, then rename). See docs/DATA.md.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rwkv_disha.config import opt
+from rwkv_disha.data.binidx import BinIdxWriter, exists, split_prefix
+from rwkv_disha.data.records import TXT_SPLITS, LineNumbers, encode_items, iter_chunks
+from rwkv_disha.errors import RWKVDishaError
+
+MASK_SUFFIX = ".mask"
+MAX_REPORTED = 10
+CHUNK_BYTES = 1 << 20  # input bytes per task sent to a worker
+
+
+@dataclass
+class Config:
+    input: list[str] = opt([], "input file(s): .jsonl/.json records (text, chat or Q&A) or plain text files")
+    output: str = opt("", "output prefix: writes PREFIX.bin and PREFIX.idx (+ PREFIX.mask.* for chat/Q&A)")
+    ctx_len: int = opt(1024, "the summary counts documents longer than ctx_len+1 tokens (they get truncated)")
+    workers: int = opt(0, "tokenizing processes (0 = all cores, at most one per MB of input)")
+    on_error: str = opt(
+        "stop", "a malformed input line: stop (write nothing) or skip it", choices=("stop", "skip")
+    )
+    text_key: str = opt("text", "JSON key holding a plain-text document")
+    append_eos: bool = opt(
+        True, "append token 0 (end of text) to every document, like json2binidx --append-eod"
+    )
+    txt_split: str = opt(
+        "blank", "plain text files: one document per blank-line block, or the whole file", choices=TXT_SPLITS
+    )
+    dtype: str = opt(
+        "int32", "token dtype in .bin (int32 is what json2binidx writes)", choices=("int32", "uint16")
+    )
+    overwrite: bool = opt(False, "replace an existing PREFIX.bin/.idx")
+    progress: bool = opt(True, "show a progress bar (only on a terminal)")
+
+
+@dataclass
+class PrepareStats:
+    output: str = ""
+    mask_output: str | None = None
+    documents: int = 0
+    tokens: int = 0
+    longest: int = 0
+    over_ctx: int = 0
+    ctx_len: int = 0
+    empty: int = 0
+    malformed: int = 0
+    chat: int = 0
+    answer_tokens: int = 0
+    workers: int = 1
+    seconds: float = 0.0
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+    def summary(self) -> str:
+        files = f"{self.output}.bin / .idx"
+        if self.mask_output:
+            files += f", answer masks {self.mask_output}.bin / .idx"
+        lines = [
+            f"wrote {files}",
+            f"  documents         {self.documents:,}" + (f" ({self.chat:,} chat / Q&A)" if self.chat else ""),
+            f"  tokens            {self.tokens:,}"
+            + (f" ({self.answer_tokens:,} answer tokens)" if self.mask_output else ""),
+            f"  longest document  {self.longest:,} tokens",
+            f"  longer than ctx_len+1 = {self.ctx_len + 1:,}: {self.over_ctx:,} documents"
+            " (truncated by --dataload pad/only)",
+        ]
+        if self.empty:
+            lines.append(f"  skipped {self.empty:,} empty documents (as json2binidx does)")
+        if self.malformed:
+            lines.append(f"  skipped {self.malformed:,} malformed lines (--on_error skip)")
+        lines.append(
+            f"  {self.seconds:.1f} s, {self.tokens_per_second:,.0f} tokens/s, {self.workers} worker(s)"
+        )
+        return "\n".join(lines)
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _init_worker() -> None:
+    from rwkv_disha.data.tokenizer import get_tokenizer
+
+    get_tokenizer()
+
+
+def _encoded(chunks: Iterator, workers: int, text_key: str, append_eos: bool) -> Iterator[tuple]:
+    """``(kind, path, Encoded, bytes)`` per chunk, in input order, encoded in this process or in a
+    pool of ``workers`` (bounded read-ahead; jsonl workers read their byte ranges themselves)."""
+    if workers <= 1:
+        for kind, path, items, nbytes in chunks:
+            yield kind, path, encode_items(kind, path, items, text_key, append_eos), nbytes
+        return
+    ctx = mp.get_context("spawn")  # safe with threads (torch) in the parent, same on every OS
+    with ctx.Pool(workers, initializer=_init_worker) as pool:
+        pending: deque = deque()
+
+        def submit() -> bool:
+            chunk = next(chunks, None)
+            if chunk is None:
+                return False
+            kind, path, items, nbytes = chunk
+            res = pool.apply_async(encode_items, (kind, path, items, text_key, append_eos))
+            pending.append((kind, path, res, nbytes))
+            return True
+
+        for _ in range(2 * workers + 2):
+            if not submit():
+                break
+        while pending:
+            kind, path, res, nbytes = pending.popleft()
+            submit()
+            yield kind, path, res.get(), nbytes
+
+
+def _check(cfg: Config) -> list[str]:
+    inputs = [cfg.input] if isinstance(cfg.input, str) else list(cfg.input)
+    if not inputs:
+        raise RWKVDishaError("no input: pass --input FILE.jsonl [FILE2 ...]")
+    if not cfg.output:
+        raise RWKVDishaError("no output: pass --output PREFIX (writes PREFIX.bin and PREFIX.idx)")
+    for p in inputs:
+        if not os.path.isfile(p):
+            raise RWKVDishaError(f"input file not found: {p}")
+    if cfg.ctx_len < 1:
+        raise RWKVDishaError(f"--ctx_len must be >= 1 (got {cfg.ctx_len})")
+    if cfg.workers < 0:
+        raise RWKVDishaError(f"--workers must be >= 0 (0 = all cores), got {cfg.workers}")
+    if cfg.on_error not in ("stop", "skip"):
+        raise RWKVDishaError(f"--on_error must be stop or skip (got {cfg.on_error!r})")
+    if cfg.txt_split not in TXT_SPLITS:
+        raise RWKVDishaError(f"--txt_split must be blank or file (got {cfg.txt_split!r})")
+    if cfg.dtype not in ("int32", "uint16"):
+        raise RWKVDishaError(f"--dtype must be int32 or uint16 (got {cfg.dtype!r})")
+    return inputs
+
+
+def prepare(cfg: Config, log=None) -> PrepareStats:
+    """Run ``prepare``; returns the statistics (``run`` prints them). Writes nothing on an error."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    inputs = _check(cfg)
+    prefix = split_prefix(cfg.output)
+    mask_prefix = prefix + MASK_SUFFIX
+    if not cfg.overwrite:
+        for p in (prefix, mask_prefix):
+            if exists(p):
+                raise RWKVDishaError(
+                    f"{p}.bin/.idx already exists; pass --overwrite 1 to replace it, or another --output"
+                )
+    total_bytes = sum(os.path.getsize(p) for p in inputs)
+    # all cores by default, but no more processes than 1 MB chunks: a small input is done in-process
+    workers = cfg.workers or max(1, min(_cpu_count(), -(-total_bytes // CHUNK_BYTES)))
+    dtype = np.int32 if cfg.dtype == "int32" else np.uint16
+    stats = PrepareStats(output=prefix, ctx_len=cfg.ctx_len, workers=workers)
+
+    def all_chunks():
+        for p in inputs:
+            try:
+                yield from iter_chunks(p, cfg.txt_split, chunk_bytes=CHUNK_BYTES)
+            except ValueError as e:
+                raise RWKVDishaError(f"{e}; nothing was written") from None
+
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    writer = BinIdxWriter(prefix, dtype)
+    mask_writer: BinIdxWriter | None = None
+    bar = tqdm(
+        total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=None if cfg.progress else True
+    )
+    try:
+        number = LineNumbers()
+        for kind, path, enc, nbytes in _encoded(all_chunks(), workers, cfg.text_key, cfg.append_eos):
+            bar.update(nbytes)
+            errors = number(kind, path, enc)
+            if errors:
+                where, why = errors[0]
+                if cfg.on_error == "stop":
+                    raise RWKVDishaError(
+                        f"{where}: {why}; fix the line or pass --on_error skip (nothing was written)"
+                    )
+                for where, why in errors:
+                    if stats.malformed < MAX_REPORTED:
+                        log(f"warning: {where}: {why} (skipped)")
+                    stats.errors.append((where, why))
+                    stats.malformed += 1
+            stats.empty += enc.empty
+            stats.chat += enc.chat
+            if enc.sizes.size == 0:
+                continue
+            if enc.masks is not None and mask_writer is None:
+                mask_writer = BinIdxWriter(mask_prefix, np.uint8)
+                earlier = writer.sizes_so_far()
+                if earlier.size:
+                    mask_writer.add_many(np.ones(int(earlier.sum()), np.uint8), earlier)
+            writer.add_many(enc.tokens, enc.sizes)
+            if mask_writer is not None:
+                masks = enc.masks if enc.masks is not None else np.ones(enc.tokens.size, np.uint8)
+                mask_writer.add_many(masks, enc.sizes)
+                stats.answer_tokens += int(masks.sum(dtype=np.int64))
+            stats.longest = max(stats.longest, int(enc.sizes.max()))
+            stats.over_ctx += int((enc.sizes > cfg.ctx_len + 1).sum())
+        bar.close()
+        if stats.malformed > MAX_REPORTED:
+            log(f"warning: {stats.malformed - MAX_REPORTED} more malformed lines skipped")
+        if writer.num_docs == 0:
+            raise RWKVDishaError(
+                f"no documents in {', '.join(inputs)} (all records empty or malformed); nothing was written"
+            )
+        stats.documents, stats.tokens = writer.num_docs, writer.num_tokens
+        writer.commit()
+        if mask_writer is not None:
+            mask_writer.commit()
+            stats.mask_output = mask_prefix
+        else:
+            for suffix in (".bin", ".idx"):  # a stale sidecar from an earlier run would be wrong now
+                if os.path.exists(mask_prefix + suffix):
+                    os.remove(mask_prefix + suffix)
+    except BaseException:
+        bar.close()
+        writer.abort()
+        if mask_writer is not None:
+            mask_writer.abort()
+        raise
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def run(cfg: Config) -> int:
+    stats = prepare(cfg)
+    print(stats.summary())
+    return 0

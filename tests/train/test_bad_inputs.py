@@ -1,0 +1,93 @@
+"""Bad `train` inputs: one-line errors, before any model is loaded, with nothing written."""
+
+import pytest
+
+import rwkv_disha.model.load as load_mod
+from rwkv_disha.cli import main
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(load_mod, "load_model", refuse)
+
+
+def flags(argv, **changes):
+    out = list(argv)
+    for k, v in changes.items():
+        i = out.index(f"--{k}")
+        out[i + 1] = str(v)
+    return out
+
+
+CASES = [
+    ("missing model", {"load_model": "{tmp}/nope.pth"}, [], "--load_model {tmp}/nope.pth: file not found"),
+    ("missing data", {"data_file": "{tmp}/nodata"}, [], "data file not found: {tmp}/nodata.idx"),
+    ("wrong n_layer", {}, ["--n_layer", "24"], "--n_layer 24 disagrees with the checkpoint, which has n_layer = 2"),
+    ("wrong n_embd", {}, ["--n_embd", "1024"], "--n_embd 1024 disagrees with the checkpoint, which has n_embd = 64"),
+    ("deepspeed on cpu", {}, ["--strategy", "deepspeed_stage_1"], "--strategy deepspeed_stage_1 needs CUDA GPUs"),
+    ("only with bsz>1", {}, ["--dataload", "only"], "--dataload only takes one document per step: use --micro_bsz 1"),
+    ("ctx_len 0", {"ctx_len": 0}, [], "--ctx_len must be positive, got 0"),
+    ("ctx_len negative", {"ctx_len": -5}, [], "--ctx_len must be positive, got -5"),
+    ("bad disha json", {}, ["--disha_config", "{mode:bone}"], "--disha_config"),
+    ("unknown mode", {}, ["--disha_config", '{"mode":"bane","r":8}'], "mode 'bane' is unknown"),
+    ("fp16 on cpu", {}, ["--precision", "fp16"], "--precision fp16 is GPU-only"),
+    ("wds_img", {}, ["--data_type", "wds_img"], "image data is not supported"),
+    ("resume without ckpt", {}, ["--resume", "{tmp}"], "no resume.ckpt there"),
+]
+
+
+@pytest.mark.parametrize("name,changes,extra,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_before_model_load(
+    tmp_path, base_path, count_data, train_args, no_model_load, capsys, name, changes, extra, message
+):
+    proj = tmp_path / "proj"
+    argv = train_args(base_path, count_data, proj)
+    fill = lambda v: v.replace("{tmp}", str(tmp_path)) if isinstance(v, str) else v  # noqa: E731
+    argv = flags(argv, **{k: fill(v) for k, v in changes.items()})
+    argv += [fill(e) for e in extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert fill(message) in err
+    assert not proj.exists()  # nothing written
+
+
+def test_unwritable_proj_dir(tmp_path, base_path, count_data, train_args, no_model_load, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file, not a folder")
+    assert main(train_args(base_path, count_data, blocker / "out")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --proj_dir {blocker / 'out'} is not writable") and "\n" not in err
+    assert blocker.read_text() == "a file, not a folder"
+
+
+def test_missing_load_model_flag(tmp_path, count_data, capsys):
+    assert main(["train", "--data_file", count_data, "--proj_dir", str(tmp_path / "p")]) == 2
+    assert "--load_model is required" in capsys.readouterr().err
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--load_model", "--proj_dir", "--data_file", "--data_type", "--vocab_size", "--n_layer", "--n_embd",
+                 "--ctx_len", "--micro_bsz", "--epoch_steps", "--epoch_count", "--epoch_begin", "--epoch_save",
+                 "--lr_init", "--lr_final", "--warmup_steps", "--beta1", "--beta2", "--adam_eps", "--accelerator",
+                 "--devices", "--num_nodes", "--precision", "--strategy", "--grad_cp", "--my_testing", "--dataload",
+                 "--loss_mask", "--peft", "--disha_config", "--lora_config", "--train_parts", "--op", "--quant",
+                 "--wandb", "--lr_schedule", "--random_seed", "--accumulate_grad_batches", "--weight_decay",
+                 "--resume", "--config"):  # fmt: skip
+        assert flag in out, flag
+
+
+def test_yaml_config_file(tmp_path, base_path, count_data, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"load_model: {base_path}\ndata_file: {count_data}\nproj_dir: {tmp_path / 'y'}\nctx_len: 0\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "--ctx_len must be positive, got 0" in capsys.readouterr().err
+    cfg.write_text("bogus_option: 1\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "unknown option(s) for `train`: bogus_option" in capsys.readouterr().err
