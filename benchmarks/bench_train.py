@@ -82,9 +82,10 @@ def main() -> int:
     base = os.path.join(tmp, "base.pth")
     save_state_dict(init_state_dict(args.n_layer, args.n_embd, args.vocab, style="pretrain"), base)
     fl = flops_per_token(args.n_layer, args.n_embd, args.vocab, args.r, 4 * args.n_embd)
+    n = 8192 if device == "cuda" else 2048
     peaks = {
-        "fp32": matmul_peak_flops(torch.float32, device=device),
-        "bf16": matmul_peak_flops(torch.bfloat16, device=device),
+        "fp32": matmul_peak_flops(torch.float32, n=n, device=device),
+        "bf16": matmul_peak_flops(torch.bfloat16, n=n, device=device),
     }
     results = {
         "shape": f"L{args.n_layer} C{args.n_embd} V{args.vocab} ctx{args.ctx_len} bsz1 Bone r{args.r}",

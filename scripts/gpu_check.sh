@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One device run: carried wheels -> GPU tests -> GPU benchmarks. Output under $OUT (device tool).
+# Usage on the device machine:  bash scripts/gpu_check.sh   (with .whl carried)
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  > "$OUT/pip.log" 2>&1 || { tail -5 "$OUT/pip.log"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD/src
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, lightning, fla, bitsandbytes; print('torch', torch.__version__, 'lightning', lightning.__version__, 'fla ok, bnb', bitsandbytes.__version__)"
+python3 -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>&1 | tail -1
+timeout 200 python3 -m pytest tests/gpu -q -x -p no:cacheprovider -o addopts="" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+timeout 60 python3 -m rwkv_disha.cli bench --device cuda --ops fla,torch,loop --T 512 --repeat 5 2>&1 | tee "$OUT/bench_kernel.json"
+timeout 60 python3 -m rwkv_disha.cli bench --device cuda --ops fla,torch --T 4096 --B 4 --repeat 5 2>&1 | tee -a "$OUT/bench_kernel.json"
+timeout 150 python3 benchmarks/bench_train.py --accelerator gpu --precisions bf16 fp32 --steps 30 2>&1 | tee "$OUT/bench_train_gpu.json" | tail -30
