@@ -52,7 +52,9 @@ def flops_per_token(n_layer: int, C: int, V: int, r: int, ffn: int) -> dict:
     wkv = 6 * C * 64  # state update + readout per token (head size 64)
     fwd = 2 * (n_layer * per_block + C * V) + n_layer * wkv
     adapter_in_out = [(C, C)] * 4 + [(C, ffn), (ffn, C)]
-    bone_fwd = n_layer * sum(2 * r * out + i for i, out in adapter_in_out)  # fold the input + (r x out) matmul
+    bone_fwd = n_layer * sum(
+        2 * r * out + i for i, out in adapter_in_out
+    )  # fold the input + (r x out) matmul
     train = 2 * fwd + 3 * bone_fwd
     return {"forward": fwd, "train": train, "bone_share_of_train": 3 * bone_fwd / train}
 
@@ -89,7 +91,9 @@ def main() -> int:
     }
     results = {
         "shape": f"L{args.n_layer} C{args.n_embd} V{args.vocab} ctx{args.ctx_len} bsz1 Bone r{args.r}",
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads",
+        "device": torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"cpu, {torch.get_num_threads()} threads",
         "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peaks.items()},
         "train_gflop_per_token": round(fl["train"] / 1e9, 4),
         "bone_share_of_train_flops": round(fl["bone_share_of_train"], 4),

@@ -26,7 +26,7 @@ def adapter_file(world_model, tmp_path_factory):
     mark_trainable(model, cfg)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.3)
     return save_adapter_file(model, cfg, tmp_path_factory.mktemp("adapter") / "rwkv-0.pth")
@@ -91,7 +91,9 @@ def test_sampling_filters():
 
 
 def test_stop_string(world_model, capsys):
-    full, _ = run(capsys, "--load_model", world_model, "--prompt", "a", "--temperature", 0, "--max_tokens", 30)
+    full, _ = run(
+        capsys, "--load_model", world_model, "--prompt", "a", "--temperature", 0, "--max_tokens", 30
+    )
     text = full.rstrip("\n")
     stop = text[len(text) // 2 : len(text) // 2 + 2]
     if not stop.strip():

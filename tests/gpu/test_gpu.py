@@ -10,7 +10,9 @@ from rwkv_disha.cli import main
 from rwkv_disha.kernels.wkv7 import wkv7_chunked
 
 pytestmark = pytest.mark.gpu
-needs_fla = pytest.mark.skipif(importlib.util.find_spec("fla") is None, reason="flash-linear-attention missing")
+needs_fla = pytest.mark.skipif(
+    importlib.util.find_spec("fla") is None, reason="flash-linear-attention missing"
+)
 
 
 def inputs(B, T, H, N, seed=0):
@@ -61,17 +63,22 @@ def _train(tmp_path, base, data, *extra):
             "--lr_init", "1e-2", "--lr_final", "1e-2", "--accelerator", "gpu", "--progress_bar", "0",
             "--disha_config", '{"mode":"bone","load":"","r":16}', *extra]  # fmt: skip
     assert main(argv) == 0
-    losses = [float(r["loss"]) for r in csv.DictReader(open(tmp_path / "metrics.csv"))]
+    losses = [float(r["loss"]) for r in csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines())]
     assert all(torch.isfinite(torch.tensor(losses)))
     return losses
 
 
 @pytest.mark.parametrize(
     "extra",
-    [["--precision", "bf16"], ["--precision", "fp16"], ["--precision", "bf16", "--quant", "nf4"],
-     ["--precision", "bf16", "--quant", "int8"], ["--precision", "bf16", "--grad_cp", "1"],
-     ["--precision", "bf16", "--strategy", "deepspeed_stage_1"],
-     ["--precision", "bf16", "--strategy", "deepspeed_stage_2"]],  # fmt: skip
+    [
+        ["--precision", "bf16"],
+        ["--precision", "fp16"],
+        ["--precision", "bf16", "--quant", "nf4"],
+        ["--precision", "bf16", "--quant", "int8"],
+        ["--precision", "bf16", "--grad_cp", "1"],
+        ["--precision", "bf16", "--strategy", "deepspeed_stage_1"],
+        ["--precision", "bf16", "--strategy", "deepspeed_stage_2"],
+    ],  # fmt: skip
     ids=["bf16", "fp16", "nf4", "int8", "grad_cp", "ds1", "ds2"],
 )
 def test_train_on_gpu(tmp_path, make_checkpoint, extra):

@@ -96,5 +96,7 @@ def test_registry_errors_name_what_is_available():
         resolve_op("bogus")
     if "fla" not in available_ops():
         for op in ("fla", "cuda", "triton"):
-            with pytest.raises(RWKVDishaError, match=f"--op {op} needs flash-linear-attention.*available here: torch, loop"):
+            with pytest.raises(
+                RWKVDishaError, match=f"--op {op} needs flash-linear-attention.*available here: torch, loop"
+            ):
                 resolve_op(op)

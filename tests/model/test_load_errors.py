@@ -44,7 +44,9 @@ def test_truncated_checkpoint(tmp_path, tiny_model_path):
     data = tiny_model_path.read_bytes()
     p = tmp_path / "cut.pth"
     p.write_bytes(data[: len(data) // 2])
-    with pytest.raises(RWKVDishaError, match="not a torch checkpoint or is truncated.*download or copy it again"):
+    with pytest.raises(
+        RWKVDishaError, match="not a torch checkpoint or is truncated.*download or copy it again"
+    ):
         load_model(p)
 
 
@@ -73,7 +75,11 @@ def test_not_a_dict(tmp_path):
 
 @pytest.mark.parametrize(
     "marker,name",
-    [("att.time_maa_x", "RWKV-6 \\(x060\\)"), ("att.time_faaaa", "RWKV-5 \\(x052\\)"), ("att.time_mix_k", "RWKV-4 \\(x040\\)")],
+    [
+        ("att.time_maa_x", "RWKV-6 \\(x060\\)"),
+        ("att.time_faaaa", "RWKV-5 \\(x052\\)"),
+        ("att.time_mix_k", "RWKV-4 \\(x040\\)"),
+    ],
 )
 def test_unsupported_version(tmp_path, marker, name):
     p = tmp_path / "old.pth"
@@ -94,7 +100,9 @@ def test_adapter_file_given_as_model(tmp_path):
     [("n_layer", 24, 2), ("n_embd", 1024, 128), ("vocab_size", 65536, 1000), ("head_size", 32, 64)],
 )
 def test_flag_disagreeing_with_file(tiny_model_path, flag, value, have):
-    with pytest.raises(RWKVDishaError, match=f"--{flag} {value} disagrees with the checkpoint, which has {flag} = {have}"):
+    with pytest.raises(
+        RWKVDishaError, match=f"--{flag} {value} disagrees with the checkpoint, which has {flag} = {have}"
+    ):
         load_model(tiny_model_path, **{flag: value})
 
 
@@ -163,7 +171,9 @@ def test_save_is_atomic_on_failure(tmp_path):
 
 def test_cli_init_writes_a_loadable_model(tmp_path, capsys):
     out = tmp_path / "m.pth"
-    assert main(["init", "--output", str(out), "--n_layer", "3", "--n_embd", "64", "--vocab_size", "300"]) == 0
+    assert (
+        main(["init", "--output", str(out), "--n_layer", "3", "--n_embd", "64", "--vocab_size", "300"]) == 0
+    )
     m = load_model(out)
     assert (m.config.n_layer, m.config.n_embd, m.config.vocab_size) == (3, 64, 300)
     assert m.blocks[0].att.output.weight.abs().sum() == 0  # pretrain style: zero output projections

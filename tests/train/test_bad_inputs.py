@@ -25,10 +25,30 @@ def flags(argv, **changes):
 CASES = [
     ("missing model", {"load_model": "{tmp}/nope.pth"}, [], "--load_model {tmp}/nope.pth: file not found"),
     ("missing data", {"data_file": "{tmp}/nodata"}, [], "data file not found: {tmp}/nodata.idx"),
-    ("wrong n_layer", {}, ["--n_layer", "24"], "--n_layer 24 disagrees with the checkpoint, which has n_layer = 2"),
-    ("wrong n_embd", {}, ["--n_embd", "1024"], "--n_embd 1024 disagrees with the checkpoint, which has n_embd = 64"),
-    ("deepspeed on cpu", {}, ["--strategy", "deepspeed_stage_1"], "--strategy deepspeed_stage_1 needs CUDA GPUs"),
-    ("only with bsz>1", {}, ["--dataload", "only"], "--dataload only takes one document per step: use --micro_bsz 1"),
+    (
+        "wrong n_layer",
+        {},
+        ["--n_layer", "24"],
+        "--n_layer 24 disagrees with the checkpoint, which has n_layer = 2",
+    ),
+    (
+        "wrong n_embd",
+        {},
+        ["--n_embd", "1024"],
+        "--n_embd 1024 disagrees with the checkpoint, which has n_embd = 64",
+    ),
+    (
+        "deepspeed on cpu",
+        {},
+        ["--strategy", "deepspeed_stage_1"],
+        "--strategy deepspeed_stage_1 needs CUDA GPUs",
+    ),
+    (
+        "only with bsz>1",
+        {},
+        ["--dataload", "only"],
+        "--dataload only takes one document per step: use --micro_bsz 1",
+    ),
     ("ctx_len 0", {"ctx_len": 0}, [], "--ctx_len must be positive, got 0"),
     ("ctx_len negative", {"ctx_len": -5}, [], "--ctx_len must be positive, got -5"),
     ("bad disha json", {}, ["--disha_config", "{mode:bone}"], "--disha_config"),
@@ -73,19 +93,58 @@ def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--load_model", "--proj_dir", "--data_file", "--data_type", "--vocab_size", "--n_layer", "--n_embd",
-                 "--ctx_len", "--micro_bsz", "--epoch_steps", "--epoch_count", "--epoch_begin", "--epoch_save",
-                 "--lr_init", "--lr_final", "--warmup_steps", "--beta1", "--beta2", "--adam_eps", "--accelerator",
-                 "--devices", "--num_nodes", "--precision", "--strategy", "--grad_cp", "--my_testing", "--dataload",
-                 "--loss_mask", "--peft", "--disha_config", "--lora_config", "--train_parts", "--op", "--quant",
-                 "--wandb", "--lr_schedule", "--random_seed", "--accumulate_grad_batches", "--weight_decay",
-                 "--resume", "--config"):  # fmt: skip
+    flags = [
+        "--load_model",
+        "--proj_dir",
+        "--data_file",
+        "--data_type",
+        "--vocab_size",
+        "--n_layer",
+        "--n_embd",
+        "--ctx_len",
+        "--micro_bsz",
+        "--epoch_steps",
+        "--epoch_count",
+        "--epoch_begin",
+        "--epoch_save",
+        "--lr_init",
+        "--lr_final",
+        "--warmup_steps",
+        "--beta1",
+        "--beta2",
+        "--adam_eps",
+        "--accelerator",
+        "--devices",
+        "--num_nodes",
+        "--precision",
+        "--strategy",
+        "--grad_cp",
+        "--my_testing",
+        "--dataload",
+        "--loss_mask",
+        "--peft",
+        "--disha_config",
+        "--lora_config",
+        "--train_parts",
+        "--op",
+        "--quant",
+        "--wandb",
+        "--lr_schedule",
+        "--random_seed",
+        "--accumulate_grad_batches",
+        "--weight_decay",
+        "--resume",
+        "--config",
+    ]
+    for flag in flags:
         assert flag in out, flag
 
 
 def test_yaml_config_file(tmp_path, base_path, count_data, capsys):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"load_model: {base_path}\ndata_file: {count_data}\nproj_dir: {tmp_path / 'y'}\nctx_len: 0\n")
+    cfg.write_text(
+        f"load_model: {base_path}\ndata_file: {count_data}\nproj_dir: {tmp_path / 'y'}\nctx_len: 0\n"
+    )
     assert main(["train", "--config", str(cfg)]) == 2
     assert "--ctx_len must be positive, got 0" in capsys.readouterr().err
     cfg.write_text("bogus_option: 1\n")

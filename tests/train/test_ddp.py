@@ -9,9 +9,11 @@ from rwkv_disha.model.load import load_state_dict
 
 def test_ddp_two_cpu_processes_see_disjoint_data(tmp_path, base_path, unique_data, train_args):
     proj = tmp_path / "ddp"
-    argv = train_args(base_path, unique_data, proj, "--devices", "2", "--strategy", "ddp", "--log_samples", "1",
-                      epochs=2, steps=5, bsz=2)  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    ddp = ["--devices", "2", "--strategy", "ddp", "--log_samples", "1"]
+    argv = train_args(base_path, unique_data, proj, *ddp, epochs=2, steps=5, bsz=2)
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")
+    }
     proc = subprocess.run(
         [sys.executable, "-m", "rwkv_disha.cli", *argv], capture_output=True, text=True, timeout=600, env=env
     )

@@ -12,7 +12,6 @@ from rwkv_disha.evaluate import evaluate_loss
 from rwkv_disha.generate import load_for_inference
 from rwkv_disha.model.load import load_state_dict
 
-
 TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
 
 
@@ -56,7 +55,7 @@ def test_train_merge_and_rwkv_package(tmp_path, base_path, count_data, rwkv_orac
     assert side["adapter"]["mode"] == "bone" and side["adapter"]["r"] == 16
 
     # the loss went down, in the log and in the metrics
-    rows = list(csv.DictReader(open(proj / "metrics.csv")))
+    rows = list(csv.DictReader((proj / "metrics.csv").read_text().splitlines()))
     assert len(rows) == 24
     first, last = [float(r["loss"]) for r in rows[:4]], [float(r["loss"]) for r in rows[-4:]]
     assert sum(last) / 4 < sum(first) / 4 - 0.5
@@ -84,7 +83,8 @@ def test_tutorial_command_line_on_cpu(tmp_path, base_path, count_data, train_arg
     args = (
         f"train --load_model {load_model} --proj_dir {proj_dir} --data_file {data_file} --vocab_size {VOCAB} "
         f"--n_layer {n_layer} --n_embd {n_embd} --data_type binidx --dataload pad --loss_mask pad "
-        f"--ctx_len {ctx_len} --micro_bsz {micro_bsz} --epoch_steps {epoch_steps} --epoch_count 2 --epoch_begin 0 "
+        f"--ctx_len {ctx_len} --micro_bsz {micro_bsz} --epoch_steps {epoch_steps} "
+        f"--epoch_count 2 --epoch_begin 0 "
         f"--epoch_save {epoch_save} --lr_init 2e-5 --lr_final 2e-5 --warmup_steps 0 --beta1 0.9 --beta2 0.99 "
         f"--adam_eps 1e-8 --accelerator cpu --devices 1 --precision bf16 --strategy auto --grad_cp 1 "
         f"--my_testing x070 --peft disha"
@@ -119,7 +119,7 @@ def test_variants_train_and_learn(tmp_path, base_path, count_data, extra, train_
     pytest.importorskip("bitsandbytes") if "--quant" in extra else None
     proj = tmp_path / "o"
     assert main(train_args(base_path, count_data, proj, *extra, epochs=1, steps=10)) == 0
-    rows = list(csv.DictReader(open(proj / "metrics.csv")))
+    rows = list(csv.DictReader((proj / "metrics.csv").read_text().splitlines()))
     losses = [float(r["loss"]) for r in rows]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # it learns

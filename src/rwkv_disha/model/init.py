@@ -141,6 +141,7 @@ def run(cfg: Config) -> int:
     path = save_state_dict(sd, cfg.output)
     n_params = sum(t.numel() for t in sd.values())
     print(
-        f"wrote {path}: RWKV-7 L{cfg.n_layer} C{cfg.n_embd} V{cfg.vocab_size}, {n_params / 1e6:.2f}M params, {cfg.dtype}"
+        f"wrote {path}: RWKV-7 L{cfg.n_layer} C{cfg.n_embd} V{cfg.vocab_size}, "
+        f"{n_params / 1e6:.2f}M params, {cfg.dtype}"
     )
     return 0

@@ -31,7 +31,9 @@ class EpochData(L.Callback):
         from rwkv_disha.train.run import seed_of
 
         epoch = self.cfg.epoch_begin + trainer.current_epoch
-        torch.manual_seed(((seed_of(self.cfg) * 100_003 + epoch) * 1_000_003 + batch_idx) * 64 + trainer.global_rank)
+        torch.manual_seed(
+            ((seed_of(self.cfg) * 100_003 + epoch) * 1_000_003 + batch_idx) * 64 + trainer.global_rank
+        )
 
 
 class SaveAdapters(L.Callback):
@@ -160,11 +162,13 @@ class TrainLog(L.Callback):
             "training finished",
             f"  adapter      {self.describe}",
             f"  trainable    {self.n_train:,} of {self.n_total:,} parameters ({share:.3f} %)",
-            f"  tokens seen  {module.tokens_seen:,} in {seconds:.1f} s ({module.tokens_seen / max(seconds, 1e-9):,.0f} tok/s)",
+            f"  tokens seen  {module.tokens_seen:,} in {seconds:.1f} s "
+            f"({module.tokens_seen / max(seconds, 1e-9):,.0f} tok/s)",
         ]
         if self.epoch_lines:
             lines.append(
-                f"  loss         {self.epoch_lines[0][1]:.4f} (first epoch) -> {self.epoch_lines[-1][1]:.4f} (last)"
+                f"  loss         {self.epoch_lines[0][1]:.4f} (first epoch) -> "
+                f"{self.epoch_lines[-1][1]:.4f} (last)"
             )
         lines.append(f"  logs         {self.proj / 'train_log.txt'}, {self.proj / 'metrics.csv'}")
         if plot:

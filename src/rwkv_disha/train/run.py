@@ -108,7 +108,9 @@ class Config:
     tensorboard: bool = opt(False, "also log to TensorBoard (proj_dir/tb)")
     progress_bar: bool = opt(True, "show the progress bar")
     log_every_n_steps: int = opt(1, "metrics.csv / logger interval in steps")
-    log_samples: bool = opt(False, "write proj_dir/samples-rank{R}.txt: each sample's first token ids (check data order)")
+    log_samples: bool = opt(
+        False, "write proj_dir/samples-rank{R}.txt: each sample's first token ids (check data order)"
+    )
 
 
 def validate(cfg: Config) -> None:

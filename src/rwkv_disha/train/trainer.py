@@ -65,7 +65,7 @@ def build_model(cfg: Config, acfg, on_gpu: bool):
     trainable = mark_trainable(model, acfg)
     if acfg.load:
         load_adapter_file(model, acfg.load, acfg)
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # Adam on 16-bit parameters loses small updates
     return model, trainable, fingerprint
