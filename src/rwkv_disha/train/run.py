@@ -9,6 +9,7 @@ tensors; merge it with `rwkv-disha merge`. `--resume proj_dir` continues an inte
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,14 +165,15 @@ def validate(cfg: Config) -> None:
             f"--strategy {cfg.strategy} needs CUDA GPUs (DeepSpeed does not train on CPU); "
             "use --strategy auto (one device) or ddp on CPU"
         )
-    if cfg.strategy.startswith("deepspeed"):
-        import importlib.util
-
-        if importlib.util.find_spec("deepspeed") is None:
-            raise RWKVDishaError(f"--strategy {cfg.strategy} needs deepspeed: pip install 'rwkv-disha[gpu]'")
+    if cfg.strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise RWKVDishaError(f"--strategy {cfg.strategy} needs deepspeed: pip install 'rwkv-disha[gpu]'")
     if cfg.precision == "fp16" and not on_gpu:
         raise RWKVDishaError("--precision fp16 is GPU-only; on CPU use bf16 or fp32")
     resolve_op(cfg.op)
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        raise RWKVDishaError("--wandb needs the wandb package: pip install wandb (WANDB_MODE=offline works)")
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise RWKVDishaError("--tensorboard needs the tensorboard package: pip install tensorboard")
 
 
 def check_proj_dir(cfg: Config) -> None:

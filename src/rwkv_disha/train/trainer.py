@@ -10,7 +10,6 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from rwkv_disha.errors import RWKVDishaError
 from rwkv_disha.train.run import PRECISIONS, Config, seed_of
 
 
@@ -120,25 +119,10 @@ def fit(cfg: Config, extra_callbacks: list | None = None) -> int:
     proj = Path(cfg.proj_dir)
     loggers = []
     if cfg.wandb:
-        try:
-            from lightning.pytorch.loggers import WandbLogger
-        except ImportError:  # pragma: no cover
-            raise RWKVDishaError("--wandb needs the wandb package: pip install wandb") from None
-        import importlib.util
+        from lightning.pytorch.loggers import WandbLogger
 
-        if importlib.util.find_spec("wandb") is None:
-            raise RWKVDishaError(
-                "--wandb needs the wandb package: pip install wandb (WANDB_MODE=offline works)"
-            )
         loggers.append(WandbLogger(project=cfg.wandb, save_dir=str(proj), config=dict(vars(cfg))))
     if cfg.tensorboard:
-        import importlib.util
-
-        if (
-            importlib.util.find_spec("tensorboard") is None
-            and importlib.util.find_spec("tensorboardX") is None
-        ):
-            raise RWKVDishaError("--tensorboard needs tensorboard: pip install tensorboard")
         from lightning.pytorch.loggers import TensorBoardLogger
 
         loggers.append(TensorBoardLogger(save_dir=str(proj), name="tb", version=""))
