@@ -23,10 +23,13 @@ def test_tensorboard(tmp_path, base_path, count_data, train_args):
     assert events and events[0].stat().st_size > 0
 
 
-def test_missing_logger_package_is_a_clear_error(tmp_path, base_path, count_data, train_args, monkeypatch, capsys):
+def test_missing_logger_package_is_a_clear_error(
+    tmp_path, base_path, count_data, train_args, monkeypatch, capsys
+):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    fake = lambda name, *a: None if name == "wandb" else real(name, *a)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", fake)
     assert main(train_args(base_path, count_data, tmp_path / "x", "--wandb", "p", epochs=1, steps=2)) == 2
     assert "--wandb needs the wandb package: pip install wandb" in capsys.readouterr().err

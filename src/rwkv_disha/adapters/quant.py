@@ -1,12 +1,13 @@
 """Quantized storage for a frozen base weight (``--quant int8|nf4|fp4``), through bitsandbytes.
 
-    dense W (out, in) --quantize once--> packed codes + per-block absmax  (int8: ~1 byte/param, nf4/fp4: ~0.56)
+    dense W (out, in) --quantize once--> packed codes + per-block absmax   (int8 ~1 byte/param, nf4 ~0.56)
     forward:   y = x @ dequant(W)^T      dequantized on the fly, never stored
     backward:  dx = dy @ dequant(W)      dequantized again; no weight gradient (W is frozen)
 
-The quantization always starts from the fp32 value of the weight and dequantizes to fp32 first, on CPU or
-CUDA alike, so :func:`quantize_dequantize` (used by ``merge --quant``) gives exactly the weight that the
-training forward used. The adapter parameters are never quantized.
+The quantization always starts from the fp32 value of the weight and runs on CPU (the codes then move to the
+weight's device); dequantization gives fp32 first. So :func:`quantize_dequantize` (used by ``merge --quant``,
+on CPU) gives exactly the weight that the training forward used, on CPU or CUDA. The adapter parameters are
+never quantized.
 """
 
 from __future__ import annotations
@@ -61,12 +62,17 @@ class QuantizedWeight(nn.Module):
         self.mode = mode
         self.shape = weight.shape  # (out, in)
         self.orig_dtype = weight.dtype
-        w32 = weight.detach().float().contiguous()
+        # Always quantized on CPU: bitsandbytes' CUDA int8 kernel picks a neighbouring code for ~0.2 % of
+        # the weights (measured on an H100); merge runs on CPU, so this keeps training and merge identical.
+        w32 = weight.detach().to("cpu", torch.float32).contiguous()
         with torch.no_grad():
             if mode == "int8":
                 packed, state = bnbf.quantize_blockwise(w32, blocksize=INT8_BLOCKSIZE)
             else:
                 packed, state = bnbf.quantize_4bit(w32, blocksize=FOUR_BIT_BLOCKSIZE, quant_type=mode)
+        if weight.device.type != "cpu":
+            packed = packed.to(weight.device)
+            state.to(weight.device)
         self.register_buffer("packed", packed, persistent=False)
         self._state = state
 
@@ -111,7 +117,8 @@ class QuantizedWeight(nn.Module):
         return f"{self.mode}, shape={tuple(self.shape)}, {self.nbytes() / 2**20:.2f} MiB"
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a matmul on ``x`` runs in: autocast's dtype when autocast is on, else x's."""
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
@@ -123,7 +130,7 @@ class _DequantLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, qweight: QuantizedWeight) -> Tensor:
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         ctx.qweight, ctx.dtype, ctx.x_dtype = qweight, dtype, x.dtype
         return F.linear(x.to(dtype), qweight.dequantized_weight(dtype))
 
@@ -132,6 +139,13 @@ class _DequantLinear(torch.autograd.Function):
         w = ctx.qweight.dequantized_weight(ctx.dtype)  # (out, in)
         grad_x = grad_out.to(ctx.dtype) @ w if ctx.needs_input_grad[0] else None
         return (None if grad_x is None else grad_x.to(ctx.x_dtype)), None
+
+
+def dense_weight(weight: Tensor | QuantizedWeight, dtype: torch.dtype) -> Tensor:
+    """A frozen base weight as a dense tensor of ``dtype`` (dequantized if quantized)."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.dequantized_weight(dtype)
+    return weight if weight.dtype == dtype else weight.to(dtype)
 
 
 def quantized_linear(x: Tensor, qweight: QuantizedWeight) -> Tensor:
