@@ -160,6 +160,10 @@ def validate(cfg: Config) -> None:
     if wants_gpu and not torch.cuda.is_available():
         raise RWKVDishaError("--accelerator gpu but no CUDA GPU is visible; use --accelerator cpu (or auto)")
     on_gpu = wants_gpu or (cfg.accelerator == "auto" and torch.cuda.is_available())
+    if cfg.strategy == "fsdp" and not on_gpu:
+        raise RWKVDishaError(
+            "--strategy fsdp needs CUDA GPUs (Lightning's FSDP does not run on CPU); use ddp on CPU"
+        )
     if cfg.strategy.startswith("deepspeed") and not on_gpu:
         raise RWKVDishaError(
             f"--strategy {cfg.strategy} needs CUDA GPUs (DeepSpeed does not train on CPU); "
