@@ -43,6 +43,7 @@ CASES = [
         ["--strategy", "deepspeed_stage_1"],
         "--strategy deepspeed_stage_1 needs CUDA GPUs",
     ),
+    ("fsdp on cpu", {}, ["--strategy", "fsdp"], "--strategy fsdp needs CUDA GPUs"),
     (
         "only with bsz>1",
         {},
