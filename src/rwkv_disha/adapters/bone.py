@@ -1,0 +1,118 @@
+"""Bone: DiSHA's block-affine adapter with one shared (r, out) matrix (RWKV-PEFT ``"mode":"bone"``).
+
+    frozen  W      (out, in)
+    trains  disha  (r, out)         zero at start: the layer equals the base
+    ΔW[o, i] = disha[i mod r, o]    (each r-wide block of input columns gets the same ΔW block)
+
+    forward:  y = x @ W^T + (sum over g of x[g*r:(g+1)*r]) @ disha      (x zero-padded if in % r != 0)
+
+The forward folds the input into r columns before the small matmul, so it costs about r/in of the base
+layer and never builds the (out, in) ΔW. ``delta_weight()`` builds ΔW for merging only; the tests check the
+forward and its gradients against x @ (W + delta_weight())^T.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rwkv_disha.adapters.base import AdapterLinear
+from rwkv_disha.adapters.quant import compute_dtype, dense_weight
+
+Tensor = torch.Tensor
+
+
+def bone_fold_input(x: Tensor, r: int) -> Tensor:
+    """x (..., in) -> (..., r): the sum of x's r-wide column blocks, zero-padding the last one."""
+    pad = -x.shape[-1] % r
+    if pad:
+        x = F.pad(x, (0, pad))
+    return x.unflatten(-1, (-1, r)).sum(-2)
+
+
+def bone_delta(disha: Tensor, in_features: int) -> Tensor:
+    """ΔW (out, in) with ΔW[o, i] = disha[i mod r, o], from disha (r, out)."""
+    r = disha.shape[0]
+    n_blocks = -(-in_features // r)
+    return disha.t().repeat(1, n_blocks)[:, :in_features]
+
+
+def _add_tiled_(grad_x: Tensor, h: Tensor, r: int) -> None:
+    """grad_x (N, in) += h (N, r) repeated along ``in`` (the transpose of folding), in place."""
+    n, in_features = grad_x.shape
+    full = in_features - in_features % r
+    if full:
+        grad_x[:, :full].unflatten(1, (full // r, r)).add_(h.unsqueeze(1))
+    if full < in_features:
+        grad_x[:, full:].add_(h[:, : in_features - full])
+
+
+class _BoneLinearFn(torch.autograd.Function):
+    """y = x @ W^T + fold(x) @ disha with a frozen W (dense or quantized), as one autograd node.
+
+    Saves only fold(x) (N, r). The adapter term accumulates into the base output in place, and backward
+    writes the input gradient once (g @ W, then += tile(g @ disha^T) in place): on CPU, where each large
+    temporary is a fresh allocation, this keeps Bone's cost close to its FLOPs.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, disha: Tensor, weight, r: int) -> Tensor:
+        dtype = compute_dtype(x)
+        xc = x.to(dtype)
+        y = F.linear(xc, dense_weight(weight, dtype))  # (..., out)
+        folded = bone_fold_input(xc, r).reshape(-1, r)  # (N, r)
+        d = disha.to(dtype)  # (r, out)
+        y2d = y.view(-1, y.shape[-1])
+        torch.addmm(y2d, folded, d, out=y2d)  # in place (= addmm_), and seen by FLOP counters
+        ctx.save_for_backward(folded, d)
+        ctx.weight, ctx.r, ctx.dtype = weight, r, dtype
+        ctx.x_dtype, ctx.disha_dtype, ctx.in_features = x.dtype, disha.dtype, x.shape[-1]
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        folded, d = ctx.saved_tensors
+        g = grad_out.to(ctx.dtype).reshape(-1, grad_out.shape[-1])  # (N, out)
+        grad_x = grad_disha = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ dense_weight(ctx.weight, ctx.dtype)  # (N, in)
+            _add_tiled_(grad_x, g @ d.t(), ctx.r)
+            grad_x = grad_x.view(*grad_out.shape[:-1], ctx.in_features).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_disha = (folded.t() @ g).to(ctx.disha_dtype)  # (r, out)
+        return grad_x, grad_disha, None, None
+
+
+class BoneLinear(AdapterLinear):
+    """Frozen ``weight`` (out, in) + Bone ``disha`` (r, out); r <= in, any in / out."""
+
+    adapter_names = ("disha",)
+
+    def __init__(self, weight: Tensor, r: int):
+        super().__init__(weight)
+        if not 0 < r <= self.in_features:
+            raise ValueError(f"Bone needs 0 < r <= in_features ({self.in_features}), got r={r}")
+        self.r = r
+        self.disha = self._param_like(r, self.out_features)  # (r, out)
+
+    def reset_adapter(self) -> None:
+        with torch.no_grad():
+            self.disha.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _BoneLinearFn.apply(x, self.disha, self.weight, self.r)
+
+    def forward_autograd(self, x: Tensor) -> Tensor:
+        """The same function in plain autograd ops (reference for tests and the benchmark)."""
+        y = self.base_forward(x)  # (..., out)
+        folded = bone_fold_input(x, self.r)  # (..., r)
+        out = torch.addmm(
+            y.reshape(-1, self.out_features), folded.reshape(-1, self.r), self.disha.to(y.dtype)
+        )
+        return out.view(y.shape)
+
+    def delta_weight(self) -> Tensor:
+        return bone_delta(self.disha.detach().float(), self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}"

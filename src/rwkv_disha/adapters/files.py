@@ -1,0 +1,180 @@
+"""Adapter files: ``rwkv-N.pth`` (RWKV-PEFT layout) plus the ``rwkv-N.json`` sidecar, and base fingerprints.
+
+    rwkv-N.pth    {"blocks.0.att.key.disha": (r, out), ..., "blocks.0.ln1.weight": (C,), ...}
+                  exactly the adapter tensors + the --train_parts tensors, official names: RWKV-PEFT's
+                  merge scripts and ours read it alike.
+    rwkv-N.json   {"format": "rwkv-disha-adapter", "adapter": {peft, mode, r, ...}, "weight_dtype": ...,
+                   "base": {"shape": {...}, "hash": ..., "checksums": {...}}}
+
+The fingerprint identifies the base model from tensors that no adapter setting ever trains or quantizes
+(``att.r_k``, ``att.k_k``, ``att.w0`` of the first and last block): their shapes summary must match
+exactly, their values must match after rounding to bf16 (so an fp32 base trained in bf16 still matches),
+or at least agree in sum and |sum| to 1e-3.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from rwkv_disha.errors import RWKVDishaError
+
+Tensor = torch.Tensor
+
+SIDECAR_FORMAT = "rwkv-disha-adapter"
+SIDECAR_VERSION = 1
+_FINGERPRINT_SUFFIXES = ("att.r_k", "att.k_k", "att.w0")
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """``out/rwkv-3.pth`` -> ``out/rwkv-3.json``."""
+    return Path(path).with_suffix(".json")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# base fingerprint
+# ---------------------------------------------------------------------------------------------------------
+def _shapes_and_tensors(source: nn.Module | Mapping[str, Tensor]) -> tuple[dict[str, tuple], Mapping]:
+    if isinstance(source, nn.Module):
+        from rwkv_disha.adapters.base import adapter_modules
+
+        tensors = source.state_dict()
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        for name, m in adapter_modules(source):  # a quantized base weight is not in the state dict
+            shapes[f"{name}.weight"] = tuple(m.weight.shape)
+        return shapes, tensors
+    return {k: tuple(v.shape) for k, v in source.items()}, source
+
+
+def shape_summary(shapes: Mapping[str, tuple]) -> dict[str, int | None]:
+    """The RWKV-7 shape of a model from its tensor shapes (None where a key is absent)."""
+
+    def dim(key: str, i: int) -> int | None:
+        return int(shapes[key][i]) if key in shapes else None
+
+    layers = {int(m.group(1)) for k in shapes if (m := _BLOCK.match(k))}
+    return {
+        "n_layer": (max(layers) + 1) if layers else 0,
+        "n_embd": dim("emb.weight", 1),
+        "vocab_size": dim("emb.weight", 0),
+        "head_size": dim("blocks.0.att.r_k", 1),
+        "dim_ffn": dim("blocks.0.ffn.key.weight", 0),
+        "d_decay": dim("blocks.0.att.w1", 1),
+        "d_aaa": dim("blocks.0.att.a1", 1),
+        "d_mv": dim("blocks.1.att.v1", 1),
+        "d_gate": dim("blocks.0.att.g1", 1),
+    }
+
+
+def _describe_shape(s: Mapping[str, Any]) -> str:
+    return (
+        f"L{s.get('n_layer')} C{s.get('n_embd')} V{s.get('vocab_size')} ffn {s.get('dim_ffn')} "
+        f"head_size {s.get('head_size')}"
+    )
+
+
+def base_fingerprint(source: nn.Module | Mapping[str, Tensor]) -> dict[str, Any]:
+    """Shape summary + hash of a few never-trained tensors, from a model (with or without adapters,
+    quantized or not, any dtype) or from a base state dict (mmap'ed: only a few KB are read)."""
+    shapes, tensors = _shapes_and_tensors(source)
+    summary = shape_summary(shapes)
+    n = summary["n_layer"]
+    names = [f"blocks.{i}.{s}" for i in sorted({0, max(n - 1, 0)}) for s in _FINGERPRINT_SUFFIXES]
+    h = hashlib.sha256()
+    checksums: dict[str, list[float]] = {}
+    for name in names:
+        if name not in tensors:
+            continue
+        t = tensors[name].detach().to("cpu", torch.float32)
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        h.update(t.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+        t64 = t.double()
+        checksums[name] = [float(t64.sum()), float(t64.abs().sum())]
+    return {"shape": summary, "hash": h.hexdigest()[:32], "checksums": checksums}
+
+
+def check_fingerprint(expected: Mapping[str, Any], actual: Mapping[str, Any], source: str) -> None:
+    """Raise unless ``actual`` (this base) is the base ``expected`` (recorded in a sidecar) describes."""
+    want, have = expected.get("shape", {}), actual.get("shape", {})
+    diff = [k for k in want if want.get(k) is not None and want.get(k) != have.get(k)]
+    if diff:
+        raise RWKVDishaError(
+            f"{source} was trained on a {_describe_shape(want)} model but this base is "
+            f"{_describe_shape(have)} (differs in {', '.join(diff)}): "
+            f"use the base model the adapter was trained on"
+        )
+    if expected.get("hash") == actual.get("hash"):
+        return
+    want_sums, have_sums = expected.get("checksums", {}), actual.get("checksums", {})
+    for name, (s, a) in want_sums.items():
+        if name not in have_sums:
+            continue
+        s2, a2 = have_sums[name]
+        if abs(s - s2) > 1e-3 * (a + 1e-12) or abs(a - a2) > 1e-3 * (a + 1e-12):
+            raise RWKVDishaError(
+                f"{source} was trained on a different base model of the same shape (its {name} differs): "
+                f"use the base model the adapter was trained on"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading and writing
+# ---------------------------------------------------------------------------------------------------------
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_adapter_file(path: str | Path, tensors: Mapping[str, Tensor], sidecar: Mapping[str, Any]) -> Path:
+    """Write ``tensors`` to ``path`` (.pth or .safetensors) and ``sidecar`` next to it, each atomically."""
+    from rwkv_disha.model.load import save_state_dict
+
+    path = Path(path)
+    meta = {"format": SIDECAR_FORMAT, "format_version": SIDECAR_VERSION, **sidecar, "tensors": len(tensors)}
+    save_state_dict(dict(tensors), path)
+    _atomic_write_text(sidecar_path(path), json.dumps(meta, indent=1) + "\n")
+    return path
+
+
+def read_sidecar(path: str | Path) -> dict[str, Any] | None:
+    """The sidecar of adapter file ``path``, or None when there is none (RWKV-PEFT files)."""
+    side = sidecar_path(path)
+    if not side.is_file():
+        return None
+    try:
+        meta = json.loads(side.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RWKVDishaError(
+            f"adapter sidecar {side} is not valid JSON ({e}): delete it or restore it"
+        ) from None
+    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT or "adapter" not in meta:
+        raise RWKVDishaError(
+            f"{side} is not an rwkv-disha adapter sidecar: move it away from {Path(path).name} "
+            f"(then the adapter settings are read from the tensor shapes)"
+        )
+    return meta
+
+
+def read_adapter_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+    """(tensors, sidecar or None) of an adapter file; .pth files are memory-mapped."""
+    from rwkv_disha.model.load import load_state_dict
+
+    path = Path(path)
+    tensors = load_state_dict(path, what="adapter")
+    return tensors, read_sidecar(path)
