@@ -54,10 +54,10 @@ class Config:
     out: str = opt("demo_out", "folder for every file the demo writes")
     n_layer: int = opt(2, "blocks of the tiny base model")
     n_embd: int = opt(128, "width of the tiny base model")
-    epochs: int = opt(3, "training epochs")
-    epoch_steps: int = opt(40, "micro-batches per epoch")
+    epochs: int = opt(5, "training epochs")
+    epoch_steps: int = opt(60, "micro-batches per epoch")
     r: int = opt(32, "Bone rank")
-    lr: float = opt(3e-3, "peak learning rate")
+    lr: float = opt(1e-2, "peak learning rate")
     seed: int = opt(0, "seed for the corpus, the model and training")
 
 
