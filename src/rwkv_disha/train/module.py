@@ -7,7 +7,6 @@ reloaded from ``--load_model`` on resume, so a resume file is megabytes, not gig
 from __future__ import annotations
 
 import time
-from functools import partial
 
 import lightning as L
 import torch
@@ -26,10 +25,6 @@ class DishaModule(L.LightningModule):
         self.steps_per_epoch = steps_per_epoch
         self._t_last = None
         self.tokens_seen = 0
-        self.loss_history: list[tuple[int, float]] = []  # (global step, loss) for the curve and the log
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -49,7 +44,6 @@ class DishaModule(L.LightningModule):
         self._t_last = now
         self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, on_step=True, on_epoch=False)
-        self.loss_history.append((self.trainer.global_step, float(loss.detach())))
         return loss
 
     def _log_samples(self, idx: torch.Tensor) -> None:
@@ -75,27 +69,28 @@ class DishaModule(L.LightningModule):
         total = self.steps_per_epoch * (cfg.epoch_begin + cfg.epoch_count)
         # epoch_begin shifts the schedule: continuing at epoch N starts at step N * steps_per_epoch
         offset = self.steps_per_epoch * cfg.epoch_begin
-        fn = partial(
-            _lr_factor,
-            offset=offset,
-            total=total,
-            lr_init=cfg.lr_init,
-            lr_final=cfg.lr_final,
-            warmup=cfg.warmup_steps,
-            schedule=cfg.lr_schedule,
-            decay_frac=cfg.wsd_decay_frac,
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
+
+        def factor(step: int) -> float:  # LambdaLR multiplies lr_init by this
+            lr = lr_at(
+                step + offset, total, cfg.lr_init, cfg.lr_final, cfg.warmup_steps, cfg.lr_schedule,
+                cfg.wsd_decay_frac,
+            )  # fmt: skip
+            return lr / cfg.lr_init
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     # -- keep checkpoints small: only what trains ------------------------------------------------------
+    def _trainable_keys(self) -> set[str]:
+        return {"model." + n for n, p in self.model.named_parameters() if p.requires_grad}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        keep = {"model." + n for n, p in self.model.named_parameters() if p.requires_grad}
+        keep = self._trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["rwkv_disha"] = {"tokens_seen": self.tokens_seen}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        keep = {"model." + n for n, p in self.model.named_parameters() if p.requires_grad}
+        keep = self._trainable_keys()
         have = set(checkpoint["state_dict"])
         if have != keep:
             raise RWKVDishaError(
@@ -109,10 +104,3 @@ class DishaModule(L.LightningModule):
         full.update(checkpoint["state_dict"])
         checkpoint["state_dict"] = full
         self.tokens_seen = checkpoint.get("rwkv_disha", {}).get("tokens_seen", 0)
-
-
-def _lr_factor(step: int, offset: int, total: int, lr_init: float, lr_final: float, **kw) -> float:
-    return (
-        lr_at(step + offset, total, lr_init, lr_final, kw["warmup"], kw["schedule"], kw["decay_frac"])
-        / lr_init
-    )
