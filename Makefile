@@ -1,6 +1,10 @@
 # `make demo`: set up .venv, then init -> prepare -> train -> merge -> generate on CPU in a few minutes.
 # `make test`: set up .venv, then run the test suite (CPU only; GPU tests skip without CUDA).
 VENV ?= .venv
+# The CPU build of torch. This workplace's pip finds it on disk; elsewhere add its index, e.g.
+#   make demo TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
@@ -12,7 +16,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
 	$(PY) -m pip install -q -e ".[dev,quant,plot]"
 	touch $(STAMP)
 
