@@ -20,12 +20,12 @@ def adapter_path(cfg, epoch: int) -> Path:
     return Path(cfg.proj_dir) / f"rwkv-{epoch}.pth"
 
 
-class EpochData(L.Callback):
+class SeedBatches(L.Callback):
     """Seed every micro-batch from (seed, epoch, batch, rank): dropout masks do not depend on what else
     drew random numbers before, so a resumed run repeats an uninterrupted one exactly."""
 
-    def __init__(self, cfg, vocab: int):
-        self.cfg, self.vocab = cfg, vocab
+    def __init__(self, cfg):
+        self.cfg = cfg
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         from rwkv_disha.train.run import seed_of

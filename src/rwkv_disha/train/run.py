@@ -156,10 +156,9 @@ def validate(cfg: Config) -> None:
         raise RWKVDishaError("--data_type wds_img: image data is not supported (text models only)")
     import torch
 
-    wants_gpu = cfg.accelerator in ("gpu", "cuda")
-    if wants_gpu and not torch.cuda.is_available():
+    if cfg.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise RWKVDishaError("--accelerator gpu but no CUDA GPU is visible; use --accelerator cpu (or auto)")
-    on_gpu = wants_gpu or (cfg.accelerator == "auto" and torch.cuda.is_available())
+    on_gpu = uses_gpu(cfg)
     if cfg.strategy == "fsdp" and not on_gpu:
         raise RWKVDishaError(
             "--strategy fsdp needs CUDA GPUs (Lightning's FSDP does not run on CPU); use ddp on CPU"
@@ -178,6 +177,13 @@ def validate(cfg: Config) -> None:
         raise RWKVDishaError("--wandb needs the wandb package: pip install wandb (WANDB_MODE=offline works)")
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise RWKVDishaError("--tensorboard needs the tensorboard package: pip install tensorboard")
+
+
+def uses_gpu(cfg: Config) -> bool:
+    """Whether this run trains on CUDA (--accelerator gpu, or auto with a GPU present)."""
+    import torch
+
+    return cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
 
 
 def check_proj_dir(cfg: Config) -> None:

@@ -61,13 +61,13 @@ def build_model(cfg: Config, acfg, on_gpu: bool):
     model.to(base_dtype_for(cfg.precision, file_dtype, on_gpu))
     model.grad_cp = bool(cfg.grad_cp)
     inject_adapters(model, acfg)
-    trainable = mark_trainable(model, acfg)
+    mark_trainable(model, acfg)
     if acfg.load:
         load_adapter_file(model, acfg.load, acfg)
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # Adam on 16-bit parameters loses small updates
-    return model, trainable, fingerprint
+    return model, fingerprint
 
 
 def _resume_config(cfg: Config) -> Config:
@@ -89,10 +89,11 @@ def _resume_config(cfg: Config) -> Config:
 
 def fit(cfg: Config, extra_callbacks: list | None = None) -> int:
     """Train as ``cfg`` says; ``extra_callbacks`` (tests, embedding) are added to Lightning's list."""
-    from rwkv_disha.adapters.inject import adapter_state_dict
-    from rwkv_disha.train.callbacks import EpochData, SaveAdapters, TrainLog
+    from rwkv_disha.adapters.inject import adapter_parameters, adapter_state_dict
+    from rwkv_disha.model.load import load_state_dict
+    from rwkv_disha.train.callbacks import SaveAdapters, SeedBatches, TrainLog
     from rwkv_disha.train.module import DishaModule
-    from rwkv_disha.train.run import check_model_shape, check_proj_dir, validate
+    from rwkv_disha.train.run import check_model_shape, check_proj_dir, uses_gpu, validate
 
     if cfg.resume:
         cfg = _resume_config(cfg)
@@ -106,15 +107,16 @@ def fit(cfg: Config, extra_callbacks: list | None = None) -> int:
     if cfg.precision == "tf32":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    on_gpu = cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
     L.seed_everything(seed, workers=True, verbose=False)
 
-    model, trainable, fingerprint = build_model(cfg, acfg, on_gpu)
+    model, fingerprint = build_model(cfg, acfg, uses_gpu(cfg))
     steps_per_epoch = cfg.epoch_steps // cfg.accumulate_grad_batches
     module = DishaModule(model, cfg, steps_per_epoch)
     saved_names = list(adapter_state_dict(model, acfg))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
+    # a quantized base is not made of parameters: count the base from its file
+    n_adapter = sum(p.numel() for p in adapter_parameters(model).values())
+    n_total = sum(t.numel() for t in load_state_dict(cfg.load_model).values()) + n_adapter
 
     proj = Path(cfg.proj_dir)
     loggers = []
@@ -129,7 +131,7 @@ def fit(cfg: Config, extra_callbacks: list | None = None) -> int:
 
     log = TrainLog(cfg, n_train=n_train, n_total=n_total, describe=acfg.describe())
     callbacks = [
-        EpochData(cfg, vocab),
+        SeedBatches(cfg),
         SaveAdapters(cfg, acfg, saved_names, fingerprint),
         log,
         *(extra_callbacks or []),
