@@ -197,7 +197,7 @@ def plot_loss(csv_path: Path, png_path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(steps, losses, lw=0.8, alpha=0.5, label="micro-batch loss")
-    k = max(1, len(losses) // 50)
+    k = max(1, len(losses) // 20)
     if k > 1:
         smooth = [
             sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1])
