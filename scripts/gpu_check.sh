@@ -10,7 +10,10 @@ export PYTHONPATH=/tmp/site:$PWD/src
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, lightning, fla, bitsandbytes; print('torch', torch.__version__, 'lightning', lightning.__version__, 'fla ok, bnb', bitsandbytes.__version__)"
 python3 -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>&1 | tail -1
-timeout 200 python3 -m pytest tests/gpu -q -x -p no:cacheprovider -o addopts="" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+# -v prints each test's name as it starts: the first fla tests spend minutes in Triton compile/autotune
+timeout 400 python3 -m pytest tests/gpu tests/adapters/test_cuda.py -v -x -p no:cacheprovider -o addopts="" \
+  --durations=10 2>&1 | tee "$OUT/gpu_tests.log" | grep -v "RuntimeWarning\|If you want\|return fn" | tail -40
 timeout 60 python3 -m rwkv_disha.cli bench --device cuda --ops fla,torch,loop --T 512 --repeat 5 2>&1 | tee "$OUT/bench_kernel.json"
 timeout 60 python3 -m rwkv_disha.cli bench --device cuda --ops fla,torch --T 4096 --B 4 --repeat 5 2>&1 | tee -a "$OUT/bench_kernel.json"
+timeout 90 python3 benchmarks/profile_step.py --device cuda --dtype bf16 --op fla 2>&1 | tee "$OUT/profile_step.txt" | head -40
 timeout 150 python3 benchmarks/bench_train.py --accelerator gpu --precisions bf16 fp32 --steps 30 2>&1 | tee "$OUT/bench_train_gpu.json" | tail -30
