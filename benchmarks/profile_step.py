@@ -68,7 +68,8 @@ def main() -> None:
         step()
     sync()
     dt = (time.perf_counter() - t0) / args.steps
-    print(f"step {dt * 1e3:.1f} ms  ({args.B * args.T / dt:,.0f} tokens/s)  {cfg.summary()}  {args.device} {args.dtype}")
+    tok_s = args.B * args.T / dt
+    print(f"step {dt * 1e3:.1f} ms  ({tok_s:,.0f} tokens/s)  {cfg.summary()}", args.device, args.dtype)
 
     from torch.profiler import ProfilerActivity, profile
 
