@@ -8,7 +8,7 @@ mkdir -p .whl
 PLAT="--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $PLAT -d .whl \
   flash-linear-attention==0.6.0 fla-core==0.6.0 bitsandbytes==0.50.2 pyrwkv-tokenizer \
-  hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions
+  hjson pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection typing-extensions
 # deepspeed ships as an sdist: build a pure-Python wheel (its CUDA ops stay JIT, none is needed here)
 tmp=$(mktemp -d)
 python3 -m pip download -q --no-deps --no-binary=:all: -d "$tmp" deepspeed==0.19.8
