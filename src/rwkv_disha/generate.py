@@ -26,20 +26,10 @@ def load_for_inference(model_path: str, adapter_path: str = "", op: str = "auto"
     model = load_model(model_path, dtype=torch.float32, op=op)
     if adapter_path:
         from rwkv_disha.adapters.files import read_adapter_file
-        from rwkv_disha.adapters.inject import (
-            AdapterConfig,
-            infer_adapter_config,
-            inject_adapters,
-            load_adapter_file,
-        )
+        from rwkv_disha.adapters.inject import file_adapter_config, inject_adapters, load_adapter_file
 
         tensors, meta = read_adapter_file(adapter_path)
-        if meta is not None:
-            acfg = AdapterConfig.from_dict(meta["adapter"])
-        else:
-            acfg = infer_adapter_config(
-                tensors, lora_alpha=lora_alpha or None, source=f"adapter file {adapter_path}"
-            )
+        acfg = file_adapter_config(tensors, meta, lora_alpha or None, f"adapter file {adapter_path}")
         inject_adapters(model, acfg)
         load_adapter_file(model, adapter_path, acfg)
     return model.eval().requires_grad_(False)

@@ -379,15 +379,29 @@ def adapted_weight_dtype(model: nn.Module) -> str | None:
     return None
 
 
+def adapter_sidecar(model: nn.Module, cfg: AdapterConfig, fingerprint: dict | None = None) -> dict[str, Any]:
+    """The JSON sidecar of an adapter file: adapter settings, base fingerprint, adapted weights' dtype.
+    Pass ``fingerprint`` when the model's base is no longer whole here (sharded or quantized later)."""
+    return {
+        "adapter": cfg.to_dict(),
+        "base": fingerprint if fingerprint is not None else base_fingerprint(model),
+        "weight_dtype": adapted_weight_dtype(model),
+    }
+
+
 def save_adapter_file(model: nn.Module, cfg: AdapterConfig, path: str | Path) -> Path:
     """Write ``rwkv-N.pth`` (:func:`adapter_state_dict`) and its sidecar ``rwkv-N.json`` (adapter settings,
     base fingerprint), each atomically. Returns the .pth path."""
-    sidecar = {
-        "adapter": cfg.to_dict(),
-        "base": base_fingerprint(model),
-        "weight_dtype": adapted_weight_dtype(model),
-    }
-    return write_adapter_file(path, adapter_state_dict(model, cfg), sidecar)
+    return write_adapter_file(path, adapter_state_dict(model, cfg), adapter_sidecar(model, cfg))
+
+
+def file_adapter_config(
+    tensors: Mapping[str, Tensor], meta: Mapping[str, Any] | None, lora_alpha: float | None, source: str
+) -> AdapterConfig:
+    """An adapter file's settings: from its sidecar, else (RWKV-PEFT files) from the tensor shapes."""
+    if meta is not None:
+        return AdapterConfig.from_dict(meta["adapter"])
+    return infer_adapter_config(tensors, lora_alpha=lora_alpha, source=source)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -487,10 +501,7 @@ def load_adapter_file(model: nn.Module, path: str | Path, cfg: AdapterConfig) ->
     if cfg.peft != "none" and not any(True for _ in adapter_modules(model)):
         raise RWKVDishaError("load_adapter_file: the model has no adapter layers; call inject_adapters first")
     tensors, meta = read_adapter_file(path)
-    if meta is not None:
-        file_cfg = AdapterConfig.from_dict(meta["adapter"])
-    else:
-        file_cfg = infer_adapter_config(tensors, lora_alpha=cfg.lora_alpha, source=f"adapter file {path}")
+    file_cfg = file_adapter_config(tensors, meta, cfg.lora_alpha, f"adapter file {path}")
     if not _same_adapter(file_cfg, cfg):
         raise RWKVDishaError(
             f"adapter file {path} holds {file_cfg.describe()} but the config asks for {cfg.describe()}: "

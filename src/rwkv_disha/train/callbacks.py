@@ -53,7 +53,7 @@ class SaveAdapters(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         from rwkv_disha.adapters.files import write_adapter_file
-        from rwkv_disha.adapters.inject import adapted_weight_dtype
+        from rwkv_disha.adapters.inject import adapter_sidecar
 
         cfg = self.cfg
         epoch = cfg.epoch_begin + trainer.current_epoch
@@ -63,11 +63,11 @@ class SaveAdapters(L.Callback):
         full = trainer.strategy.lightning_module_state_dict() if save else None
         if save and trainer.is_global_zero:
             tensors = {n: full["model." + n].detach().to("cpu", copy=True) for n in self.saved_names}
-            sidecar = {
-                "adapter": self.acfg.to_dict(),
-                "base": self.fingerprint,
-                "weight_dtype": adapted_weight_dtype(pl_module.model),
-                "trained": {"epoch": epoch, "global_step": trainer.global_step, "base_model": cfg.load_model},
+            sidecar = adapter_sidecar(pl_module.model, self.acfg, self.fingerprint)
+            sidecar["trained"] = {
+                "epoch": epoch,
+                "global_step": trainer.global_step,
+                "base_model": cfg.load_model,
             }
             self.written.append(write_adapter_file(adapter_path(cfg, epoch), tensors, sidecar))
         proj = Path(cfg.proj_dir)

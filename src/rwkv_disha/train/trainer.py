@@ -57,6 +57,7 @@ def build_model(cfg: Config, acfg, on_gpu: bool):
 
     model = load_model(cfg.load_model, op=cfg.op)
     fingerprint = base_fingerprint(model)
+    n_base = sum(p.numel() for p in model.parameters())  # before --quant turns weights into codes
     file_dtype = model.emb.weight.dtype
     model.to(base_dtype_for(cfg.precision, file_dtype, on_gpu))
     model.grad_cp = bool(cfg.grad_cp)
@@ -67,7 +68,7 @@ def build_model(cfg: Config, acfg, on_gpu: bool):
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # Adam on 16-bit parameters loses small updates
-    return model, fingerprint
+    return model, fingerprint, n_base
 
 
 def _resume_config(cfg: Config) -> Config:
@@ -90,7 +91,6 @@ def _resume_config(cfg: Config) -> Config:
 def fit(cfg: Config, extra_callbacks: list | None = None) -> int:
     """Train as ``cfg`` says; ``extra_callbacks`` (tests, embedding) are added to Lightning's list."""
     from rwkv_disha.adapters.inject import adapter_parameters, adapter_state_dict
-    from rwkv_disha.model.load import load_state_dict
     from rwkv_disha.train.callbacks import SaveAdapters, SeedBatches, TrainLog
     from rwkv_disha.train.module import DishaModule
     from rwkv_disha.train.run import check_model_shape, check_proj_dir, uses_gpu, validate
@@ -109,14 +109,12 @@ def fit(cfg: Config, extra_callbacks: list | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     L.seed_everything(seed, workers=True, verbose=False)
 
-    model, fingerprint = build_model(cfg, acfg, uses_gpu(cfg))
+    model, fingerprint, n_base = build_model(cfg, acfg, uses_gpu(cfg))
     steps_per_epoch = cfg.epoch_steps // cfg.accumulate_grad_batches
     module = DishaModule(model, cfg, steps_per_epoch)
     saved_names = list(adapter_state_dict(model, acfg))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    # a quantized base is not made of parameters: count the base from its file
-    n_adapter = sum(p.numel() for p in adapter_parameters(model).values())
-    n_total = sum(t.numel() for t in load_state_dict(cfg.load_model).values()) + n_adapter
+    n_total = n_base + sum(p.numel() for p in adapter_parameters(model).values())
 
     proj = Path(cfg.proj_dir)
     loggers = []
