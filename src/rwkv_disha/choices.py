@@ -1,0 +1,37 @@
+"""Every choice a flag offers, defined once. Importable without torch (the CLI builds ``--help`` from it)."""
+
+from __future__ import annotations
+
+# model versions we can load (RWKV-7 today; x060 / x052 join through rwkv_disha.model's registry)
+MODEL_VERSIONS = ("x070",)
+# --op: WKV kernel. cuda / triton are accepted as RWKV-PEFT spellings and mean fla.
+OPS = ("auto", "torch", "loop", "fla", "cuda", "triton")
+# --peft and the DiSHA modes
+PEFT_KINDS = ("disha", "lora", "none")
+DISHA_MODES = ("bone", "bat")
+# --quant: storage of the frozen base under an adapter
+QUANT_MODES = ("int8", "nf4", "fp4")
+QUANT_CHOICES = ("none", *QUANT_MODES)
+# --train_parts: substrings of base tensor names that also train (RWKV-PEFT semantics)
+TRAIN_PARTS = ("time", "ln", "emb", "head")
+DEFAULT_TRAIN_PARTS = ("time", "ln")
+# data
+DATA_TYPES = ("binidx", "jsonl", "utf-8", "utf-16le", "numpy", "uint16", "dummy")
+DATALOADS = ("pad", "only", "get")
+LOSS_MASKS = ("none", "pad", "qa")
+# engine
+PRECISIONS = {"fp32": "32-true", "tf32": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
+ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
+STRATEGIES = (
+    "auto",
+    "ddp",
+    "ddp_find_unused_parameters_true",
+    "fsdp",
+    "deepspeed_stage_1",
+    "deepspeed_stage_2",
+    "deepspeed_stage_2_offload",
+    "deepspeed_stage_3",
+    "deepspeed_stage_3_offload",
+)
+LR_SCHEDULES = ("cos_decay", "wsd")
+

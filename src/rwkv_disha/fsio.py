@@ -1,0 +1,190 @@
+"""Writing files safely: one atomic-write helper, one-line OS errors, stale-temp cleanup, folder locks.
+
+Every file the tool writes goes through :func:`atomic_write`: the content goes to a temporary file
+``.NAME.<pid>.<random>.tmp`` in the destination folder, then ``os.replace`` moves it into place, so a crash,
+a full disk or Ctrl-C never leaves a half-written file under the final name, and the temporary file is
+removed on every error path. Temporaries of killed processes are removed by :func:`clean_stale_temps`
+the next time a command writes into that folder. Output files get the usual ``0666 & ~umask`` mode.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rwkv_disha.errors import RWKVDishaError
+
+_CAUSES = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "not writable (permission denied)",
+    errno.EPERM: "not writable (operation not permitted)",
+    errno.EROFS: "not writable (read-only file system)",
+    errno.EISDIR: "is a directory",
+    errno.ENOTDIR: "a parent is not a directory",
+    errno.ENOENT: "its folder does not exist",
+    errno.ENAMETOOLONG: "the name is too long",
+    errno.EIO: "input/output error",
+}
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+def os_error_cause(e: BaseException) -> str:
+    """A short cause for an OSError (``no space left on the device``, ``is a directory``, ...)."""
+    if isinstance(e, OSError) and e.errno in _CAUSES:
+        return _CAUSES[e.errno]
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    # torch.save reports a full disk as a RuntimeError from its zip writer
+    text = str(e)
+    if "unexpected pos" in text or "file write failed" in text or "No space" in text:
+        return "no space left on the device (or the write failed)"
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _is_write_error(e: BaseException) -> bool:
+    if isinstance(e, OSError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and (
+        "inline_container" in text or "unexpected pos" in text or "file write failed" in text
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """A fresh temporary path next to ``path``: ``.NAME.<pid>.<random>.tmp`` (created, empty)."""
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.{os.getpid()}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _umask_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def check_output_path(path: str | os.PathLike, flag: str = "--output", overwrite: bool = True) -> Path:
+    """Refuse an output path that is a directory, exists (unless ``overwrite``) or cannot be written.
+
+    Call it before long work; :func:`atomic_write` catches what still goes wrong later.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise RWKVDishaError(f"{flag} {p} is a directory: give a file name")
+    if p.exists() and not overwrite:
+        raise RWKVDishaError(f"{flag} {p} already exists: choose another name or pass --overwrite 1")
+    parent = p.parent if str(p.parent) else Path(".")
+    probe = parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise RWKVDishaError(f"{flag} {p}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise RWKVDishaError(f"{flag} {p}: {probe} is not writable")
+    return p
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], what: str = "output") -> Path:
+    """Call ``write(tmp)`` to fill a temporary file, then move it to ``path`` atomically.
+
+    Creates missing parent folders. Any failure removes the temporary file; an OS error (full disk, not
+    writable, path is a directory) becomes one :class:`RWKVDishaError` line naming ``path`` and the cause.
+    """
+    p = Path(path)
+    tmp: Path | None = None
+    try:
+        if p.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a directory", str(p))
+        p.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(p.parent)
+        tmp = temp_path(p)
+        write(tmp)
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, p)
+        tmp = None
+    except BaseException as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if _is_write_error(e):
+            raise RWKVDishaError(f"cannot write {what} {p}: {os_error_cause(e)}") from None
+        raise
+    return p
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, what: str = "output") -> Path:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return atomic_write(path, write, what)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, what: str = "output") -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n", what)
+
+
+def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove ``.NAME.<pid>.*.tmp`` files in ``folder`` whose process is gone (a killed earlier run)."""
+    removed: list[Path] = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if m and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+            try:
+                entry.unlink()
+                removed.append(entry)
+            except OSError:
+                pass
+    return removed
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` (``folder/.rwkv-disha.lock``) for the duration of the block.
+
+    A second process asking for the same folder gets one line naming the holder's pid. The lock is an
+    ``flock``: the kernel drops it when the holder dies, so a killed run never leaves a stale lock.
+    """
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".rwkv-disha.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise RWKVDishaError(
+                f"{folder} is in use by {holder}: wait for it to finish or use another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"rwkv-disha {command} (pid {os.getpid()})".encode(), 0)
+        yield lock
+    finally:
+        os.close(fd)  # releases the flock
