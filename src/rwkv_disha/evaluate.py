@@ -31,6 +31,11 @@ class Config:
     seed: int = opt(0, "seed (only used by dataload get)")
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so a diverged loss prints as a large number instead of overflowing."""
+    return math.exp(min(loss, 50.0))
+
+
 @torch.no_grad()
 def evaluate_loss(model, dataset, micro_bsz: int, max_samples: int) -> dict:
     """Token-weighted mean loss over the first ``max_samples`` samples of ``dataset``."""
@@ -52,7 +57,7 @@ def evaluate_loss(model, dataset, micro_bsz: int, max_samples: int) -> dict:
     if count == 0:
         raise RWKVDishaError("no token counts towards the loss in these samples (check --loss_mask / data)")
     loss = total / count
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(count), "samples": n}
+    return {"loss": loss, "ppl": perplexity(loss), "tokens": int(count), "samples": n}
 
 
 def run(cfg: Config) -> int:
