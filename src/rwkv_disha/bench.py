@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from rwkv_disha.config import opt
-from rwkv_disha.kernels import get_wkv7
+from rwkv_disha.errors import RWKVDishaError
+from rwkv_disha.kernels import get_wkv7, resolve_op
 
 
 def best_time(fn, repeat: int = 5, warmup: int = 1) -> float:
@@ -70,17 +71,41 @@ class Config:
     H: int = opt(12, "heads")
     N: int = opt(64, "head size")
     ops: str = opt("torch,loop", "comma-separated kernels to time; the first is compared with the others")
-    device: str = opt("cpu", "cpu or cuda")
+    device: str = opt("cpu", "cpu or cuda (cuda:N for one GPU)")
     repeat: int = opt(5, "timed repetitions (the best is reported)")
 
 
+def validate(cfg: Config) -> list[str]:
+    """Every option checked before any tensor is made; returns the ops to time."""
+    for name in ("B", "T", "H", "N", "repeat"):
+        if getattr(cfg, name) < 1:
+            raise RWKVDishaError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    device = cfg.device.strip().lower()
+    if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise RWKVDishaError(f"--device must be cpu, cuda or cuda:N, got {cfg.device!r}")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RWKVDishaError(f"--device {cfg.device}: no CUDA GPU is visible here; use --device cpu")
+        if device[5:] and int(device[5:]) >= torch.cuda.device_count():
+            raise RWKVDishaError(
+                f"--device {cfg.device}: this machine has {torch.cuda.device_count()} GPU(s)"
+            )
+    ops = [o.strip() for o in cfg.ops.split(",") if o.strip()]
+    if cfg.what == "kernel" and not ops:
+        raise RWKVDishaError("--ops is empty: give kernels to time, e.g. --ops torch,loop")
+    for op in ops if cfg.what == "kernel" else []:
+        if resolve_op(op) == "fla" and device == "cpu":
+            raise RWKVDishaError(f"--ops {op} runs on CUDA tensors only: add --device cuda")
+    return ops
+
+
 def run(cfg: Config) -> int:
+    ops = validate(cfg)
     torch.manual_seed(0)
     if cfg.what == "matmul":
         res = {str(d): matmul_peak_flops(d, device=cfg.device) / 1e9 for d in (torch.float32, torch.bfloat16)}
         print(json.dumps({"threads": torch.get_num_threads(), "matmul_gflops": res}))
         return 0
-    ops = [o.strip() for o in cfg.ops.split(",") if o.strip()]
     times = {op: time_kernel(op, cfg.B, cfg.T, cfg.H, cfg.N, cfg.device, cfg.repeat) for op in ops}
     result = {
         "shape": dict(B=cfg.B, T=cfg.T, H=cfg.H, N=cfg.N),

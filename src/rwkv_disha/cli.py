@@ -3,14 +3,26 @@
 Each command lives in its own module, which exposes a ``Config`` dataclass (its options) and
 ``run(cfg) -> int``. Modules are imported only when their command runs, so ``rwkv-disha init``
 does not pay for importing Lightning.
+
+Every user error ends as one line on stderr, ``error: ...``, and exit status 2: a
+:class:`RWKVDishaError`, a bad flag (argparse's message, without its usage block), a non-finite float
+option, and an OS error about a file the user named (not found, not writable, no space, ...).
+Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import errno
 import importlib
+import json
+import math
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from rwkv_disha.errors import RWKVDishaError
 
@@ -25,26 +37,67 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("rwkv_disha.demo", "the whole pipeline on a generated corpus and a tiny model (CPU)"),
 }
 
+# OS errors that are about a file the user named (a path problem, not a bug in this program)
+_USER_FILE_ERRNOS = {
+    errno.ENOENT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.ENAMETOOLONG,
+    errno.EIO,
+    errno.ELOOP,
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a one-line :class:`RWKVDishaError` instead of usage + exit."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise RWKVDishaError(f"{self.prog}: {message} (see {self.prog} --help)")
+
 
 def _load_yaml(path: str) -> dict:
     import yaml
 
     p = Path(path)
+    if p.is_dir():
+        raise RWKVDishaError(f"config file {path} is a directory; give the .yaml file")
     if not p.is_file():
         raise RWKVDishaError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise RWKVDishaError(f"config file {path} is not valid YAML: {e}".replace("\n", " ")) from None
     if not isinstance(data, dict):
         raise RWKVDishaError(f"config file {path} must hold a mapping of option: value")
     return data
 
 
+def _yaml_argv(values: dict) -> list[str]:
+    """YAML values as flags, so they are type-checked (and choice-checked) exactly like flags."""
+    argv: list[str] = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            argv += [f"--{key}", *map(str, value)]
+        elif isinstance(value, bool):
+            argv.append(f"--{key}={int(value)}")
+        elif isinstance(value, dict):
+            argv.append(f"--{key}={json.dumps(value)}")
+        else:
+            argv.append(f"--{key}={value}")
+    return argv
+
+
 def build_parser(name: str, module) -> argparse.ArgumentParser:
     from rwkv_disha.config import add_dataclass_arguments
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=f"rwkv-disha {name}",
         description=(module.__doc__ or COMMANDS[name][1]).strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -59,21 +112,71 @@ def build_parser(name: str, module) -> argparse.ArgumentParser:
     return parser
 
 
+def _non_finite(obj: Any, prefix: str = "") -> tuple[str, float] | None:
+    """The first float option (nested dataclasses and lists included) that is NaN or infinite."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for v in items:
+            if dataclasses.is_dataclass(v) and not isinstance(v, type):
+                found = _non_finite(v, prefix)
+                if found:
+                    return found
+            elif isinstance(v, float) and not math.isfinite(v):
+                return prefix + f.name, v
+    return None
+
+
 def parse_config(name: str, argv: list[str]):
     """Parse ``argv`` for command ``name`` into its ``Config`` (YAML file first, then flags)."""
     from rwkv_disha.config import from_mapping
 
     module = importlib.import_module(COMMANDS[name][0])
-    ns = build_parser(name, module).parse_args(argv)
-    values = _load_yaml(ns._config) if getattr(ns, "_config", None) else {}
+    parser = build_parser(name, module)
+    ns = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    if getattr(ns, "_config", None):
+        path = ns._config
+        raw = _load_yaml(path)
+        from_mapping(module.Config, raw, source=f"option(s) for `{name}`")  # unknown keys, named
+        try:
+            values = {k: v for k, v in vars(parser.parse_args(_yaml_argv(raw))).items() if k[0] != "_"}
+        except RWKVDishaError as e:
+            raise RWKVDishaError(f"config file {path}: {e}") from None
     values.update({k: v for k, v in vars(ns).items() if not k.startswith("_")})
-    return module, from_mapping(module.Config, values, source=f"option(s) for `{name}`")
+    cfg = from_mapping(module.Config, values, source=f"option(s) for `{name}`")
+    bad = _non_finite(cfg)
+    if bad:
+        raise RWKVDishaError(f"--{bad[0]} must be a finite number, got {bad[1]}")
+    return module, cfg
 
 
 def _usage() -> str:
     lines = ["usage: rwkv-disha COMMAND [options]   (rwkv-disha COMMAND --help for its options)", ""]
     lines += [f"  {n:<9} {d}" for n, (_, d) in COMMANDS.items()]
     return "\n".join(lines)
+
+
+def _fail(message: str) -> int:
+    print("error: " + " ".join(message.split("\n")), file=sys.stderr)
+    return 2
+
+
+def _os_error(e: OSError) -> int:
+    """One line for an OS error about a user's file; re-raise anything else (a bug keeps its traceback)."""
+    from rwkv_disha.fsio import os_error_cause
+
+    if e.errno not in _USER_FILE_ERRNOS or not e.filename:
+        raise e
+    cause = "no such file or directory" if e.errno == errno.ENOENT else os_error_cause(e)
+    return _fail(f"{e.filename}: {cause}")
+
+
+def _broken_pipe() -> int:
+    """``rwkv-disha generate ... | head``: the reader left; stop quietly, as other CLI tools do."""
+    with contextlib.suppress(OSError, ValueError):  # the interpreter's final flush goes nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by a closed pipe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,17 +191,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name = argv.pop(0)
     if name not in COMMANDS:
-        print(f"error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
+        return _fail(f"unknown command {name!r}; commands: {', '.join(COMMANDS)} (rwkv-disha --help)")
     try:
         module, cfg = parse_config(name, argv)
         return int(module.run(cfg) or 0)
     except RWKVDishaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _broken_pipe()
+    except OSError as e:
+        return _os_error(e)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from rwkv_disha.config import opt
 from rwkv_disha.errors import RWKVDishaError
+from rwkv_disha.fsio import atomic_write_text, check_output_path
 
 _SYL = ["ka", "lo", "mi", "zu", "ren", "ta", "vo", "shi", "pe", "nor", "ql", "dax", "fi", "mu", "bel"]
 _COLOURS = ["red", "blue", "green", "amber", "violet", "teal", "silver", "golden"]
@@ -51,14 +52,50 @@ def make_corpus(n_creatures: int = 40, seed: int = 0) -> list[dict]:
 
 @dataclass
 class Config:
-    out: str = opt("demo_out", "folder for every file the demo writes")
+    out: str = opt("demo_out", "folder for every file the demo writes (an earlier demo's files are replaced)")
     n_layer: int = opt(2, "blocks of the tiny base model")
-    n_embd: int = opt(128, "width of the tiny base model")
+    n_embd: int = opt(128, "width of the tiny base model (a multiple of 64, the head size)")
     epochs: int = opt(5, "training epochs")
     epoch_steps: int = opt(60, "micro-batches per epoch")
-    r: int = opt(32, "Bone rank")
+    r: int = opt(32, "Bone rank (at most n_embd)")
     lr: float = opt(1e-2, "peak learning rate")
     seed: int = opt(0, "seed for the corpus, the model and training")
+
+
+HEAD_SIZE = 64
+
+
+def validate(cfg: Config) -> dict[str, Path]:
+    """Every option and output path checked before anything is written; returns the demo's paths."""
+    for name in ("n_layer", "epochs", "epoch_steps"):
+        if getattr(cfg, name) < 1:
+            raise RWKVDishaError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.n_embd < HEAD_SIZE or cfg.n_embd % HEAD_SIZE:
+        raise RWKVDishaError(
+            f"--n_embd must be a positive multiple of {HEAD_SIZE} (the head size), got {cfg.n_embd}"
+        )
+    if not 1 <= cfg.r <= cfg.n_embd:
+        raise RWKVDishaError(
+            f"--r must be in 1..{cfg.n_embd} (Bone's r is at most the layer width), got {cfg.r}"
+        )
+    if cfg.lr <= 0:
+        raise RWKVDishaError(f"--lr must be > 0, got {cfg.lr}")
+    if not 0 <= cfg.seed < 2**32:
+        raise RWKVDishaError(f"--seed must be in [0, 2**32), got {cfg.seed}")
+    out = Path(cfg.out)
+    paths = {
+        "corpus": out / "corpus.jsonl",
+        "base": out / "base.pth",
+        "data": out / "data" / "demo",
+        "proj": out / "train",
+        "merged": out / "merged.pth",
+    }
+    for key in ("corpus", "base", "merged"):
+        check_output_path(paths[key], "--out")
+    for folder in (paths["data"].parent, paths["proj"]):
+        if folder.exists() and not folder.is_dir():
+            raise RWKVDishaError(f"--out {out}: {folder} is a file where the demo needs a folder")
+    return paths
 
 
 def _step(title: str) -> float:
@@ -67,54 +104,31 @@ def _step(title: str) -> float:
 
 
 def _cli(args: list[str], quiet: bool = False) -> str:
-    """Run one rwkv-disha command in-process; return what it printed on stdout."""
-    from rwkv_disha.cli import main
+    """Run one rwkv-disha command in-process; return what it printed on stdout. The demo owns its
+    folder, so a command that refuses to replace files (``--overwrite``) is told to."""
+    import importlib
+    from dataclasses import fields
 
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = main(args)
+    from rwkv_disha.cli import COMMANDS, parse_config
+
+    name = args[0]
+    try:
+        if "overwrite" in {f.name for f in fields(importlib.import_module(COMMANDS[name][0]).Config)}:
+            args = [*args, "--overwrite", "1"]
+        module, cfg = parse_config(name, args[1:])
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = int(module.run(cfg) or 0)
+    except RWKVDishaError as e:
+        raise RWKVDishaError(f"demo step `rwkv-disha {name}` failed: {e}") from None
     if not quiet:
         sys.stderr.write(buf.getvalue())
     if rc != 0:
-        raise RWKVDishaError(f"demo step failed: rwkv-disha {' '.join(args[:1])} (exit {rc})")
+        raise RWKVDishaError(f"demo step failed: rwkv-disha {name} (exit {rc})")
     return buf.getvalue()
 
 
-def run(cfg: Config) -> int:
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t_all = time.time()
-
-    _step("1/6 corpus")
-    rows = make_corpus(seed=cfg.seed)
-    corpus = out / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    print(f"wrote {corpus}: {len(rows)} records", file=sys.stderr)
-
-    _step("2/6 init a tiny base model")
-    base = out / "base.pth"
-    _cli(
-        [
-            "init",
-            "--output",
-            str(base),
-            "--n_layer",
-            str(cfg.n_layer),
-            "--n_embd",
-            str(cfg.n_embd),
-            "--vocab_size",
-            "65536",
-            "--seed",
-            str(cfg.seed),
-        ]
-    )
-
-    _step("3/6 prepare binidx")
-    data = out / "data" / "demo"
-    _cli(["prepare", "--input", str(corpus), "--output", str(data), "--ctx_len", "128", "--workers", "1"])
-
-    _step("4/6 train Bone")
-    proj = out / "train"
+def _train(cfg: Config, base: Path, data: Path, proj: Path) -> Path:
     train_args = [
         "train", "--load_model", str(base), "--proj_dir", str(proj), "--data_file", str(data),
         "--data_type", "binidx", "--dataload", "pad", "--loss_mask", "qa", "--ctx_len", "64",
@@ -125,52 +139,39 @@ def run(cfg: Config) -> int:
         "--train_parts", "time", "ln", "--random_seed", str(cfg.seed), "--progress_bar", "0",
     ]  # fmt: skip
     _cli(train_args)
-    adapter = proj / f"rwkv-{cfg.epochs - 1}.pth"
+    return proj / f"rwkv-{cfg.epochs - 1}.pth"
 
-    _step("5/6 merge")
-    merged = out / "merged.pth"
-    _cli(["merge", "--base_model", str(base), "--peft_checkpoint", str(adapter), "--output", str(merged)])
 
-    _step("6/6 evaluate and generate")
+def _evaluate(rows: list[dict], base: Path, merged: Path, adapter: Path, data: Path) -> dict:
     ev = ["--data_file", str(data), "--ctx_len", "64", "--loss_mask", "qa", "--max_samples", "64"]
     before = json.loads(_cli(["eval", "--load_model", str(base), *ev], quiet=True))
     after = json.loads(_cli(["eval", "--load_model", str(merged), *ev], quiet=True))
     question = rows[0]["messages"][0]["content"] if "messages" in rows[0] else "What colour is Kalo?"
     expected = rows[0]["messages"][1]["content"] if "messages" in rows[0] else ""
-    answer = _cli(
-        [
-            "generate",
-            "--load_model",
-            str(base),
-            "--peft_checkpoint",
-            str(adapter),
-            "--chat",
-            "--prompt",
-            question,
-            "--temperature",
-            "0",
-            "--max_tokens",
-            "24",
-        ],
-        quiet=True,
-    ).strip()
+    gen = ["generate", "--load_model", str(base), "--peft_checkpoint", str(adapter), "--chat",
+           "--prompt", question, "--temperature", "0", "--max_tokens", "24"]  # fmt: skip
+    answer = _cli(gen, quiet=True).strip()
+    return dict(before=before, after=after, question=question, expected=expected, answer=answer)
 
-    report = [
+
+def _report(cfg: Config, paths: dict[str, Path], res: dict, seconds: float) -> str:
+    before, after, data, proj = res["before"], res["after"], paths["data"], paths["proj"]
+    return "\n".join([
         "",
-        "rwkv-disha demo finished in %.0f s" % (time.time() - t_all),
+        f"rwkv-disha demo finished in {seconds:.0f} s",
         f"  answer-token loss   base {before['loss']:.3f}  ->  Bone-tuned {after['loss']:.3f} "
         f"(ppl {before['ppl']:.0f} -> {after['ppl']:.1f})",
-        f"  Q: {question}",
-        f"  A (greedy, adapter on the fly): {answer}",
-        f"  (training data says: {expected})",
+        f"  Q: {res['question']}",
+        f"  A (greedy, adapter on the fly): {res['answer']}",
+        f"  (training data says: {res['expected']})",
         "",
         "  files:",
-        f"    corpus            {corpus}",
-        f"    base model        {base}",
+        f"    corpus            {paths['corpus']}",
+        f"    base model        {paths['base']}",
         f"    binidx data       {data}.bin / .idx (+ answer mask {data}.mask.bin / .idx)",
         f"    adapters          {proj}/rwkv-0.pth ... rwkv-{cfg.epochs - 1}.pth (+ .json sidecars)",
         f"    logs              {proj}/train_log.txt, metrics.csv, loss.png",
-        f"    merged model      {merged}  (plain RWKV-7 .pth: RWKV Runner / rwkv package / Ai00 converter)",
+        f"    merged model      {paths['merged']}  (plain RWKV-7 .pth: RWKV Runner / rwkv / Ai00 converter)",
         "",
         "  with a real model, e.g. RWKV-x070-World-0.4B (24 layers, 1024 wide) on a GPU:",
         "    rwkv-disha prepare --input my.jsonl --output data/my",
@@ -181,6 +182,46 @@ def run(cfg: Config) -> int:
         '      --disha_config \'{"mode":"bone","load":"","r":64}\'',
         "    rwkv-disha merge --base_model RWKV-x070-World-0.4B.pth --peft_checkpoint out/rwkv-3.pth \\",
         "      --output out/my-model.pth",
-    ]
-    print("\n".join(report))
+    ])  # fmt: skip
+
+
+def run(cfg: Config) -> int:
+    paths = validate(cfg)
+    t_all = time.time()
+
+    _step("1/6 corpus")
+    rows = make_corpus(seed=cfg.seed)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    atomic_write_text(paths["corpus"], text, "demo corpus")
+    print(f"wrote {paths['corpus']}: {len(rows)} records", file=sys.stderr)
+
+    _step("2/6 init a tiny base model")
+    init = ["init", "--output", str(paths["base"]), "--n_layer", str(cfg.n_layer),
+            "--n_embd", str(cfg.n_embd), "--vocab_size", "65536", "--seed", str(cfg.seed)]  # fmt: skip
+    _cli(init)
+
+    _step("3/6 prepare binidx")
+    corpus, data = paths["corpus"], paths["data"]
+    _cli(["prepare", "--input", str(corpus), "--output", str(data), "--ctx_len", "128", "--workers", "1"])
+
+    _step("4/6 train Bone")
+    adapter = _train(cfg, paths["base"], data, paths["proj"])
+
+    _step("5/6 merge")
+    merged = paths["merged"]
+    _cli(
+        [
+            "merge",
+            "--base_model",
+            str(paths["base"]),
+            "--peft_checkpoint",
+            str(adapter),
+            "--output",
+            str(merged),
+        ]
+    )
+
+    _step("6/6 evaluate and generate")
+    res = _evaluate(rows, paths["base"], merged, adapter, data)
+    print(_report(cfg, paths, res, time.time() - t_all))
     return 0

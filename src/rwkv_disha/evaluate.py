@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rwkv_disha.choices import DATA_TYPES, DATALOADS, LOSS_MASKS, OPS
 from rwkv_disha.config import opt
 from rwkv_disha.errors import RWKVDishaError
 
@@ -21,13 +22,13 @@ class Config:
     load_model: str = opt("", "base or merged model")
     peft_checkpoint: str = opt("", "adapter file to apply on the fly")
     data_file: str = opt("", "data (binidx prefix or file)")
-    data_type: str = opt("binidx", "binidx, jsonl, utf-8, utf-16le, numpy, uint16, dummy")
+    data_type: str = opt("binidx", "format of data_file", DATA_TYPES)
     ctx_len: int = opt(512, "context length")
-    dataload: str = opt("pad", "pad, only or get", ("pad", "only", "get"))
-    loss_mask: str = opt("pad", "none, pad or qa", ("none", "pad", "qa"))
+    dataload: str = opt("pad", "pad, only or get", DATALOADS)
+    loss_mask: str = opt("pad", "none, pad or qa", LOSS_MASKS)
     micro_bsz: int = opt(4, "batch size")
     max_samples: int = opt(256, "evaluate at most this many samples (0: one pass over the data)")
-    op: str = opt("auto", "WKV kernel")
+    op: str = opt("auto", "WKV kernel", OPS)
     seed: int = opt(0, "seed (only used by dataload get)")
 
 
@@ -60,13 +61,34 @@ def evaluate_loss(model, dataset, micro_bsz: int, max_samples: int) -> dict:
     return {"loss": loss, "ppl": perplexity(loss), "tokens": int(count), "samples": n}
 
 
+def validate(cfg: Config) -> None:
+    """Every option checked before the model loads (non-finite floats are refused by the CLI)."""
+    from rwkv_disha.generate import check_input_file
+    from rwkv_disha.kernels import resolve_op
+
+    if not cfg.load_model:
+        raise RWKVDishaError("--load_model is required")
+    check_input_file(cfg.load_model, "--load_model")
+    if cfg.peft_checkpoint:
+        check_input_file(cfg.peft_checkpoint, "--peft_checkpoint")
+    if cfg.data_type != "dummy" and not cfg.data_file:
+        raise RWKVDishaError("--data_file is required (a binidx prefix, or a file for other data types)")
+    for name in ("ctx_len", "micro_bsz"):
+        if getattr(cfg, name) < 1:
+            raise RWKVDishaError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.max_samples < 0:
+        raise RWKVDishaError(f"--max_samples must be >= 0 (0: one pass over the data), got {cfg.max_samples}")
+    if cfg.dataload == "only" and cfg.micro_bsz != 1:
+        raise RWKVDishaError(f"--dataload only needs --micro_bsz 1 (got {cfg.micro_bsz})")
+    resolve_op(cfg.op)
+
+
 def run(cfg: Config) -> int:
     from rwkv_disha.data.dataset import make_dataset
     from rwkv_disha.generate import load_for_inference
     from rwkv_disha.model.load import infer_config, load_state_dict
 
-    if not cfg.load_model:
-        raise RWKVDishaError("--load_model is required")
+    validate(cfg)
     vocab = infer_config(load_state_dict(cfg.load_model)).vocab_size
     steps = max(1, math.ceil(max(cfg.max_samples, 1) / cfg.micro_bsz)) if cfg.max_samples > 0 else 0
     ds = make_dataset(

@@ -14,21 +14,45 @@ from pathlib import Path
 
 import torch
 
+from rwkv_disha.choices import OPS
 from rwkv_disha.config import opt
 from rwkv_disha.errors import RWKVDishaError
 
 
+def check_input_file(path: str, flag: str) -> None:
+    """One line for an input path that is missing or a directory (before anything loads)."""
+    p = Path(path)
+    if p.is_dir():
+        raise RWKVDishaError(f"{flag} {path} is a directory; give the .pth file inside it")
+    if not p.is_file():
+        raise RWKVDishaError(f"{flag} {path}: file not found")
+
+
+def check_finite(tensors, what: str) -> None:
+    """Refuse NaN / inf in any floating-point tensor of ``tensors`` (name -> tensor): one line, not a
+    traceback (or garbage text) later."""
+    for name, t in tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise RWKVDishaError(
+                f"{what} holds non-finite weights (NaN/inf), first in {name} — probably from a diverged "
+                "run; use an earlier checkpoint, or retrain with a lower --lr_init / gradient clipping"
+            )
+
+
 def load_for_inference(model_path: str, adapter_path: str = "", op: str = "auto", lora_alpha: float = 0.0):
     """Base model (+ adapter file: its sidecar, or the tensor shapes for RWKV-PEFT files, gives the
-    settings; a base quantized in training is quantized the same way) in fp32 eval mode."""
+    settings; a base quantized in training is quantized the same way) in fp32 eval mode. A model or
+    adapter holding NaN / inf is refused."""
     from rwkv_disha.model.load import load_model
 
     model = load_model(model_path, dtype=torch.float32, op=op)
+    check_finite(model.state_dict().items(), f"model {model_path}")
     if adapter_path:
         from rwkv_disha.adapters.files import read_adapter_file
         from rwkv_disha.adapters.inject import file_adapter_config, inject_adapters, load_adapter_file
 
         tensors, meta = read_adapter_file(adapter_path)
+        check_finite(tensors.items(), f"adapter file {adapter_path}")
         acfg = file_adapter_config(tensors, meta, lora_alpha or None, f"adapter file {adapter_path}")
         inject_adapters(model, acfg)
         load_adapter_file(model, adapter_path, acfg)
@@ -94,21 +118,40 @@ class Config:
     seed: int = opt(0, "random seed (same prompt + seed = same text)")
     stop: str = opt("", "stop when the output contains this string (chat mode: a blank line)")
     chat: bool = opt(False, "wrap the prompt as 'User: ...\\n\\nAssistant:' (RWKV chat format)")
-    op: str = opt("auto", "WKV kernel: auto, torch, loop, fla")
+    op: str = opt("auto", "WKV kernel: auto, torch, loop, fla", OPS)
     lora_alpha: float = opt(0.0, "LoRA alpha for RWKV-PEFT LoRA files without a sidecar")
 
 
-def run(cfg: Config) -> int:
-    from rwkv_disha.data.tokenizer import get_tokenizer
+def validate(cfg: Config) -> None:
+    """Every option checked before the model loads (non-finite floats are refused by the CLI)."""
+    from rwkv_disha.kernels import resolve_op
 
     if not cfg.load_model:
         raise RWKVDishaError(
             "--load_model is required: a base model (with --peft_checkpoint) or a merged model"
         )
+    check_input_file(cfg.load_model, "--load_model")
+    if cfg.peft_checkpoint:
+        check_input_file(cfg.peft_checkpoint, "--peft_checkpoint")
     if cfg.max_tokens < 0:
         raise RWKVDishaError(f"--max_tokens must be >= 0, got {cfg.max_tokens}")
-    if cfg.peft_checkpoint and not Path(cfg.peft_checkpoint).is_file():
-        raise RWKVDishaError(f"--peft_checkpoint {cfg.peft_checkpoint}: file not found")
+    if cfg.temperature < 0:
+        raise RWKVDishaError(f"--temperature must be >= 0 (0 = greedy), got {cfg.temperature}")
+    if not 0 < cfg.top_p <= 1:
+        raise RWKVDishaError(f"--top_p must be in (0, 1] (1 = off), got {cfg.top_p}")
+    if cfg.top_k < 0:
+        raise RWKVDishaError(f"--top_k must be >= 0 (0 = off), got {cfg.top_k}")
+    if cfg.lora_alpha < 0:
+        raise RWKVDishaError(f"--lora_alpha must be >= 0 (0 = from the sidecar), got {cfg.lora_alpha}")
+    if not 0 <= cfg.seed < 2**64:
+        raise RWKVDishaError(f"--seed must be in [0, 2**64), got {cfg.seed}")
+    resolve_op(cfg.op)
+
+
+def run(cfg: Config) -> int:
+    from rwkv_disha.data.tokenizer import get_tokenizer
+
+    validate(cfg)
     prompt = cfg.prompt if cfg.prompt not in ("", "-") else sys.stdin.read()
     stop = cfg.stop
     if cfg.chat:
