@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 from rwkv_disha.errors import RWKVDishaError
@@ -86,29 +86,3 @@ def from_namespace(cls: type, ns: argparse.Namespace) -> Any:
 
 def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
-
-
-@dataclass
-class ModelConfig:
-    """Shape of an RWKV model; always inferred from a checkpoint's keys and shapes (SPEC §1)."""
-
-    version: str  # "x070" (RWKV-7), "x060", "x052"
-    n_layer: int
-    n_embd: int
-    vocab_size: int
-    head_size: int = 64
-    dim_ffn: int = 0  # F, the FFN hidden width (4C in RWKV-7)
-    d_decay: int = 0  # Dw: w1 (C, Dw)
-    d_aaa: int = 0  # Da: a1 (C, Da)
-    d_mv: int = 0  # Dv: v1 (C, Dv)
-    d_gate: int = 0  # Dg: g1 (C, Dg)
-
-    @property
-    def n_head(self) -> int:
-        return self.n_embd // self.head_size
-
-    def summary(self) -> str:
-        return (
-            f"{self.version} L{self.n_layer} C{self.n_embd} V{self.vocab_size} head_size {self.head_size} "
-            f"ffn {self.dim_ffn} lowrank w{self.d_decay}/a{self.d_aaa}/v{self.d_mv}/g{self.d_gate}"
-        )

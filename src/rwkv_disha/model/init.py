@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rwkv_disha.config import ModelConfig, opt
+from rwkv_disha.config import opt
 from rwkv_disha.errors import RWKVDishaError
+from rwkv_disha.model.config import ModelConfig
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

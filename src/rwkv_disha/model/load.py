@@ -1,7 +1,10 @@
-"""Read, check and write RWKV checkpoints; infer the model shape from keys and tensor shapes (SPEC §1).
+"""Read, check and write RWKV checkpoints; infer the model shape from keys and tensor shapes.
 
 Checkpoints come from the internet, so ``.pth`` files load with ``weights_only=True`` (pickled code is
 refused, never run) and ``mmap=True`` (a 15 GB bf16 model loads without a second copy in RAM).
+:func:`infer_config` checks every tensor's name and shape against the layout of the version it finds
+(docs/MODEL.md, "Checkpoint layout") before any model is built, so a damaged file is one line naming
+the tensor, never an error from deep inside torch.
 """
 
 from __future__ import annotations
@@ -9,17 +12,16 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
-from rwkv_disha.config import ModelConfig
 from rwkv_disha.errors import RWKVDishaError
+from rwkv_disha.fsio import atomic_write
+from rwkv_disha.model.config import ModelConfig
+from rwkv_disha.model.registry import get_version, markers, version_name
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".st")
-SUPPORTED_VERSIONS = ("x070",)
-_VERSION_NAMES = {"x070": "RWKV-7", "x060": "RWKV-6", "x052": "RWKV-5", "x040": "RWKV-4"}
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -65,8 +67,18 @@ def load_state_dict(path: str | os.PathLike, what: str = "model") -> dict[str, t
     return obj
 
 
+def check_model_path(path: str | os.PathLike, flag: str = "--load_model", what: str = "model") -> Path:
+    """Refuse a model path that is missing or a directory, before any work (one line naming ``flag``)."""
+    p = Path(path)
+    if p.is_dir():
+        raise RWKVDishaError(f"{flag} {p} is a directory; give the {what} file (.pth) inside it")
+    if not p.exists():
+        raise RWKVDishaError(f"{flag} {p}: {what} file not found (check the path)")
+    return p
+
+
 def detect_version(sd: dict[str, torch.Tensor]) -> str:
-    """'x070' / 'x060' / 'x052' / 'x040' from the keys, or raise naming a few unexpected keys."""
+    """The version (``x070``, ``x060``, ...) from the keys, or raise naming a few unexpected keys."""
     keys = list(sd)
     if any(k.endswith(".disha") or ".lora_" in k for k in keys) and "emb.weight" not in sd:
         raise RWKVDishaError(
@@ -78,44 +90,64 @@ def detect_version(sd: dict[str, torch.Tensor]) -> str:
         raise RWKVDishaError(
             f"not an RWKV checkpoint: expected emb.weight and blocks.N.* keys, found e.g. {sample}"
         )
-    if any(k.endswith("att.r_k") for k in keys):
-        return "x070"
-    if any(k.endswith("att.time_maa_x") for k in keys):
-        return "x060"
-    if any(k.endswith("att.time_faaaa") for k in keys):
-        return "x052"
-    if any(k.endswith("att.time_mix_k") for k in keys):
-        return "x040"
+    for version, marker in markers():
+        if any(k.endswith(marker) for k in keys):
+            return version
     sample = ", ".join(k for k in keys if k.startswith("blocks.0.att."))[:200]
     raise RWKVDishaError(f"unrecognised RWKV version: block 0 attention has keys {sample}")
 
 
-def infer_config(sd: dict[str, torch.Tensor]) -> ModelConfig:
-    """The whole model shape from keys and tensor shapes; refuses versions not supported yet."""
-    version = detect_version(sd)
-    if version not in SUPPORTED_VERSIONS:
+def _shape_problem(cfg: ModelConfig) -> str | None:
+    """What makes ``cfg`` impossible (a zero width, a head size that does not divide C), or None."""
+    widths = {
+        "n_embd (emb.weight dim 1)": cfg.n_embd,
+        "vocab_size (emb.weight dim 0)": cfg.vocab_size,
+        "head_size (blocks.0.att.r_k dim 1)": cfg.head_size,
+        "dim_ffn (blocks.0.ffn.key.weight dim 0)": cfg.dim_ffn,
+    }
+    for name, value in widths.items():
+        if value < 1:
+            return f"{name} is {value}"
+    if cfg.n_embd % cfg.head_size:
+        return f"n_embd {cfg.n_embd} is not a multiple of head_size {cfg.head_size} (blocks.0.att.r_k dim 1)"
+    return None
+
+
+def check_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig, source: str = "the checkpoint") -> None:
+    """Refuse a state dict whose keys, shapes or dtypes differ from the layout of ``cfg`` (one line)."""
+    name = version_name(cfg.version)
+    problem = _shape_problem(cfg)
+    if problem:
         raise RWKVDishaError(
-            f"{_VERSION_NAMES[version]} ({version}) checkpoints are not supported yet; "
-            f"supported: {', '.join(_VERSION_NAMES[v] + ' (' + v + ')' for v in SUPPORTED_VERSIONS)}"
+            f"{source} does not have a consistent {name} shape: {problem}; the file is damaged or not {name}"
         )
-    vocab, n_embd = sd["emb.weight"].shape
-    n_layer = 1 + max(int(m.group(1)) for k in sd if (m := _BLOCK.match(k)))
+    want = get_version(cfg.version).tensor_shapes(cfg)
+    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    if missing or unexpected:
+        raise RWKVDishaError(
+            f"{source} does not match the {name} layout for {cfg.summary()}: "
+            f"missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
+    bad = [f"{k} {tuple(sd[k].shape)} != {shape}" for k, shape in want.items() if tuple(sd[k].shape) != shape]
+    if bad:
+        raise RWKVDishaError(f"{source} has tensors of unexpected shape: {'; '.join(bad[:3])}")
+    not_float = [f"{k} ({sd[k].dtype})" for k in want if not sd[k].dtype.is_floating_point]
+    if not_float:
+        raise RWKVDishaError(
+            f"{source} has non-floating-point tensors: {', '.join(not_float[:3])}; "
+            "an RWKV model holds fp32 / bf16 / fp16 weights"
+        )
 
-    def width(key: str, dim: int, default: int = 0) -> int:
-        return int(sd[key].shape[dim]) if key in sd else default
 
-    return ModelConfig(
-        version=version,
-        n_layer=n_layer,
-        n_embd=int(n_embd),
-        vocab_size=int(vocab),
-        head_size=width("blocks.0.att.r_k", 1),
-        dim_ffn=width("blocks.0.ffn.key.weight", 0),
-        d_decay=width("blocks.0.att.w1", 1),
-        d_aaa=width("blocks.0.att.a1", 1),
-        d_mv=width("blocks.1.att.v1", 1, default=32),  # block 0 has no v1/v2
-        d_gate=width("blocks.0.att.g1", 1),
-    )
+def infer_config(sd: dict[str, torch.Tensor], source: str = "the checkpoint") -> ModelConfig:
+    """The whole model shape from keys and tensor shapes, after checking every tensor against it.
+
+    Refuses versions that are not supported yet, and any missing, extra or mis-shaped tensor.
+    """
+    version = detect_version(sd)
+    cfg = get_version(version).infer_config(sd)
+    check_tensors(sd, cfg, source)
+    return cfg
 
 
 def check_expected(cfg: ModelConfig, **given: int | str | None) -> None:
@@ -135,11 +167,10 @@ def check_expected(cfg: ModelConfig, **given: int | str | None) -> None:
             )
 
 
-def build_model(cfg: ModelConfig, op: str = "auto", device: str | torch.device = "meta"):
-    from rwkv_disha.model.rwkv7 import RWKV7
-
+def build_model(cfg: ModelConfig, op: str = "auto", device: str | torch.device = "meta") -> torch.nn.Module:
+    """An empty model of shape ``cfg`` (on the meta device by default: no memory until weights load)."""
     with torch.device(device):
-        return RWKV7(cfg, op=op)
+        return get_version(cfg.version).model_class(cfg, op=op)
 
 
 def load_model(
@@ -149,53 +180,32 @@ def load_model(
     device: str | torch.device = "cpu",
     **expected: int | str | None,
 ):
-    """Load an official RWKV-7 checkpoint into :class:`~rwkv_disha.model.rwkv7.RWKV7` (strict).
+    """Load an official RWKV checkpoint into its version's model class (strict).
 
     ``dtype`` None keeps the file's dtype (bf16 stays bf16). ``expected`` takes n_layer, n_embd,
     vocab_size, head_size, my_testing: each, if given, must match what the file has.
     """
     sd = load_state_dict(path)
-    cfg = infer_config(sd)
+    cfg = infer_config(sd, source=str(path))
     check_expected(cfg, **expected)
     model = build_model(cfg, op=op)
-    expected_keys = set(model.state_dict())
-    missing, unexpected = sorted(expected_keys - set(sd)), sorted(set(sd) - expected_keys)
-    if missing or unexpected:
-        raise RWKVDishaError(
-            f"{path} does not match the RWKV-7 layout for {cfg.summary()}: "
-            f"missing {missing[:4]}, unexpected {unexpected[:4]}"
-        )
-    bad = [
-        f"{k} {tuple(sd[k].shape)} != {tuple(t.shape)}"
-        for k, t in model.state_dict().items()
-        if sd[k].shape != t.shape
-    ]
-    if bad:
-        raise RWKVDishaError(f"{path} has tensors of unexpected shape: {'; '.join(bad[:3])}")
     model.load_state_dict(sd, strict=True, assign=True)  # assign: keep the mmap'ed tensors, no copy
     if dtype is not None or device != "cpu":
         model.to(device=device, dtype=dtype)
     return model
 
 
-def save_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
-    """Write atomically (temp file + rename): a failure never leaves a partial file at ``path``."""
+def save_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike, what: str = "model") -> Path:
+    """Write ``sd`` as ``.pth`` (or ``.safetensors`` / ``.st``) atomically through :func:`fsio.atomic_write`:
+    a failure never leaves a partial file at ``path``, and an OS error is one line naming the cause."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
-    try:
+
+    def write(tmp: Path) -> None:
         if p.suffix in SAFETENSORS_SUFFIXES:
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in sd.items()}, tmp)
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
         else:
             torch.save(sd, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+
+    return atomic_write(p, write, what)

@@ -1,4 +1,4 @@
-"""RWKV-7 ("x070", Goose) in plain PyTorch, with the official parameter names (SPEC §1, §2).
+"""RWKV-7 ("x070", Goose) in plain PyTorch, with the official parameter names (docs/MODEL.md).
 
     x = emb(idx); x = ln0(x)                                   (block 0)
     per block:  x = x + att(ln1(x));  x = x + ffn(ln2(x))
@@ -6,8 +6,12 @@
 
 ``model(idx)`` returns logits (B, T, V). ``model(idx, state=s, return_state=True)`` also carries the
 recurrent state: a list with one ``LayerState`` per block, so a sequence can be fed in pieces
-(generation, long documents). The Linear layers named in SPEC §3 are plain ``nn.Linear`` modules that
-adapters replace in place, keeping their ``.weight`` names.
+(generation, long documents). The Linear layers adapters target (docs/ADAPTERS.md) are plain
+``nn.Linear`` modules that adapters replace in place, keeping their ``.weight`` names.
+
+The version's other two pieces live here too, for :mod:`rwkv_disha.model.registry`:
+:func:`infer_config` (the shape from a checkpoint's tensors) and :func:`tensor_shapes` (every key and
+shape a checkpoint of a given shape must hold; "Checkpoint layout" in docs/MODEL.md).
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from rwkv_disha.config import ModelConfig
 from rwkv_disha.kernels import get_wkv7
+from rwkv_disha.model.config import ModelConfig
 
 Tensor = torch.Tensor
 _DECAY_SCALE = 0.6065306597126334  # exp(-0.5): the largest per-step log-decay magnitude
@@ -174,3 +178,52 @@ class RWKV7(nn.Module):
             new_state.append(s)
         logits = self.head(self.ln_out(x))
         return (logits, new_state) if return_state else logits
+
+
+# --- the checkpoint layout ------------------------------------------------------------------------------
+def _dim(sd: dict[str, Tensor], key: str, dim: int, default: int = 0) -> int:
+    """``sd[key].shape[dim]``, or ``default`` when the key is absent or has too few dimensions."""
+    t = sd.get(key)
+    return int(t.shape[dim]) if t is not None and t.dim() > dim else default
+
+
+def infer_config(sd: dict[str, Tensor]) -> ModelConfig:
+    """The RWKV-7 shape read from a few tensors (emb, r_k, ffn.key, w1, a1, v1, g1); the caller then
+    checks every tensor against :func:`tensor_shapes` of the result."""
+    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    return ModelConfig(
+        version="x070",
+        n_layer=1 + max(blocks, default=-1),
+        n_embd=_dim(sd, "emb.weight", 1),
+        vocab_size=_dim(sd, "emb.weight", 0),
+        head_size=_dim(sd, "blocks.0.att.r_k", 1),
+        dim_ffn=_dim(sd, "blocks.0.ffn.key.weight", 0),
+        d_decay=_dim(sd, "blocks.0.att.w1", 1),
+        d_aaa=_dim(sd, "blocks.0.att.a1", 1),
+        d_mv=_dim(sd, "blocks.1.att.v1", 1, default=32),  # block 0 has no v1/v2
+        d_gate=_dim(sd, "blocks.0.att.g1", 1),
+    )
+
+
+def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every key of an RWKV-7 checkpoint of shape ``cfg``, with its tensor shape (the official layout)."""
+    C, V, F, H, N = cfg.n_embd, cfg.vocab_size, cfg.dim_ffn, cfg.n_head, cfg.head_size
+    vec, mix = (C,), (1, 1, C)
+    shapes: dict[str, tuple[int, ...]] = {"emb.weight": (V, C)}
+    for i in range(cfg.n_layer):
+        p, a = f"blocks.{i}.", f"blocks.{i}.att."
+        norms = ("ln0", "ln1", "ln2") if i == 0 else ("ln1", "ln2")
+        shapes.update({f"{p}{ln}.{w}": vec for ln in norms for w in ("weight", "bias")})
+        shapes.update({a + n: mix for n in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0")})
+        lowrank = [("w", cfg.d_decay), ("a", cfg.d_aaa), ("g", cfg.d_gate)]
+        if i > 0:  # layer 0 defines v_first; later layers mix towards it
+            shapes[a + "v0"] = mix
+            lowrank.append(("v", cfg.d_mv))
+        for n, d in lowrank:
+            shapes[f"{a}{n}1"], shapes[f"{a}{n}2"] = (C, d), (d, C)
+        shapes.update({a + "k_k": mix, a + "k_a": mix, a + "r_k": (H, N)})
+        shapes.update({f"{a}{n}.weight": (C, C) for n in ("receptance", "key", "value", "output")})
+        shapes.update({a + "ln_x.weight": vec, a + "ln_x.bias": vec, p + "ffn.x_k": mix})
+        shapes.update({p + "ffn.key.weight": (F, C), p + "ffn.value.weight": (C, F)})
+    shapes.update({"ln_out.weight": vec, "ln_out.bias": vec, "head.weight": (V, C)})
+    return shapes
