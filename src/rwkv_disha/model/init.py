@@ -8,13 +8,16 @@ makes every tensor random and non-zero, so tests of the forward pass exercise ev
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 
 from rwkv_disha.config import opt
 from rwkv_disha.errors import RWKVDishaError
+from rwkv_disha.fsio import check_output_path
 from rwkv_disha.model.config import ModelConfig
+from rwkv_disha.model.rwkv7 import tensor_shapes
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -30,12 +33,23 @@ def lowrank_widths(n_embd: int) -> tuple[int, int, int, int]:
 
 
 def make_config(n_layer: int, n_embd: int, vocab_size: int, head_size: int = 64) -> ModelConfig:
-    if n_layer < 1 or n_embd < 1 or vocab_size < 1:
-        raise RWKVDishaError("n_layer, n_embd and vocab_size must all be positive")
+    """The RWKV-7 shape for these sizes (low-rank widths as the authors pick them), or one line why not."""
+    for name, value in (("n_layer", n_layer), ("n_embd", n_embd), ("vocab_size", vocab_size)):
+        if not isinstance(value, int) or value < 1:
+            raise RWKVDishaError(f"--{name} must be a positive integer, got {value!r}")
+    if not isinstance(head_size, int) or head_size < 1:
+        raise RWKVDishaError(
+            f"--head_size must be a positive integer (64 in every release), got {head_size!r}"
+        )
     if n_embd % head_size:
         raise RWKVDishaError(f"n_embd {n_embd} must be a multiple of head_size {head_size}")
     dw, da, dv, dg = lowrank_widths(n_embd)
     return ModelConfig("x070", n_layer, n_embd, vocab_size, head_size, 4 * n_embd, dw, da, dv, dg)
+
+
+def parameter_count(cfg: ModelConfig) -> int:
+    """Number of parameters of a model of shape ``cfg`` (from the layout, without building it)."""
+    return sum(math.prod(shape) for shape in tensor_shapes(cfg).values())
 
 
 def _orthogonal(rows: int, cols: int, gain: float, g: torch.Generator) -> torch.Tensor:
@@ -131,11 +145,42 @@ class Config:
         "pretrain", "pretrain: the authors' init; random: every tensor random", ("pretrain", "random")
     )
     seed: int = opt(0, "random seed")
+    overwrite: bool = opt(False, "replace an existing --output file (refused otherwise)")
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def validate(cfg: Config) -> ModelConfig:
+    """Every option checked before any tensor is made or any file written (one line each)."""
+    mcfg = make_config(cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.head_size)
+    if cfg.dtype not in _DTYPES:
+        raise RWKVDishaError(f"--dtype must be one of {', '.join(_DTYPES)}, got {cfg.dtype!r}")
+    if cfg.style not in ("pretrain", "random"):
+        raise RWKVDishaError(f"--style must be pretrain or random, got {cfg.style!r}")
+    if not 0 <= cfg.seed < 2**64:
+        raise RWKVDishaError(f"--seed must be in [0, 2**64), got {cfg.seed}")
+    if not cfg.output:
+        raise RWKVDishaError("--output is required: the .pth file to write")
+    check_output_path(cfg.output, "--output", overwrite=cfg.overwrite)
+    # init builds the fp32 tensors first: 4 bytes a parameter, plus the saved copy
+    need, have = parameter_count(mcfg) * (4 + _DTYPES[cfg.dtype].itemsize), _memory_bytes()
+    if have is not None and need > have:
+        raise RWKVDishaError(
+            f"a model of {mcfg.summary()} needs about {need / 2**30:.1f} GiB of memory to write, "
+            f"more than this machine's {have / 2**30:.1f} GiB; choose a smaller --n_layer / --n_embd"
+        )
+    return mcfg
 
 
 def run(cfg: Config) -> int:
     from rwkv_disha.model.load import save_state_dict
 
+    validate(cfg)
     sd = init_state_dict(
         cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.head_size, cfg.seed, cfg.style, _DTYPES[cfg.dtype]
     )
