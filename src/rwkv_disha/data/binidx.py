@@ -31,6 +31,7 @@ import numpy as np
 from rwkv_disha.errors import RWKVDishaError
 
 MAGIC = b"MMIDIDX\x00\x00"
+MASK_SUFFIX = ".mask"  # answer masks of PREFIX live in PREFIX.mask.bin / .idx (uint8, same documents)
 VERSION = 1
 HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, n, n_doc_idx: 34 bytes
 

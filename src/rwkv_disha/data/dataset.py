@@ -1,9 +1,13 @@
 """Training datasets: ``--data_type`` x ``--dataload`` x ``--loss_mask`` (RWKV-PEFT flag semantics).
 
-:func:`make_dataset` validates the options (one-line :class:`RWKVDishaError`) and returns a map-style
-:class:`TokenDataset`. Item ``i`` is a dict of ``input_ids`` (LongTensor ``(T,)``), ``labels`` (the next
-tokens, LongTensor ``(T,)``) and ``mask`` (FloatTensor ``(T,)``, 1 where the loss counts). Batch with
+:func:`make_dataset` validates the options (one-line :class:`RWKVDishaError`), opens the data once
+(:mod:`rwkv_disha.data.sources`: jsonl and text are tokenised here, once per call) and returns a map-style
+:class:`TokenDataset`; move it between epochs with ``set_epoch``, never rebuild it. Item ``i`` is a
+dict of ``input_ids`` (LongTensor ``(T,)``), ``labels`` (the next tokens, LongTensor ``(T,)``) and
+``mask`` (FloatTensor ``(T,)``, 1 where the loss counts). Batch with
 :func:`collate` (pads to the longest item with mask 0) and take the loss with :func:`masked_lm_loss`.
+
+See docs/DATA.md ("Sampling", "Epochs and shuffling") for the same with examples.
 
 Sampling
 --------
@@ -39,138 +43,18 @@ Two equivalent ways to select the epoch (use one, not both):
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from rwkv_disha.data.binidx import BinIdx, split_prefix
+from rwkv_disha.choices import DATA_TYPES, DATALOADS, LOSS_MASKS
+from rwkv_disha.data.sampling import Permutation, mix64, pass_key
+from rwkv_disha.data.sources import open_source
 from rwkv_disha.errors import RWKVDishaError
 
-DATA_TYPES = ("binidx", "jsonl", "utf-8", "utf-16le", "numpy", "uint16", "dummy")
-DATALOADS = ("pad", "only", "get")
-LOSS_MASKS = ("none", "pad", "qa")
-MASK_SUFFIX = ".mask"
 FULL_CHECK_TOKENS = 1 << 26  # scan smaller data for out-of-vocabulary ids when the dataset is built
-
-# --- deterministic shuffling without storing a permutation --------------------------------------------
-_M64 = (1 << 64) - 1
-
-
-def _mix64(x: int) -> int:
-    """splitmix64 finaliser: a well-mixed 64-bit hash of ``x``."""
-    x = (x + 0x9E3779B97F4A7C15) & _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return x ^ (x >> 31)
-
-
-class Permutation:
-    """A pseudo-random permutation of ``range(n)`` from ``key``: a 6-round Feistel network on the next
-    even power of two, cycle-walked back into range. O(1) memory, so huge corpora cost nothing."""
-
-    def __init__(self, n: int, key: int):
-        self.n = int(n)
-        bits = max(2, (self.n - 1).bit_length())
-        bits += bits & 1
-        self.half = bits // 2
-        self.lo = (1 << self.half) - 1
-        self.keys = [_mix64((key & _M64) ^ _mix64(r + 1)) for r in range(6)]
-
-    def __call__(self, i: int) -> int:
-        if not 0 <= i < self.n:
-            raise IndexError(f"{i} outside range({self.n})")
-        x, half, lo = i, self.half, self.lo
-        while True:
-            left, right = x >> half, x & lo
-            for k in self.keys:
-                left, right = right, left ^ (_mix64(right ^ k) & lo)
-            x = (left << half) | right
-            if x < self.n:
-                return x
-
-    def __len__(self) -> int:
-        return self.n
-
-
-def _pass_key(seed: int, pass_no: int) -> int:
-    return _mix64(_mix64(seed & _M64) ^ (pass_no & _M64))
-
-
-# --- token sources ------------------------------------------------------------------------------------
-class ArrayDocs:
-    """Documents held in memory (one flat array + sizes), with the same reading API as :class:`BinIdx`."""
-
-    def __init__(self, flat: np.ndarray, sizes: Sequence[int]):
-        self.flat = np.ascontiguousarray(flat)
-        self.sizes = np.asarray(sizes, dtype=np.int64)
-        self.offsets = np.zeros(self.sizes.size + 1, dtype=np.int64)
-        np.cumsum(self.sizes, out=self.offsets[1:])
-        self.num_tokens = int(self.offsets[-1])
-        if self.num_tokens != self.flat.size:
-            raise ValueError("sizes do not add up to the tokens")
-
-    @classmethod
-    def from_docs(cls, docs: Sequence[np.ndarray], dtype=np.int32) -> ArrayDocs:
-        flat = np.concatenate([np.asarray(d, dtype=dtype) for d in docs]) if docs else np.zeros(0, dtype)
-        return cls(flat, [len(d) for d in docs])
-
-    def __len__(self) -> int:
-        return int(self.sizes.size)
-
-    def doc(self, i: int) -> np.ndarray:
-        return self.flat[self.offsets[i] : self.offsets[i + 1]]
-
-    def tokens(self, start: int, length: int) -> np.ndarray:
-        return self.flat[start : start + length]
-
-
-class StreamDocs:
-    """A flat token file (``.npy`` or raw ``uint16``), memory-mapped lazily; documents end after each
-    token 0 (end of text), the last one at the end of the file."""
-
-    def __init__(self, path: str, kind: str, split_docs: bool):
-        self.path, self.kind = path, kind
-        self._arr = None
-        arr = self._array()
-        if arr.ndim != 1:
-            raise RWKVDishaError(
-                f"{path} holds a {arr.ndim}-D array; --data_type numpy needs a 1-D token array"
-            )
-        if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.bool_)):
-            raise RWKVDishaError(f"{path} holds {arr.dtype} values; token ids must be integers")
-        self.num_tokens = int(arr.size)
-        self.offsets = None
-        self.sizes = None
-        if split_docs and arr.size:
-            ends = np.flatnonzero(arr == 0) + 1
-            if ends.size == 0 or ends[-1] != arr.size:
-                ends = np.append(ends, arr.size)
-            self.offsets = np.concatenate([[0], ends]).astype(np.int64)
-            self.sizes = np.diff(self.offsets)
-
-    def _array(self) -> np.ndarray:
-        if self._arr is None:
-            if self.kind == "numpy":
-                self._arr = np.load(self.path, mmap_mode="r", allow_pickle=False)
-            elif os.path.getsize(self.path) == 0:
-                self._arr = np.zeros(0, np.uint16)
-            else:
-                self._arr = np.asarray(np.memmap(self.path, dtype="<u2", mode="r"))
-        return self._arr
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_arr": None}
-
-    def __len__(self) -> int:
-        return 0 if self.sizes is None else int(self.sizes.size)
-
-    def doc(self, i: int) -> np.ndarray:
-        return self._array()[self.offsets[i] : self.offsets[i + 1]]
-
-    def tokens(self, start: int, length: int) -> np.ndarray:
-        return self._array()[start : start + length]
+SCAN_TOKENS = 1 << 24  # tokens per step when scanning answer masks
 
 
 # --- the dataset --------------------------------------------------------------------------------------
@@ -233,7 +117,7 @@ class TokenDataset(torch.utils.data.Dataset):
         if not self.shuffle:
             return j
         if self._perm_pass != pass_no:
-            self._perm = Permutation(self.n_items, _pass_key(self.seed, pass_no))
+            self._perm = Permutation(self.n_items, pass_key(self.seed, pass_no))
             self._perm_pass = pass_no
         return self._perm(j)
 
@@ -245,7 +129,7 @@ class TokenDataset(torch.utils.data.Dataset):
         item = self._order(pass_no, j)
         if self.dataload != "get":
             return item
-        offset = _mix64(_pass_key(self.seed, pass_no) ^ 0x5EED) % (self.slack + 1) if self.shuffle else 0
+        offset = mix64(pass_key(self.seed, pass_no) ^ 0x5EED) % (self.slack + 1) if self.shuffle else 0
         return offset + item * self.ctx_len
 
     # -- items ------------------------------------------------------------------------------------------
@@ -306,90 +190,16 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 # --- building -----------------------------------------------------------------------------------------
-def _resolve_file(data_file: str, data_type: str) -> str:
-    if not data_file:
-        raise RWKVDishaError(f"no --data_file given for --data_type {data_type}")
-    if not os.path.isfile(data_file):
-        raise RWKVDishaError(f"data file not found: {data_file} (--data_type {data_type})")
-    return data_file
-
-
-def _encode_texts(texts: list[str], name: str) -> ArrayDocs:
-    from rwkv_disha.data.records import encode_segments_doc
-    from rwkv_disha.data.tokenizer import get_tokenizer
-
-    tok = get_tokenizer()
-    docs = [encode_segments_doc([(t, True)], "text", tok)[0] for t in texts]
-    return ArrayDocs.from_docs([d for d in docs if d.size])
-
-
-def _load_jsonl(path: str) -> tuple[ArrayDocs, ArrayDocs]:
-    from rwkv_disha.data.records import LineNumbers, encode_items, iter_chunks
-
-    toks, masks, sizes = [], [], []
-    number = LineNumbers()
-    try:
-        for kind, p, items, _ in iter_chunks(path):
-            enc = encode_items(kind, p, items)
-            errors = number(kind, p, enc)
-            if errors:
-                where, why = errors[0]
-                raise RWKVDishaError(
-                    f"{where}: {why}; fix the line (or `rwkv-disha prepare --on_error skip`)"
-                )
-            toks.append(enc.tokens)
-            sizes.append(enc.sizes)
-            masks.append(enc.masks if enc.masks is not None else np.ones(enc.tokens.size, np.uint8))
-    except ValueError as e:
-        raise RWKVDishaError(str(e)) from None
-    flat = np.concatenate(toks) if toks else np.zeros(0, np.int32)
-    sz = np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
-    mflat = np.concatenate(masks) if masks else np.zeros(0, np.uint8)
-    return ArrayDocs(flat, sz), ArrayDocs(mflat, sz)
-
-
-def dummy_corpus(ctx_len: int, vocab_size: int, seed: int, n_docs: int = 256) -> tuple[ArrayDocs, ArrayDocs]:
-    """Synthetic documents for smoke tests: arithmetic token sequences (learnable) of 2 .. 2*ctx_len+2
-    tokens ending with 0; their answer mask is the second half of each document."""
-    rng = np.random.default_rng([seed & _M64, 0xD0])
-    top = max(vocab_size - 1, 1)
-    docs, masks = [], []
-    for _ in range(n_docs):
-        n = int(rng.integers(2, 2 * ctx_len + 3))
-        a, b = int(rng.integers(0, top)), int(rng.integers(1, 17))
-        d = 1 + (a + b * np.arange(n - 1, dtype=np.int64)) % top
-        docs.append(np.append(d, 0))
-        masks.append((np.arange(n) >= n // 2).astype(np.uint8))
-    return ArrayDocs.from_docs(docs, np.int64), ArrayDocs.from_docs(masks, np.uint8)
-
-
 def _check_choice(value: str, choices: tuple, flag: str) -> None:
     if value not in choices:
         raise RWKVDishaError(f"unknown --{flag} {value!r} (choose one of: {', '.join(choices)})")
 
 
-def make_dataset(
-    data_file: str,
-    data_type: str,
-    dataload: str,
-    ctx_len: int,
-    micro_bsz: int,
-    epoch_steps: int,
-    loss_mask: str,
-    seed: int,
-    vocab_size: int,
-    rank: int = 0,
-    world_size: int = 1,
-    shuffle: bool = True,
-) -> TokenDataset:
-    """Validate the data options and build the dataset (see the module docstring).
-
-    ``data_file``: a binidx prefix (``x``, ``x.bin`` or ``x.idx``) or a file for the other data types
-    (ignored for ``dummy``). ``data_type``: binidx, jsonl (tokenized on load), utf-8 / utf-16le (text,
-    one document per blank-line block), numpy (1-D ``.npy`` token array), uint16 (raw token file), dummy.
-    ``loss_mask``: none / pad (padding never counts either way), qa (only answer tokens count; needs the
-    ``x.mask`` sidecar written by ``prepare`` for binidx, or jsonl / dummy data).
-    """
+def check_options(
+    data_type: str, dataload: str, loss_mask: str, ctx_len: int, micro_bsz: int, vocab_size: int,
+    rank: int, world_size: int,
+) -> None:  # fmt: skip
+    """The data options on their own, before any file is opened (one line each)."""
     if data_type == "wds_img":
         raise RWKVDishaError(
             "image data is not supported (--data_type wds_img): rwkv-disha trains text models; "
@@ -398,83 +208,50 @@ def make_dataset(
     _check_choice(data_type, DATA_TYPES, "data_type")
     _check_choice(dataload, DATALOADS, "dataload")
     _check_choice(loss_mask, LOSS_MASKS, "loss_mask")
+    ints = (int, np.integer)
     for flag, v in (("ctx_len", ctx_len), ("micro_bsz", micro_bsz), ("vocab_size", vocab_size)):
-        if not isinstance(v, (int, np.integer)) or v < 1:
+        if not isinstance(v, ints) or v < 1:
             raise RWKVDishaError(f"--{flag} must be a positive integer (got {v!r})")
     if dataload == "only" and micro_bsz != 1:
         raise RWKVDishaError(
             f"--dataload only needs --micro_bsz 1 (got {micro_bsz}): its samples have different lengths; "
             "use --dataload pad to batch documents"
         )
-    ints = (int, np.integer)
     if not (isinstance(world_size, ints) and isinstance(rank, ints) and 0 <= rank < world_size):
         raise RWKVDishaError(
             f"rank {rank} / world_size {world_size} is not valid (need 0 <= rank < world_size)"
         )
-
     if loss_mask == "qa" and data_type not in ("binidx", "jsonl", "dummy"):
         raise RWKVDishaError(
             f"--loss_mask qa needs answer masks, which --data_type {data_type} cannot carry; "
             "prepare chat / Q&A jsonl into binidx (or use --data_type jsonl), or use --loss_mask pad"
         )
-    masks = None
-    name = data_file
-    if data_type == "binidx":
-        if not data_file:
-            raise RWKVDishaError(
-                "no --data_file given: pass the binidx prefix (data/x for data/x.bin + data/x.idx)"
-            )
-        source = BinIdx(data_file)
-        name = source.prefix
-        if loss_mask == "qa":
-            mp = split_prefix(data_file) + MASK_SUFFIX
-            if not (os.path.isfile(mp + ".bin") and os.path.isfile(mp + ".idx")):
-                raise RWKVDishaError(
-                    f"--loss_mask qa needs the answer masks {mp}.bin/.idx, which `rwkv-disha prepare` "
-                    "writes for chat / Q&A input; re-run prepare on that input or use --loss_mask pad"
-                )
-            masks = BinIdx(mp)
-            if len(masks) != len(source) or not np.array_equal(masks.sizes, source.sizes):
-                raise RWKVDishaError(
-                    f"{mp}.idx does not match {source.prefix}.idx (different documents); "
-                    "re-run `rwkv-disha prepare`"
-                )
-    elif data_type == "jsonl":
-        source, masks = _load_jsonl(_resolve_file(data_file, data_type))
-    elif data_type in ("utf-8", "utf-16le"):
-        from rwkv_disha.data.records import split_text
 
-        path = _resolve_file(data_file, data_type)
-        try:
-            with open(path, encoding=data_type) as f:
-                text = f.read()
-        except UnicodeDecodeError as e:
-            raise RWKVDishaError(f"{path} is not {data_type} text ({e.reason} at byte {e.start})") from None
-        source = _encode_texts(split_text(text.lstrip("\ufeff"), "blank"), path)
-    elif data_type in ("numpy", "uint16"):
-        path = _resolve_file(data_file, data_type)
-        if data_type == "uint16" and os.path.getsize(path) % 2:
-            raise RWKVDishaError(
-                f"{path} has an odd number of bytes; a uint16 token file is 2 bytes per token"
-            )
-        if data_type == "numpy":
-            with open(path, "rb") as f:
-                if f.read(6) != b"\x93NUMPY":
-                    raise RWKVDishaError(
-                        f"{path} is not a .npy file (no NUMPY magic); write it with numpy.save"
-                    )
-        try:
-            source = StreamDocs(path, data_type, split_docs=dataload != "get")
-        except ValueError as e:
-            raise RWKVDishaError(
-                f"{path} is not a readable .npy token array ({e})".replace("\n", " ")
-            ) from None
-    else:  # dummy
-        source, masks = dummy_corpus(ctx_len, vocab_size, seed)
-        name = "dummy data"
 
-    if loss_mask != "qa":
-        masks = None
+def _answer_counts(source, masks, dataload: str, ctx_len: int) -> bool:
+    """Whether some answer token is a label the loss sees: in a window past its first token (``get``),
+    or at positions 1 .. ctx_len of a document (``pad`` / ``only`` cut documents to ctx_len + 1)."""
+    offsets = np.zeros(len(source) + 1, np.int64) if dataload != "get" else None
+    if offsets is not None:
+        np.cumsum(source.sizes, out=offsets[1:])
+    for start in range(0, source.num_tokens, SCAN_TOKENS):
+        chunk = np.asarray(masks.tokens(start, min(SCAN_TOKENS, source.num_tokens - start)))
+        pos = start + np.flatnonzero(chunk)
+        if offsets is None:
+            if (pos >= 1).any():
+                return True
+            continue
+        within = pos - offsets[np.searchsorted(offsets, pos, side="right") - 1]
+        if ((within >= 1) & (within <= ctx_len)).any():
+            return True
+    return False
+
+
+def check_data(
+    source, masks, name: str, dataload: str, ctx_len: int, loss_mask: str, vocab_size: int
+) -> None:
+    """Refuse data that cannot train: empty, shorter than a window, ids outside the vocabulary, or no
+    token that counts toward the loss (which would run silently at loss 0)."""
     if source.num_tokens == 0 or (dataload != "get" and len(source) == 0):
         raise RWKVDishaError(
             f"{name} is empty (no documents); check --data_file or re-run `rwkv-disha prepare`"
@@ -492,6 +269,45 @@ def make_dataset(
                 f"{name} holds token id {hi if hi >= vocab_size else lo}, outside the vocabulary "
                 f"(vocab_size {vocab_size}); the data was tokenized for another model"
             )
+    if dataload != "get" and not (np.asarray(source.sizes) >= 2).any():
+        raise RWKVDishaError(
+            f"every document of {name} has fewer than 2 tokens, so no token counts toward the loss "
+            "(a token is predicted from the ones before it); use longer documents or --dataload get"
+        )
+    if masks is not None and not _answer_counts(source, masks, dataload, ctx_len):
+        raise RWKVDishaError(
+            f"--loss_mask {loss_mask}: no token of {name} counts toward the loss (no answer tokens within "
+            f"the first ctx_len = {ctx_len} tokens of any document); give chat / Q&A records with "
+            "assistant answers, raise --ctx_len, or use --loss_mask pad"
+        )
+
+
+def make_dataset(
+    data_file: str,
+    data_type: str,
+    dataload: str,
+    ctx_len: int,
+    micro_bsz: int,
+    epoch_steps: int,
+    loss_mask: str,
+    seed: int,
+    vocab_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle: bool = True,
+) -> TokenDataset:
+    """Validate the data options, open (and for jsonl / text, tokenise) the data once, build the dataset.
+
+    ``data_file``: a binidx prefix (``x``, ``x.bin`` or ``x.idx``) or a file for the other data types
+    (ignored for ``dummy``). ``data_type``: binidx, jsonl (tokenized on load), utf-8 / utf-16le (text,
+    one document per blank-line block), numpy (1-D ``.npy`` token array), uint16 (raw token file), dummy.
+    ``loss_mask``: none / pad (padding never counts either way), qa (only answer tokens count; needs the
+    ``x.mask`` sidecar written by ``prepare`` for binidx, or jsonl / dummy data). Data in which no token
+    counts toward the loss is refused here, so training and evaluation both refuse it.
+    """
+    check_options(data_type, dataload, loss_mask, ctx_len, micro_bsz, vocab_size, rank, world_size)
+    source, masks, name = open_source(data_file, data_type, dataload, loss_mask, ctx_len, vocab_size, seed)
+    check_data(source, masks, name, dataload, ctx_len, loss_mask, vocab_size)
     return TokenDataset(
         source,
         masks,
@@ -510,11 +326,10 @@ def make_dataset(
 
 
 # --- batching and loss --------------------------------------------------------------------------------
-def collate(batch: Sequence[dict[str, torch.Tensor]], pad_to_multiple: int = 1) -> dict[str, torch.Tensor]:
-    """Stack items into ``(B, T)`` tensors, padding to the longest (rounded up to ``pad_to_multiple``)
-    with token 0 and mask 0, so padding never counts in the loss."""
+def collate(batch: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack items into ``(B, T)`` tensors, padding to the longest with token 0 and mask 0, so padding
+    never counts in the loss."""
     T = max(int(b["input_ids"].shape[0]) for b in batch)
-    T = -(-T // pad_to_multiple) * pad_to_multiple
     out = {
         "input_ids": torch.zeros(len(batch), T, dtype=torch.long),
         "labels": torch.zeros(len(batch), T, dtype=torch.long),

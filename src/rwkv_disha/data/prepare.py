@@ -24,11 +24,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rwkv_disha.config import opt
-from rwkv_disha.data.binidx import BinIdxWriter, exists, split_prefix
+from rwkv_disha.data.binidx import MASK_SUFFIX, BinIdxWriter, exists, split_prefix
 from rwkv_disha.data.records import TXT_SPLITS, LineNumbers, encode_items, iter_chunks
 from rwkv_disha.errors import RWKVDishaError
 
-MASK_SUFFIX = ".mask"
 MAX_REPORTED = 10
 CHUNK_BYTES = 1 << 20  # input bytes per task sent to a worker
 
