@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=25)
     args = ap.parse_args()
 
-    from rwkv_disha.adapters.inject import AdapterConfig, inject_adapters, mark_trainable
+    from rwkv_disha.adapters import AdapterConfig, inject_adapters, mark_trainable
     from rwkv_disha.config import ModelConfig
     from rwkv_disha.model.init import init_state_dict
     from rwkv_disha.model.load import build_model, infer_config

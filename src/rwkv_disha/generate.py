@@ -48,14 +48,11 @@ def load_for_inference(model_path: str, adapter_path: str = "", op: str = "auto"
     model = load_model(model_path, dtype=torch.float32, op=op)
     check_finite(model.state_dict().items(), f"model {model_path}")
     if adapter_path:
-        from rwkv_disha.adapters.files import read_adapter_file
-        from rwkv_disha.adapters.inject import file_adapter_config, inject_adapters, load_adapter_file
+        from rwkv_disha.adapters import inject_adapters, load_adapter_file, open_adapter_file
 
-        tensors, meta = read_adapter_file(adapter_path)
-        check_finite(tensors.items(), f"adapter file {adapter_path}")
-        acfg = file_adapter_config(tensors, meta, lora_alpha or None, f"adapter file {adapter_path}")
-        inject_adapters(model, acfg)
-        load_adapter_file(model, adapter_path, acfg)
+        adapter = open_adapter_file(adapter_path, lora_alpha or None)  # also refuses NaN / inf
+        inject_adapters(model, adapter.cfg)
+        load_adapter_file(model, adapter, adapter.cfg)
     return model.eval().requires_grad_(False)
 
 

@@ -7,6 +7,7 @@ import torch
 from rwkv_disha import load_model
 from rwkv_disha.adapters import AdapterConfig, inject_adapters, mark_trainable
 from rwkv_disha.adapters.inject import adapter_parameters, train_part_parameters
+from rwkv_disha.adapters.quant import QuantizedWeight
 
 BONE = '{"mode":"bone","load":"","r":%d}'
 BAT = '{"mode":"bat","load":"","r":%d}'
@@ -50,3 +51,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def tokens(vocab: int, shape=(2, 24), seed: int = 7) -> torch.Tensor:
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def quantize_dequantize_ref(weight: torch.Tensor, mode: str) -> torch.Tensor:
+    """What training with ``--quant mode`` sees of ``weight``: fp32, same shape (identity for "none")."""
+    if mode == "none":
+        return weight.float()
+    return QuantizedWeight(weight, mode).dequantized_weight(torch.float32)

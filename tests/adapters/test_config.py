@@ -7,7 +7,7 @@ import torch
 
 from rwkv_disha import load_model
 from rwkv_disha.adapters import AdapterConfig, inject_adapters
-from rwkv_disha.adapters.inject import DEFAULT_TARGETS, parse_train_parts
+from rwkv_disha.adapters.config import DEFAULT_TARGETS, parse_train_parts
 from rwkv_disha.errors import RWKVDishaError
 
 

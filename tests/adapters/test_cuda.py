@@ -34,7 +34,9 @@ def test_quantized_layer_on_cuda_equals_its_merge(mode, make):
     y = layer(x)
     y.sum().backward()
     assert all(p.grad is not None for p in layer.adapter_parameters().values())
-    torch.testing.assert_close(y, F.linear(x, layer.merge()), rtol=1e-4, atol=1e-4 * y.abs().max().item())
+    torch.testing.assert_close(
+        y, F.linear(x, layer.merged_weight()), rtol=1e-4, atol=1e-4 * y.abs().max().item()
+    )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -42,7 +44,9 @@ def test_cuda_weight_gets_the_cpu_codes(mode):
     """merge runs on CPU; a model trained with --quant on CUDA must dequantize to the same base, bit for bit
     (bitsandbytes' CUDA int8 kernel alone would round ~0.2 % of the weights to a neighbouring code)."""
     pytest.importorskip("bitsandbytes")
-    from rwkv_disha.adapters.quant import QuantizedWeight, quantize_dequantize
+    from adapter_helpers import quantize_dequantize_ref as quantize_dequantize
+
+    from rwkv_disha.adapters.quant import QuantizedWeight
 
     w = _weight()
     on_gpu = QuantizedWeight(w.cuda(), mode)

@@ -17,7 +17,7 @@ from rwkv_disha.adapters import (
     mark_trainable,
     save_adapter_file,
 )
-from rwkv_disha.adapters.inject import infer_adapter_config
+from rwkv_disha.adapters.adapter_file import infer_adapter_config
 from rwkv_disha.errors import RWKVDishaError
 from rwkv_disha.model.load import load_state_dict
 

@@ -10,6 +10,7 @@ from rwkv_disha import load_model
 from rwkv_disha.adapters import adapter_state_dict, save_adapter_file
 from rwkv_disha.adapters.merge import merge_adapter_file
 from rwkv_disha.cli import main
+from rwkv_disha.errors import RWKVDishaError
 from rwkv_disha.model.load import load_state_dict
 
 CASES = [
@@ -188,7 +189,7 @@ def test_failed_write_leaves_nothing(base, bone_file, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     out = tmp_path / "o" / "merged.pth"
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(RWKVDishaError, match=r"cannot write merged model .*merged.pth: disk full"):
         merge_adapter_file(base, adapter, out)
     assert not out.exists() and list(out.parent.iterdir()) == []
 

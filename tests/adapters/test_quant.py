@@ -8,8 +8,10 @@ import torch.nn.functional as F
 
 pytest.importorskip("bitsandbytes")
 
+from adapter_helpers import quantize_dequantize_ref as quantize_dequantize  # noqa: E402
+
 from rwkv_disha.adapters import BatLinear, BoneLinear, LoRALinear  # noqa: E402
-from rwkv_disha.adapters.quant import QuantizedWeight, quantize_dequantize, quantized_linear  # noqa: E402
+from rwkv_disha.adapters.quant import QuantizedWeight, dense_weight, quantized_linear  # noqa: E402
 from rwkv_disha.errors import RWKVDishaError  # noqa: E402
 
 MODES = ["int8", "nf4", "fp4"]
@@ -41,7 +43,9 @@ def test_dequantized_weight_is_close_and_deterministic(mode):
     assert deq.shape == w.shape and deq.dtype == torch.float32
     tol = 0.02 if mode == "int8" else 0.2
     assert (deq - w).abs().max() <= tol * w.abs().max()
-    torch.testing.assert_close(quantize_dequantize(w, mode), deq, rtol=0, atol=0)  # what merge uses
+    torch.testing.assert_close(
+        quantize_dequantize(w, mode), deq, rtol=0, atol=0
+    )  # the reference the merge tests use
     torch.testing.assert_close(
         quantize_dequantize(w.bfloat16(), mode), quantize_dequantize(w.bfloat16(), mode)
     )
@@ -77,18 +81,22 @@ def test_adapter_on_quantized_base_equals_its_merge(mode, make):
     assert all(p.dtype == torch.float32 for p in layer.adapter_parameters().values())  # adapter stays fp32
     x = torch.randn(2, 6, 192)
     y = layer(x)
-    torch.testing.assert_close(y, F.linear(x, layer.merge()), rtol=1e-5, atol=1e-5 * y.abs().max().item())
-    # merge() sees the dequantized base, as merge --quant does
-    torch.testing.assert_close(layer.merge() - layer.delta_weight(), quantize_dequantize(_weight(), mode))
+    torch.testing.assert_close(
+        y, F.linear(x, layer.merged_weight()), rtol=1e-5, atol=1e-5 * y.abs().max().item()
+    )
+    # merged_weight() sees the dequantized base, as merge --quant does
+    torch.testing.assert_close(
+        layer.merged_weight() - layer.delta_weight(), quantize_dequantize(_weight(), mode)
+    )
 
 
 def test_module_to_dtype_keeps_quantization_statistics():
     layer = BoneLinear(_weight(), 64)
     layer.quantize_base("nf4")
-    before = layer.base_weight()
+    before = dense_weight(layer.weight)
     layer.to(torch.bfloat16)
     assert layer.weight.packed.dtype == torch.uint8
-    torch.testing.assert_close(layer.base_weight(), before, rtol=0, atol=0)
+    torch.testing.assert_close(dense_weight(layer.weight), before, rtol=0, atol=0)
     assert layer.disha.dtype == torch.bfloat16  # the caller asked for it; the base codes did not change
 
 
@@ -102,7 +110,7 @@ def test_bf16_autocast_forward_backward():
         y = layer(x)
     y.float().sum().backward()
     assert x.grad.dtype == torch.float32 and layer.disha.grad is not None
-    ref = F.linear(x.detach(), layer.merge())
+    ref = F.linear(x.detach(), layer.merged_weight())
     assert (y.float() - ref).abs().max() <= 0.03 * ref.abs().max()
 
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from rwkv_disha.adapters.inject import AdapterConfig, inject_adapters, mark_trainable, save_adapter_file
+from rwkv_disha.adapters import AdapterConfig, inject_adapters, mark_trainable, save_adapter_file
 from rwkv_disha.cli import main
 from rwkv_disha.generate import chat_prompt, generate_ids, load_for_inference, sample_token
 from rwkv_disha.model.load import load_model

@@ -1,43 +1,112 @@
-"""The protocol every adapter layer follows.
+"""The protocol every adapter layer follows, and what each adapter kind says about itself.
 
     x ──► frozen base  W (out, in)   [official name ``.weight``; dense, or quantized with --quant]
       └─► adapter      ΔW (out, in)  [trainable: ``.disha`` or ``.lora_A`` / ``.lora_B``, fp32]
     y = x @ (W + ΔW)^T
 
 An adapter layer owns the frozen base weight under its original name, so a base checkpoint loads strictly
-and a merged file keeps exactly the base's keys. ``delta_weight()`` is the one formula for ΔW: ``merge()``
-and the ``merge`` command go through it, and each forward is tested against it.
+and a merged file keeps exactly the base's keys. ``delta_weight()`` is the one formula for ΔW:
+``merged_weight()`` and the ``merge`` command go through it, and each forward is tested against it.
+
+Each subclass is one adapter kind and carries everything only it knows (docs/ADAPTERS.md, "Adding a kind"):
+its registry name and RWKV-PEFT flag with the JSON keys and defaults, its shape rule for r, how to read
+r from a saved tensor, and its one-line description. ``adapters/registry.py`` lists the kinds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rwkv_disha.adapters.quant import QuantizedWeight, quantized_linear
+from rwkv_disha.adapters.quant import QuantizedWeight, dense_weight, quantized_linear
+from rwkv_disha.errors import RWKVDishaError
+
+if TYPE_CHECKING:
+    from rwkv_disha.adapters.config import AdapterConfig
 
 Tensor = torch.Tensor
 
+# RWKV-PEFT's --disha_config JSON, shared by Bone and Bat: JSON key -> (AdapterConfig field, type, default)
+DISHA_FLAG = "--disha_config"
+DISHA_KEYS: dict[str, tuple[str, type, Any]] = {
+    "mode": ("mode", str, "bone"),
+    "load": ("load", str, ""),
+    "r": ("r", int, 64),
+}
+
 
 class AdapterLinear(nn.Module):
-    """A bias-free Linear with a frozen base ``weight`` and a small trainable adapter.
+    """A bias-free Linear with a frozen base ``weight`` and a small trainable adapter of rank ``r``.
 
-    Subclasses define ``adapter_names`` (their parameter names, which are also the file key suffixes),
-    ``delta_weight()``, ``reset_adapter()`` and ``forward()``.
+    Subclasses set the class attributes below and define ``delta_weight()``, ``reset_adapter()``,
+    ``forward()``, ``shape_problem()``, ``rank_from_tensors()`` and ``from_config()``.
     """
 
-    adapter_names: tuple[str, ...] = ()
+    kind: ClassVar[str] = ""  # registry name; for DiSHA kinds also the JSON "mode"
+    title: ClassVar[str] = ""  # how messages name it: "Bone"
+    peft: ClassVar[str] = ""  # the --peft value that selects it: "disha" or "lora"
+    adapter_names: ClassVar[tuple[str, ...]] = ()  # parameter names = key suffixes in adapter files
+    tensor_layout: ClassVar[str] = ""  # for messages: "disha (r, out)"
+    cli_flag: ClassVar[str] = ""  # RWKV-PEFT's JSON flag: "--disha_config"
+    cli_keys: ClassVar[dict[str, tuple[str, type, Any]]] = {}  # JSON key -> (config field, type, default)
+    cli_example: ClassVar[str] = ""  # the flag's value as RWKV-PEFT's README writes it
 
-    def __init__(self, weight: Tensor):
+    def __init__(self, weight: Tensor, r: int):
         super().__init__()
         if weight.dim() != 2:
             raise ValueError(f"an adapter wraps a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
+        type(self).check_shapes(r, {"this layer": (self.out_features, self.in_features)})
+        self.r = r
         # Shares the base tensor's storage: wrapping a Linear copies nothing.
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+
+    # -- what the kind knows ---------------------------------------------------------------------------
+    @classmethod
+    def shape_problem(cls, r: int, out_f: int, in_f: int, name: str) -> str | None:
+        """Why rank ``r`` does not fit layer ``name`` of shape (out, in), or None when it fits."""
+        return None if r > 0 else "must be a positive integer"
+
+    @classmethod
+    def shape_fix(cls, r: int, shapes: Mapping[str, tuple[int, int]]) -> str:
+        """What to do instead, given every target's (out, in) shape."""
+        return "choose another r"
+
+    @classmethod
+    def check_shapes(cls, r: int, shapes: Mapping[str, tuple[int, int]]) -> None:
+        """Refuse an r that does not fit every (out, in) shape in ``shapes`` (by layer name): used by
+        injection before any layer is replaced, and by the constructor."""
+        for name, (out_f, in_f) in shapes.items():
+            problem = cls.shape_problem(r, out_f, in_f, name)
+            if problem:
+                raise RWKVDishaError(f"{cls.title} r={r} {problem}: {cls.shape_fix(r, shapes)}")
+
+    @classmethod
+    def rank_from_tensors(cls, tensors: Mapping[str, Tensor]) -> int | None:
+        """r from one layer's saved adapter tensors (by suffix); None when the shapes are not this kind's."""
+        raise NotImplementedError
+
+    @classmethod
+    def settings_without_sidecar(cls, lora_alpha: float | None, source: str) -> dict[str, Any]:
+        """AdapterConfig fields a file without sidecar does not hold (RWKV-PEFT files hold only tensors)."""
+        return {"mode": cls.kind}
+
+    @classmethod
+    def check_config(cls, cfg: AdapterConfig) -> None:
+        """Refuse settings of this kind beyond r (which every kind checks); raise RWKVDishaError."""
+
+    @classmethod
+    def describe(cls, cfg: AdapterConfig) -> str:
+        return f"{cls.title} r={cfg.r}"
+
+    @classmethod
+    def from_config(cls, weight: Tensor, cfg: AdapterConfig) -> AdapterLinear:
+        """The layer ``cfg`` asks for around ``weight`` (out, in), without copying it."""
+        return cls(weight, cfg.r)
 
     # -- the frozen base -------------------------------------------------------------------------------
     @property
@@ -51,13 +120,6 @@ class AdapterLinear(nn.Module):
         qweight = QuantizedWeight(self.weight.data, mode)
         del self.weight  # removes the Parameter from self._parameters
         self.weight = qweight
-
-    def base_weight(self, dtype: torch.dtype | None = None) -> Tensor:
-        """The frozen base weight as a dense (out, in) tensor (dequantized if quantized), no grad."""
-        if isinstance(self.weight, QuantizedWeight):
-            return self.weight.dequantized_weight(dtype)
-        w = self.weight.detach()
-        return w if dtype is None else w.to(dtype)
 
     def base_forward(self, x: Tensor) -> Tensor:
         """x (..., in) -> x @ W^T (..., out)."""
@@ -83,9 +145,9 @@ class AdapterLinear(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def merge(self) -> Tensor:
-        """The merged weight W + ΔW (out, in) in fp32. Pure: the layer is left unchanged."""
-        return self.base_weight(torch.float32) + self.delta_weight()
+    def merged_weight(self) -> Tensor:
+        """W + ΔW (out, in) in fp32. Pure: the layer is left unchanged."""
+        return dense_weight(self.weight, torch.float32) + self.delta_weight()
 
     def _param_like(self, *shape: int) -> nn.Parameter:
         """A zero fp32 parameter on the base weight's device (adapters stay in full precision)."""
@@ -94,7 +156,7 @@ class AdapterLinear(nn.Module):
 
     def extra_repr(self) -> str:
         q = f", quant={self.weight.mode}" if self.is_quantized else ""
-        return f"in={self.in_features}, out={self.out_features}{q}"
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}{q}"
 
 
 def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:

@@ -8,15 +8,19 @@
 This is RWKV-PEFT's file layout (Hugging Face peft's MiSS "bat" indexes by output block: not compatible).
 ΔW depends on W, so the forward builds W' (a batched product costing r / T of the layer's matmul) and the
 backward needs the full (out, in) weight gradient of W' (as much as full fine-tuning), before reducing it to
-the (in/r, r, r) gradient of disha. Needs in % r == 0 and out % r == 0.
+the (in/r, r, r) gradient of disha. Needs in % r == 0 and out % r == 0 (docs/ADAPTERS.md, "Bat").
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 
-from rwkv_disha.adapters.base import AdapterLinear
+from rwkv_disha.adapters.base import DISHA_FLAG, DISHA_KEYS, AdapterLinear
+from rwkv_disha.adapters.quant import dense_weight
 
 Tensor = torch.Tensor
 
@@ -39,24 +43,41 @@ def bat_merged_weight(weight: Tensor, disha: Tensor) -> Tensor:
 class BatLinear(AdapterLinear):
     """Frozen ``weight`` (out, in) + Bat ``disha`` (in/r, r, r); r divides both in and out."""
 
+    kind, title, peft = "bat", "Bat", "disha"
     adapter_names = ("disha",)
+    tensor_layout = "Bat tensors are (in/r, r, r)"
+    cli_flag, cli_keys = DISHA_FLAG, {**DISHA_KEYS, "mode": ("mode", str, "bat")}
+    cli_example = '{"mode":"bat","load":"","r":64}'
 
     def __init__(self, weight: Tensor, r: int):
-        super().__init__(weight)
-        if r <= 0 or self.in_features % r or self.out_features % r:
-            raise ValueError(
-                f"Bat needs r > 0 dividing in_features ({self.in_features}) and out_features "
-                f"({self.out_features}), got r={r}"
-            )
-        self.r = r
+        super().__init__(weight, r)
         self.disha = self._param_like(self.in_features // r, r, r)  # (in/r, r, r)
+
+    @classmethod
+    def shape_problem(cls, r: int, out_f: int, in_f: int, name: str) -> str | None:
+        if r > 0 and (in_f % r or out_f % r):  # W is cut into whole r x r blocks
+            return f"must divide both sides of every adapted layer, but {name} is {out_f}x{in_f} (out x in)"
+        return super().shape_problem(r, out_f, in_f, name)
+
+    @classmethod
+    def shape_fix(cls, r: int, shapes: Mapping[str, tuple[int, int]]) -> str:
+        g = math.gcd(*[d for shape in shapes.values() for d in shape])
+        best = max(d for d in range(1, max(1, min(g, r)) + 1) if g % d == 0)
+        return f'choose r dividing {g}, e.g. r={best}, or use "mode":"bone"'
+
+    @classmethod
+    def rank_from_tensors(cls, tensors: Mapping[str, Tensor]) -> int | None:
+        disha = tensors.get("disha")
+        if disha is None or disha.dim() != 3 or disha.shape[1] != disha.shape[2]:
+            return None
+        return int(disha.shape[1])
 
     def reset_adapter(self) -> None:
         with torch.no_grad():
             self.disha.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.base_weight()  # dense (dequantized) base, no grad
+        w = dense_weight(self.weight)  # dense (dequantized) base, no grad
         if torch.is_autocast_enabled(x.device.type):
             w = w.to(torch.get_autocast_dtype(x.device.type))
         elif w.dtype != x.dtype:
@@ -64,12 +85,10 @@ class BatLinear(AdapterLinear):
         return F.linear(x, bat_merged_weight(w, self.disha.to(w.dtype)))
 
     @torch.no_grad()
-    def merge(self) -> Tensor:
-        return bat_merged_weight(self.base_weight(torch.float32), self.disha.detach().float())
+    def merged_weight(self) -> Tensor:
+        """W' (out, in) in fp32, from the same function as the forward."""
+        return bat_merged_weight(dense_weight(self.weight, torch.float32), self.disha.detach().float())
 
     def delta_weight(self) -> Tensor:
-        """ΔW = W' - W (fp32); ``merge()`` returns W' itself, from the same formula as the forward."""
-        return self.merge() - self.base_weight(torch.float32)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r={self.r}"
+        """ΔW = W' - W (fp32)."""
+        return self.merged_weight() - dense_weight(self.weight, torch.float32)

@@ -8,15 +8,17 @@
 
 The forward folds the input into r columns before the small matmul, so it costs about r/in of the base
 layer and never builds the (out, in) ΔW. ``delta_weight()`` builds ΔW for merging only; the tests check the
-forward and its gradients against x @ (W + delta_weight())^T.
+forward and its gradients against x @ (W + delta_weight())^T (docs/ADAPTERS.md, "Bone").
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 
-from rwkv_disha.adapters.base import AdapterLinear
+from rwkv_disha.adapters.base import DISHA_FLAG, DISHA_KEYS, AdapterLinear
 from rwkv_disha.adapters.quant import compute_dtype, dense_weight
 
 Tensor = torch.Tensor
@@ -86,14 +88,30 @@ class _BoneLinearFn(torch.autograd.Function):
 class BoneLinear(AdapterLinear):
     """Frozen ``weight`` (out, in) + Bone ``disha`` (r, out); r <= in, any in / out."""
 
+    kind, title, peft = "bone", "Bone", "disha"
     adapter_names = ("disha",)
+    tensor_layout = "Bone tensors are (r, out)"
+    cli_flag, cli_keys = DISHA_FLAG, {**DISHA_KEYS, "mode": ("mode", str, "bone")}
+    cli_example = '{"mode":"bone","load":"","r":64}'
 
     def __init__(self, weight: Tensor, r: int):
-        super().__init__(weight)
-        if not 0 < r <= self.in_features:
-            raise ValueError(f"Bone needs 0 < r <= in_features ({self.in_features}), got r={r}")
-        self.r = r
+        super().__init__(weight, r)
         self.disha = self._param_like(r, self.out_features)  # (r, out)
+
+    @classmethod
+    def shape_problem(cls, r: int, out_f: int, in_f: int, name: str) -> str | None:
+        if r > in_f:  # the input is folded into r columns: r wider than the input folds nothing
+            return f"exceeds the input width {in_f} of {name}"
+        return super().shape_problem(r, out_f, in_f, name)
+
+    @classmethod
+    def shape_fix(cls, r: int, shapes: Mapping[str, tuple[int, int]]) -> str:
+        return f"choose r <= {min(in_f for _, in_f in shapes.values())} in {cls.cli_flag}"
+
+    @classmethod
+    def rank_from_tensors(cls, tensors: Mapping[str, Tensor]) -> int | None:
+        disha = tensors.get("disha")
+        return int(disha.shape[0]) if disha is not None and disha.dim() == 2 else None
 
     def reset_adapter(self) -> None:
         with torch.no_grad():
@@ -102,17 +120,5 @@ class BoneLinear(AdapterLinear):
     def forward(self, x: Tensor) -> Tensor:
         return _BoneLinearFn.apply(x, self.disha, self.weight, self.r)
 
-    def forward_autograd(self, x: Tensor) -> Tensor:
-        """The same function in plain autograd ops (reference for tests and the benchmark)."""
-        y = self.base_forward(x)  # (..., out)
-        folded = bone_fold_input(x, self.r)  # (..., r)
-        out = torch.addmm(
-            y.reshape(-1, self.out_features), folded.reshape(-1, self.r), self.disha.to(y.dtype)
-        )
-        return out.view(y.shape)
-
     def delta_weight(self) -> Tensor:
         return bone_delta(self.disha.detach().float(), self.in_features)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r={self.r}"

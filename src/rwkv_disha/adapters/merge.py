@@ -1,35 +1,40 @@
 """Merge an adapter checkpoint (Bone, Bat or LoRA; ours or RWKV-PEFT's) into a plain RWKV model file.
 
     rwkv-disha merge --base_model RWKV-x070-World-0.1B.pth --peft_checkpoint out/rwkv-3.pth \\
-        --output merged.pth [--quant int8|nf4|fp4]
+        --output merged.pth [--quant int8|nf4|fp4] [--overwrite 1]
 
-Each adapted weight becomes W + ΔW, computed in fp32 by the adapter layer's own ``merge()`` (the formula the
-training forward uses) and stored in the base's dtype; --train_parts tensors in the adapter file replace
-the base's. The output has exactly the base's keys, so the rwkv package, RWKV Runner and Ai00's converter
-load it like any released model. With --quant the base weight is quantized and dequantized first, as in
-training. The base is memory-mapped and merged one tensor at a time; the output is written to a
-temporary file and renamed, so a failed merge leaves nothing at --output.
+The merge is the training model, written out: the base is memory-mapped into the model, the adapters are
+injected as in training, the adapter file is loaded strictly (the same checks as training and generate),
+and each adapted layer's ``merged_weight()`` (W + ΔW in fp32, the formula the forward uses) is stored in the
+base's dtype. --train_parts tensors from the adapter file replace the base's. The output has exactly the
+base's keys, so the rwkv package, RWKV Runner and Ai00's converter load it like any released model. With
+--quant the base weight is quantized and dequantized first, as in training. The output is written to a
+temporary file and renamed: a failed merge leaves nothing at --output.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rwkv_disha.adapters.files import base_fingerprint, check_fingerprint, read_adapter_file
-from rwkv_disha.adapters.inject import (
-    ADAPTER_SUFFIXES,
-    AdapterConfig,
-    infer_adapter_config,
-    make_adapter_layer,
+from rwkv_disha.adapters.adapter_file import (
+    AdapterFile,
+    check_base,
+    load_adapter_file,
+    open_adapter_file,
+    sidecar_path,
 )
+from rwkv_disha.adapters.base import adapter_modules
+from rwkv_disha.adapters.inject import inject_adapters
 from rwkv_disha.adapters.quant import check_quant_mode
+from rwkv_disha.choices import QUANT_CHOICES
 from rwkv_disha.config import opt
 from rwkv_disha.errors import RWKVDishaError
+from rwkv_disha.fsio import check_output_path
 
 Tensor = torch.Tensor
 
@@ -43,46 +48,74 @@ class Config:
         "",
         "quantize-dequantize the base weights first, as training with --quant did "
         "('' = what the adapter's .json sidecar records, else none)",
-        choices=("", "none", "int8", "nf4", "fp4"),
+        choices=("", *QUANT_CHOICES),
     )
     lora_alpha: float = opt(
         0.0, "LoRA alpha, needed only for a LoRA file without its .json sidecar (0 = from sidecar)"
     )
+    overwrite: bool = opt(False, "replace an existing --output file")
 
 
-def merged_weight(
-    cfg: AdapterConfig,
-    base_weight: Tensor,
-    adapter_tensors: Mapping[str, Tensor],
-    quant: str = "none",
-    weight_dtype: torch.dtype | None = None,
-) -> Tensor:
-    """W + ΔW in fp32 for one layer, through the same adapter layer class the training forward uses.
+def _check_paths(base_path: Path, adapter_path: Path, output: Path, overwrite: bool) -> None:
+    """Refuse an --output that is an input, a directory, or (without ``overwrite``) an existing file."""
+    inputs = (base_path, adapter_path, sidecar_path(adapter_path))
+    if any(output.resolve() == p.resolve() for p in inputs):
+        raise RWKVDishaError(
+            f"--output {output} would overwrite an input: write the merged model to a new file"
+        )
+    check_output_path(output, "--output", overwrite=overwrite)
 
-    ``weight_dtype``: the dtype the base weight had in training; with ``quant`` the weight is rounded to it
-    before quantizing, so the codes are the ones training used.
+
+def _resolve_quant(file: AdapterFile, quant: str | None, log: Callable[[str], None]) -> str:
+    trained = file.cfg.quant
+    quant = check_quant_mode(quant) if quant else trained
+    if quant != trained:
+        log(f"note: the adapter was trained with --quant {trained}, merging with --quant {quant}")
+    return quant
+
+
+def adapted_base(base: dict[str, Tensor], file: AdapterFile, quant: str, model_cfg=None):
+    """The model of ``base`` (its tensors assigned, not copied) with ``file`` injected and loaded strictly.
+
+    With ``quant``, each adapted base weight is first rounded to the dtype it had in training (the sidecar
+    records it) and then quantized, so it dequantizes to exactly the base the training forward saw.
     """
-    w = base_weight
-    if quant != "none" and weight_dtype is not None:
-        w = w.to(weight_dtype)
-    layer = make_adapter_layer(cfg, w.to(torch.float32, copy=True))
+    from rwkv_disha.model.load import build_model, infer_config
+
+    model = build_model(model_cfg or infer_config(base, source="the base model"), op="torch")
+    model.load_state_dict(base, strict=True, assign=True)  # the mmap'ed tensors themselves
+    check_base(file, model)  # another base: say so before any layer is touched
+    cfg = replace(file.cfg, quant="none")
+    inject_adapters(model, cfg)
     if quant != "none":
-        layer.quantize_base(quant)
-    params = layer.adapter_parameters()
-    with torch.no_grad():
-        for name, p in params.items():
-            t = adapter_tensors[name]
-            if tuple(t.shape) != tuple(p.shape):
-                raise ValueError(f"{name} is {tuple(t.shape)}, the layer needs {tuple(p.shape)}")
-            p.copy_(t)
-    return layer.merge()
+        for _, layer in adapter_modules(model):
+            if file.weight_dtype is not None:
+                layer.weight.data = layer.weight.data.to(file.weight_dtype)
+            layer.quantize_base(quant)
+    load_adapter_file(model, file, cfg)
+    return model
 
 
-def _resolve_dtype(name: str | None) -> torch.dtype | None:
-    if not name:
-        return None
-    dtype = getattr(torch, str(name), None)
-    return dtype if isinstance(dtype, torch.dtype) else None
+def merged_state_dict(base: dict[str, Tensor], model) -> dict[str, Tensor]:
+    """The base's keys in the base's order and dtypes: merged weights for adapted layers, the model's
+    (loaded --train_parts, or untouched memory-mapped) tensors for everything else."""
+    layers = dict(adapter_modules(model))
+    tensors = model.state_dict()
+    merged: dict[str, Tensor] = {}
+    for key, t in base.items():
+        layer = layers.get(key.removesuffix(".weight")) if key.endswith(".weight") else None
+        merged[key] = (layer.merged_weight() if layer is not None else tensors[key]).to(t.dtype)
+    return merged
+
+
+def _refuse_non_finite(merged: dict[str, Tensor], output: Path) -> None:
+    bad = [k for k, t in merged.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        names = ", ".join(bad[:3]) + (f", ... ({len(bad)} in all)" if len(bad) > 3 else "")
+        raise RWKVDishaError(
+            f"the merged model would hold NaN/inf values ({names}), so {output} was not written: "
+            f"check that the base model is finite and the adapter fits its dtype"
+        )
 
 
 def merge_adapter_file(
@@ -92,6 +125,7 @@ def merge_adapter_file(
     quant: str | None = None,
     lora_alpha: float | None = None,
     log: Callable[[str], None] = lambda msg: None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Merge ``adapter_path`` into ``base_path`` and write ``output`` atomically; returns a summary.
 
@@ -101,90 +135,24 @@ def merge_adapter_file(
     from rwkv_disha.model.load import infer_config, load_state_dict, save_state_dict
 
     base_path, adapter_path, output = Path(base_path), Path(adapter_path), Path(output)
-    if output.resolve() == base_path.resolve() or output.resolve() == adapter_path.resolve():
-        raise RWKVDishaError(
-            f"--output {output} would overwrite an input: write the merged model to a new file"
-        )
+    _check_paths(base_path, adapter_path, output, overwrite)
     base = load_state_dict(base_path, what="base model")
-    model_cfg = infer_config(base)  # refuses an adapter file given as the base, and non-RWKV-7 files
-    tensors, meta = read_adapter_file(adapter_path)
-    source = f"adapter file {adapter_path}"
-    if meta is not None:
-        cfg = AdapterConfig.from_dict(meta["adapter"])
-        if lora_alpha and cfg.peft == "lora" and lora_alpha != cfg.lora_alpha:
-            log(f"using --lora_alpha {lora_alpha:g} instead of the sidecar's {cfg.lora_alpha:g}")
-            cfg.lora_alpha = float(lora_alpha)
-        if meta.get("base"):
-            check_fingerprint(meta["base"], base_fingerprint(base), source)
-        # the sidecar's config must agree with the tensors themselves
-        shapes_cfg = infer_adapter_config(tensors, lora_alpha=cfg.lora_alpha, source=source)
-        if (shapes_cfg.peft, shapes_cfg.mode if cfg.peft == "disha" else "", shapes_cfg.r) != (
-            cfg.peft,
-            cfg.mode if cfg.peft == "disha" else "",
-            cfg.r,
-        ):
-            raise RWKVDishaError(
-                f"{source} holds {shapes_cfg.describe()} tensors but its .json sidecar says "
-                f"{cfg.describe()}: the sidecar belongs to another file; move it away"
-            )
-    else:
-        cfg = infer_adapter_config(tensors, lora_alpha=lora_alpha or None, source=source)
-    trained_quant = cfg.quant
-    quant = check_quant_mode(quant) if quant else trained_quant
-    if quant != trained_quant:
-        log(f"note: the adapter was trained with --quant {trained_quant}, merging with --quant {quant}")
-    weight_dtype = _resolve_dtype(meta.get("weight_dtype")) if meta else None
-
-    # group the adapter tensors by layer; everything else replaces a base tensor
-    layers: dict[str, dict[str, Tensor]] = {}
-    replaced: dict[str, Tensor] = {}
-    for key, t in tensors.items():
-        prefix, _, suffix = key.rpartition(".")
-        if suffix in ADAPTER_SUFFIXES:
-            layers.setdefault(prefix, {})[suffix] = t
-        else:
-            replaced[key] = t
-    missing_layers = [p for p in layers if f"{p}.weight" not in base]
-    missing_parts = [k for k in replaced if k not in base]
-    if missing_layers or missing_parts:
-        names = [f"{p}.weight" for p in missing_layers] + missing_parts
-        raise RWKVDishaError(
-            f"{source} refers to tensors the base model lacks ({', '.join(names[:3])}): it was trained on "
-            f"another model; use its base ({model_cfg.summary()} given)"
-        )
-    bad = [
-        f"{k} {tuple(t.shape)} vs base {tuple(base[k].shape)}"
-        for k, t in replaced.items()
-        if t.shape != base[k].shape
-    ]
-    if bad:
-        raise RWKVDishaError(
-            f"{source} does not fit this base ({'; '.join(bad[:2])}): use the base it was trained on"
-        )
-
-    merged: dict[str, Tensor] = {}
+    model_cfg = infer_config(base, source=str(base_path))  # refuses an adapter file given as the base
+    file = open_adapter_file(adapter_path, lora_alpha=lora_alpha or None)
+    if lora_alpha and file.cfg.peft == "lora" and lora_alpha != file.cfg.lora_alpha:
+        log(f"using --lora_alpha {lora_alpha:g} instead of the sidecar's {file.cfg.lora_alpha:g}")
+        file.cfg.lora_alpha = float(lora_alpha)
+    quant = _resolve_quant(file, quant, log)
     with torch.no_grad():
-        for key, t in base.items():
-            prefix = key[: -len(".weight")] if key.endswith(".weight") else None
-            if key in replaced:
-                merged[key] = replaced[key].to(t.dtype)
-            elif prefix is not None and prefix in layers:
-                try:
-                    w = merged_weight(cfg, t, layers[prefix], quant, weight_dtype)
-                except (ValueError, RuntimeError) as e:
-                    raise RWKVDishaError(
-                        f"{source} does not fit {key} {tuple(t.shape)} ({e}): use the base it was trained on"
-                    ) from None
-                merged[key] = w.to(t.dtype)
-            else:
-                merged[key] = t  # untouched: still the memory-mapped base tensor
-    save_state_dict(merged, output)
+        model = adapted_base(base, file, quant, model_cfg)
+        merged = merged_state_dict(base, model)
+    _refuse_non_finite(merged, output)
+    save_state_dict(merged, output, what="merged model")
+    described = file.cfg.describe()
     return {
-        "adapter": cfg.describe()
-        if quant == cfg.quant
-        else f"{cfg.describe()} (merged with --quant {quant})",
-        "layers": len(layers),
-        "replaced": len(replaced),
+        "adapter": described if quant == file.cfg.quant else f"{described} (merged with --quant {quant})",
+        "layers": sum(1 for _ in adapter_modules(model)),
+        "replaced": sum(1 for k in file.tensors if k in base),
         "keys": len(merged),
         "dtype": str(next(iter(base.values())).dtype).replace("torch.", ""),
         "quant": quant,
@@ -206,6 +174,7 @@ def run(cfg: Config) -> int:
         quant=cfg.quant or None,
         lora_alpha=cfg.lora_alpha or None,
         log=print,
+        overwrite=cfg.overwrite,
     )
     print(
         f"merged {info['adapter']}: {info['layers']} layers, {info['replaced']} train_parts tensors -> "

@@ -5,9 +5,9 @@
     backward:  dx = dy @ dequant(W)      dequantized again; no weight gradient (W is frozen)
 
 The quantization always starts from the fp32 value of the weight and runs on CPU (the codes then move to the
-weight's device); dequantization gives fp32 first. So :func:`quantize_dequantize` (used by ``merge --quant``,
-on CPU) gives exactly the weight that the training forward used, on CPU or CUDA. The adapter parameters are
-never quantized.
+weight's device); dequantization gives fp32 first. So ``merge --quant``, which quantizes the same weights on
+CPU, sees exactly the base that the training forward used, on CPU or CUDA. The adapter parameters are never
+quantized.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rwkv_disha.choices import QUANT_MODES
 from rwkv_disha.errors import RWKVDishaError
 
 Tensor = torch.Tensor
 
-QUANT_MODES = ("int8", "nf4", "fp4")
 INT8_BLOCKSIZE = 256  # absmax per 256 weights: +1.6 % over the 1-byte codes
 FOUR_BIT_BLOCKSIZE = 64  # bitsandbytes' default for nf4 / fp4
 
@@ -141,21 +141,15 @@ class _DequantLinear(torch.autograd.Function):
         return (None if grad_x is None else grad_x.to(ctx.x_dtype)), None
 
 
-def dense_weight(weight: Tensor | QuantizedWeight, dtype: torch.dtype) -> Tensor:
-    """A frozen base weight as a dense tensor of ``dtype`` (dequantized if quantized)."""
+def dense_weight(weight: Tensor | QuantizedWeight, dtype: torch.dtype | None = None) -> Tensor:
+    """A frozen base weight as a dense (out, in) tensor, no grad: dequantized (fp32, or ``dtype``) if it is
+    quantized, else the weight itself (cast to ``dtype`` when given)."""
     if isinstance(weight, QuantizedWeight):
         return weight.dequantized_weight(dtype)
-    return weight if weight.dtype == dtype else weight.to(dtype)
+    w = weight.detach()
+    return w if dtype is None or w.dtype == dtype else w.to(dtype)
 
 
 def quantized_linear(x: Tensor, qweight: QuantizedWeight) -> Tensor:
     """``F.linear(x, dequant(W))`` without keeping the dense weight alive for backward."""
     return _DequantLinear.apply(x, qweight)
-
-
-def quantize_dequantize(weight: Tensor, mode: str) -> Tensor:
-    """What training with ``--quant mode`` sees of ``weight``: fp32, same shape (identity for "none")."""
-    mode = check_quant_mode(mode)
-    if mode == "none":
-        return weight.float()
-    return QuantizedWeight(weight, mode).dequantized_weight(torch.float32)

@@ -1,10 +1,5 @@
-"""Adapter files: ``rwkv-N.pth`` (RWKV-PEFT layout) plus the ``rwkv-N.json`` sidecar, and base fingerprints.
-
-    rwkv-N.pth    {"blocks.0.att.key.disha": (r, out), ..., "blocks.0.ln1.weight": (C,), ...}
-                  exactly the adapter tensors + the --train_parts tensors, official names: RWKV-PEFT's
-                  merge scripts and ours read it alike.
-    rwkv-N.json   {"format": "rwkv-disha-adapter", "adapter": {peft, mode, r, ...}, "weight_dtype": ...,
-                   "base": {"shape": {...}, "hash": ..., "checksums": {...}}}
+"""The base fingerprint an adapter sidecar records, so that loading and merging refuse another base model
+(docs/ADAPTERS.md, "Files").
 
 The fingerprint identifies the base model from tensors that no adapter setting ever trains or quantizes
 (``att.r_k``, ``att.k_k``, ``att.w0`` of the first and last block): their shapes summary must match
@@ -15,39 +10,24 @@ or at least agree in sum and |sum| to 1e-3.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import re
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from rwkv_disha.adapters.base import adapter_modules
 from rwkv_disha.errors import RWKVDishaError
 
 Tensor = torch.Tensor
 
-SIDECAR_FORMAT = "rwkv-disha-adapter"
-SIDECAR_VERSION = 1
 _FINGERPRINT_SUFFIXES = ("att.r_k", "att.k_k", "att.w0")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
-def sidecar_path(path: str | Path) -> Path:
-    """``out/rwkv-3.pth`` -> ``out/rwkv-3.json``."""
-    return Path(path).with_suffix(".json")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# base fingerprint
-# ---------------------------------------------------------------------------------------------------------
 def _shapes_and_tensors(source: nn.Module | Mapping[str, Tensor]) -> tuple[dict[str, tuple], Mapping]:
     if isinstance(source, nn.Module):
-        from rwkv_disha.adapters.base import adapter_modules
-
         tensors = source.state_dict()
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
         for name, m in adapter_modules(source):  # a quantized base weight is not in the state dict
@@ -127,54 +107,21 @@ def check_fingerprint(expected: Mapping[str, Any], actual: Mapping[str, Any], so
             )
 
 
-# ---------------------------------------------------------------------------------------------------------
-# reading and writing
-# ---------------------------------------------------------------------------------------------------------
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_adapter_file(path: str | Path, tensors: Mapping[str, Tensor], sidecar: Mapping[str, Any]) -> Path:
-    """Write ``tensors`` to ``path`` (.pth or .safetensors) and ``sidecar`` next to it, each atomically."""
-    from rwkv_disha.model.load import save_state_dict
-
-    path = Path(path)
-    meta = {"format": SIDECAR_FORMAT, "format_version": SIDECAR_VERSION, **sidecar, "tensors": len(tensors)}
-    save_state_dict(dict(tensors), path)
-    _atomic_write_text(sidecar_path(path), json.dumps(meta, indent=1) + "\n")
-    return path
-
-
-def read_sidecar(path: str | Path) -> dict[str, Any] | None:
-    """The sidecar of adapter file ``path``, or None when there is none (RWKV-PEFT files)."""
-    side = sidecar_path(path)
-    if not side.is_file():
-        return None
-    try:
-        meta = json.loads(side.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RWKVDishaError(
-            f"adapter sidecar {side} is not valid JSON ({e}): delete it or restore it"
-        ) from None
-    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT or "adapter" not in meta:
-        raise RWKVDishaError(
-            f"{side} is not an rwkv-disha adapter sidecar: move it away from {Path(path).name} "
-            f"(then the adapter settings are read from the tensor shapes)"
+def check_fingerprint_types(fingerprint: Any, source: str) -> None:
+    """Refuse a recorded fingerprint of the wrong JSON shape (a hand-edited or foreign sidecar)."""
+    shape = fingerprint.get("shape") if isinstance(fingerprint, dict) else None
+    sums = fingerprint.get("checksums", {}) if isinstance(fingerprint, dict) else None
+    ok = (
+        isinstance(shape, dict)
+        and all(isinstance(v, int) or v is None for v in shape.values())
+        and isinstance(fingerprint.get("hash"), (str, type(None)))
+        and isinstance(sums, dict)
+        and all(
+            isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v)
+            for v in sums.values()
         )
-    return meta
-
-
-def read_adapter_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
-    """(tensors, sidecar or None) of an adapter file; .pth files are memory-mapped."""
-    from rwkv_disha.model.load import load_state_dict
-
-    path = Path(path)
-    tensors = load_state_dict(path, what="adapter")
-    return tensors, read_sidecar(path)
+    )
+    if not ok:
+        raise RWKVDishaError(
+            f"{source} has a malformed 'base' fingerprint: restore it from the training run, or move it away"
+        )

@@ -1,0 +1,170 @@
+"""What to adapt and how: :class:`AdapterConfig`, from RWKV-PEFT's flags (docs/ADAPTERS.md, "Configuration").
+
+    cfg = AdapterConfig.from_cli("disha", '{"mode":"bone","load":"","r":64}', "", ["time", "ln"], "none")
+
+Which JSON flag and keys a kind reads, and its extra checks, come from the kind's class (``registry.py``);
+this module only knows what all kinds share.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from rwkv_disha.adapters.quant import check_quant_mode
+from rwkv_disha.adapters.registry import adapter_class, kinds_of
+from rwkv_disha.choices import DEFAULT_TRAIN_PARTS, TRAIN_PARTS
+from rwkv_disha.errors import RWKVDishaError
+
+# docs/ADAPTERS.md, "Layouts": the Linear layers RWKV-PEFT adapts in RWKV-7 (module name after ``blocks.N.``)
+DEFAULT_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
+
+
+def parse_train_parts(value: str | Iterable[str] | None) -> list[str]:
+    """``time ln`` / ``["time","ln"]`` / ``'["time", "ln"]'`` / ``time,ln`` -> ``["time", "ln"]``."""
+    if value is None:
+        return list(DEFAULT_TRAIN_PARTS)
+    text = value if isinstance(value, str) else " ".join(str(v) for v in value)
+    parts: list[str] = []
+    for token in re.split(r"[\s,]+", re.sub(r"[\[\]\"']", " ", text)):
+        if token and token not in parts:
+            parts.append(token)
+    bad = [p for p in parts if p not in TRAIN_PARTS]
+    if bad:
+        raise RWKVDishaError(
+            f"unknown --train_parts {', '.join(map(repr, bad))}: choose from {' '.join(TRAIN_PARTS)} "
+            f"(e.g. --train_parts time ln)"
+        )
+    return parts
+
+
+def _parse_json_option(flag: str, text: str | Mapping | None, example: str) -> dict[str, Any]:
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return {}
+    if isinstance(text, Mapping):
+        return dict(text)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RWKVDishaError(
+            f"{flag} is not valid JSON ({e.msg} at char {e.pos} of {text!r}): write it like '{example}' "
+            f"(double quotes inside, single quotes around it in the shell)"
+        ) from None
+    if not isinstance(value, dict):
+        raise RWKVDishaError(f"{flag} must be a JSON object like '{example}', got {text!r}")
+    return value
+
+
+def _take(options: Mapping[str, Any], flag: str, key: str, kind: type, default: Any) -> Any:
+    value = options.get(key, default)
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise RWKVDishaError(f"{flag} {key} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+@dataclass
+class AdapterConfig:
+    """What to adapt and how; built from RWKV-PEFT's flags by :meth:`from_cli`."""
+
+    peft: str = "none"  # "disha" (Bone / Bat), "lora", or "none"
+    mode: str = "bone"  # disha only: "bone" or "bat"
+    r: int = 64  # disha r, or lora_r
+    load: str = ""  # adapter file to start from ("" = fresh zero-init adapter)
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.01
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    train_parts: list[str] = field(default_factory=lambda: list(DEFAULT_TRAIN_PARTS))
+    quant: str = "none"  # frozen base storage: none, int8, nf4, fp4
+
+    def __post_init__(self) -> None:
+        self.train_parts = parse_train_parts(self.train_parts)
+        self.quant = check_quant_mode(self.quant)
+        if self.peft == "none":
+            if self.quant != "none":
+                raise RWKVDishaError(
+                    "--quant quantizes the frozen base under an adapter: add --peft disha or lora"
+                )
+            return
+        kind = self.kind  # refuses an unknown peft / mode
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            key = next(k for k, (name, _, _) in kind.cli_keys.items() if name == "r")
+            raise RWKVDishaError(f"{kind.cli_flag} {key} must be a positive integer, got {self.r!r}")
+        kind.check_config(self)
+        if isinstance(self.targets, str):
+            self.targets = [t for t in re.split(r"[\s,]+", self.targets) if t]
+        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            raise RWKVDishaError(f"adapter targets must be module names like {' '.join(DEFAULT_TARGETS)}")
+
+    @property
+    def kind(self):
+        """The adapter layer class (``BoneLinear``, ...) this config selects; not for ``peft none``."""
+        return adapter_class(self.peft, self.mode)
+
+    @classmethod
+    def from_cli(
+        cls,
+        peft: str = "none",
+        disha_config: str | Mapping | None = "",
+        lora_config: str | Mapping | None = "",
+        train_parts: str | Iterable[str] | None = None,
+        quant: str = "none",
+        targets: Iterable[str] | None = None,
+    ) -> AdapterConfig:
+        """From RWKV-PEFT's flags: ``--peft disha --disha_config '{"mode":"bone","load":"","r":64}'``.
+
+        Only the JSON of the chosen ``peft`` is read (the other may hold its default). Unknown JSON keys,
+        wrong types, bad values and malformed JSON raise :class:`RWKVDishaError`.
+        """
+        peft = (peft or "none").strip().lower()
+        common: dict[str, Any] = {"train_parts": parse_train_parts(train_parts), "quant": quant or "none"}
+        if targets is not None:
+            common["targets"] = list(targets)
+        if peft == "none":
+            return cls(peft=peft, **common)
+        first = (kinds_of(peft) or [adapter_class(peft)])[0]  # adapter_class refuses an unknown peft
+        flag = first.cli_flag
+        text = {"--disha_config": disha_config, "--lora_config": lora_config}[flag]
+        opts = _parse_json_option(flag, text, first.cli_example)
+        mode = None
+        if "mode" in first.cli_keys:  # the JSON key that picks one of several kinds
+            mode = _take(opts, flag, "mode", str, first.cli_keys["mode"][2]).strip().lower()
+        kind = adapter_class(peft, mode)
+        unknown = sorted(set(opts) - set(kind.cli_keys))
+        if unknown:
+            raise RWKVDishaError(
+                f"{flag} has unknown key(s) {', '.join(unknown)}: known keys are {', '.join(kind.cli_keys)} "
+                f"(e.g. '{kind.cli_example}')"
+            )
+        values = {name: _take(opts, flag, key, typ, dflt) for key, (name, typ, dflt) in kind.cli_keys.items()}
+        if mode is not None:
+            values["mode"] = mode
+        return cls(peft=peft, **values, **common)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings an adapter file's sidecar records (everything but ``load``)."""
+        d = asdict(self)
+        d.pop("load")
+        return d
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> AdapterConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def same_adapter(self, other: AdapterConfig) -> bool:
+        """Same kind and r: the tensors of one fit the layers of the other."""
+        if self.peft == "none" or other.peft == "none":
+            return self.peft == other.peft
+        return self.kind is other.kind and self.r == other.r
+
+    def describe(self) -> str:
+        if self.peft == "none":
+            return "no adapter"
+        q = f", base {self.quant}" if self.quant != "none" else ""
+        return f"{self.kind.describe(self)}{q}"
