@@ -77,7 +77,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("train-beta1-negative", [*TRAIN, "--beta1", "-0.1"], "beta1"),
     ("train-beta2-1.5", [*TRAIN, "--beta2", "1.5"], "beta2"),
     ("train-adam_eps-0", [*TRAIN, "--adam_eps", "0"], "adam_eps"),
-    ("train-adam_eps-negative", [*TRAIN, "--adam_eps", "-1e-8"], "adam_eps"),
+    ("train-adam_eps-negative", [*TRAIN, "--adam_eps=-1e-8"], "adam_eps"),
     ("train-num_workers-negative", [*TRAIN, "--num_workers", "-1"], "num_workers"),
     ("train-warmup-negative", [*TRAIN, "--warmup_steps", "-1"], "warmup_steps"),
     (
