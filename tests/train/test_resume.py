@@ -6,7 +6,7 @@ import torch
 
 from rwkv_disha.cli import parse_config
 from rwkv_disha.model.load import load_state_dict
-from rwkv_disha.train.trainer import fit
+from rwkv_disha.train.run import setup as fit
 
 
 class Crash(L.Callback):

@@ -43,7 +43,7 @@ def test_train_merge_and_rwkv_package(tmp_path, base_path, count_data, rwkv_orac
     names = sorted(p.name for p in proj.iterdir())
     assert names == sorted(
         ["rwkv-0.pth", "rwkv-0.json", "rwkv-1.pth", "rwkv-1.json", "resume.ckpt", "train_config.json",
-         "train_log.txt", "metrics.csv", "loss.png"]
+         "train_log.txt", "metrics.csv", "loss.png", ".rwkv-disha.lock"]
     )  # fmt: skip
     sd = load_state_dict(proj / "rwkv-1.pth")
     expected = {f"blocks.{i}.{t}.disha" for i in range(2) for t in TARGETS} | ln_keys(2)

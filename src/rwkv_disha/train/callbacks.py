@@ -1,22 +1,29 @@
-"""Callbacks: per-epoch seeding, adapter files + resume checkpoint, and the logs a user reads."""
+"""Callbacks: per-batch seeding, adapter files + resume checkpoint, a clean stop on SIGTERM / SIGINT, and
+the logs a user reads (the end-of-run summary included)."""
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
 
-from rwkv_disha.config import to_dict
+from rwkv_disha.errors import RWKVDishaError
+from rwkv_disha.fsio import atomic_write_json, os_error_cause, temp_path
+from rwkv_disha.train.config import SAVED_CONFIG, Config, config_json
+from rwkv_disha.train.logs import MetricsCsv, plot_loss, summary_lines
+from rwkv_disha.train.module import DishaModule, Diverged, divergence_advice
+from rwkv_disha.train.resume import RESUME_FILE
 
 
-def adapter_path(cfg, epoch: int) -> Path:
+def adapter_path(cfg: Config, epoch: int) -> Path:
     return Path(cfg.proj_dir) / f"rwkv-{epoch}.pth"
 
 
@@ -24,23 +31,67 @@ class SeedBatches(L.Callback):
     """Seed every micro-batch from (seed, epoch, batch, rank): dropout masks do not depend on what else
     drew random numbers before, so a resumed run repeats an uninterrupted one exactly."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: Config):
         self.cfg = cfg
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        from rwkv_disha.train.run import seed_of
+        epoch = self.cfg.optim.epoch_begin + trainer.current_epoch
+        seed = ((self.cfg.optim.seed * 100_003 + epoch) * 1_000_003 + batch_idx) * 64 + trainer.global_rank
+        torch.manual_seed(seed % (1 << 63))  # large --random_seed values stay in torch's seed range
 
-        epoch = self.cfg.epoch_begin + trainer.current_epoch
-        torch.manual_seed(
-            ((seed_of(self.cfg) * 100_003 + epoch) * 1_000_003 + batch_idx) * 64 + trainer.global_rank
+
+def _check_finite(module: DishaModule, trainer, cfg: Config) -> None:
+    """Refuse to save trained tensors that are no longer finite (the loss of the last step was)."""
+    trained = ((n, p) for n, p in module.model.named_parameters() if p.requires_grad)
+    bad = next((n for n, p in trained if not bool(torch.isfinite(p).all())), None)
+    if trainer.strategy.reduce_boolean_decision(bad is not None, all=False):
+        last = module.last_finite_loss
+        shown = "none" if last is None else f"{last:.4f}"
+        raise Diverged(
+            f"training diverged at step {trainer.global_step}: the trained tensor {bad or 'on another rank'} "
+            f"is no longer finite (last finite loss {shown}); it was not saved; {divergence_advice(cfg)}"
         )
+
+
+def save_resume_checkpoint(trainer, module: DishaModule, cfg: Config, epoch_batches: int) -> Path:
+    """Write proj_dir/resume.ckpt atomically on every rank's behalf (a collective: every rank calls it).
+
+    ``epoch_batches``: micro-batches done in the current epoch (0 at an epoch's end); a resumed run skips
+    them. The temporary file is ``.resume.ckpt.<pid>.<random>.tmp`` (removed on error; a killed run's is
+    removed by the next run's fsio.clean_stale_temps).
+    """
+    _check_finite(module, trainer, cfg)
+    module.epoch_batches = epoch_batches
+    final = Path(cfg.proj_dir) / RESUME_FILE
+    tmp = str(temp_path(final)) if trainer.is_global_zero else ""
+    tmp = trainer.strategy.broadcast(tmp, src=0)
+    try:
+        trainer.save_checkpoint(tmp)
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            os.replace(tmp, final)
+    except Exception as e:
+        if trainer.is_global_zero:
+            _remove(Path(tmp))
+        if isinstance(e, RWKVDishaError):
+            raise
+        raise RWKVDishaError(f"cannot write resume checkpoint {final}: {os_error_cause(e)}") from None
+    return final
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():  # DeepSpeed writes a checkpoint folder
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 class SaveAdapters(L.Callback):
     """Every epoch_save epochs and at the end: proj_dir/rwkv-{epoch}.pth (+ .json sidecar). Every epoch:
-    proj_dir/resume.ckpt (trainable tensors, optimizer, scheduler, loop position) for --resume."""
+    proj_dir/resume.ckpt (trainable tensors, optimizer, scheduler, loop position) for --resume. Nothing
+    non-finite is ever written."""
 
-    def __init__(self, cfg, acfg, saved_names: list[str], fingerprint: dict):
+    def __init__(self, cfg: Config, acfg, saved_names: list[str], fingerprint: dict):
         self.cfg, self.acfg = cfg, acfg
         self.saved_names = saved_names
         self.fingerprint = fingerprint
@@ -48,64 +99,109 @@ class SaveAdapters(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
-            path = Path(self.cfg.proj_dir) / "train_config.json"
-            path.write_text(json.dumps(to_dict(self.cfg), indent=1, sort_keys=True) + "\n")
+            atomic_write_json(Path(self.cfg.proj_dir) / SAVED_CONFIG, config_json(self.cfg), "train config")
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        from rwkv_disha.adapters.files import write_adapter_file
-        from rwkv_disha.adapters.inject import adapter_sidecar
+        from rwkv_disha.adapters import adapter_sidecar, write_adapter_file
 
-        cfg = self.cfg
-        epoch = cfg.epoch_begin + trainer.current_epoch
-        last = trainer.current_epoch + 1 >= cfg.epoch_count
-        save = last or (trainer.current_epoch + 1) % cfg.epoch_save == 0
+        cfg, o = self.cfg, self.cfg.optim
+        epoch = o.epoch_begin + trainer.current_epoch
+        last = trainer.current_epoch + 1 >= o.epoch_count
+        save = last or (trainer.current_epoch + 1) % o.epoch_save == 0
+        _check_finite(pl_module, trainer, cfg)
         # gathers sharded parameters (FSDP / DeepSpeed stage 3); a collective: every rank calls it
         full = trainer.strategy.lightning_module_state_dict() if save else None
         if save and trainer.is_global_zero:
             tensors = {n: full["model." + n].detach().to("cpu", copy=True) for n in self.saved_names}
             sidecar = adapter_sidecar(pl_module.model, self.acfg, self.fingerprint)
-            sidecar["trained"] = {
-                "epoch": epoch,
-                "global_step": trainer.global_step,
-                "base_model": cfg.load_model,
-            }
+            step = trainer.global_step
+            sidecar["trained"] = {"epoch": epoch, "global_step": step, "base_model": cfg.load_model}
             self.written.append(write_adapter_file(adapter_path(cfg, epoch), tensors, sidecar))
-        proj = Path(cfg.proj_dir)
-        tmp = proj / f".resume.ckpt.{os.getpid()}.tmp"
-        trainer.save_checkpoint(tmp)
-        if trainer.is_global_zero:
-            os.replace(tmp, proj / "resume.ckpt")
-        trainer.strategy.barrier()
+        save_resume_checkpoint(trainer, pl_module, cfg, epoch_batches=0)
+
+
+class Interrupted(RWKVDishaError):
+    """SIGTERM / SIGINT: training stopped at a step boundary after saving resume.ckpt."""
+
+
+class StopOnSignal(L.Callback):
+    """On SIGTERM or SIGINT (a cluster's pre-emption, Ctrl-C): finish the current optimizer step, write
+    resume.ckpt, and stop with the ``--resume`` command. A second signal stops at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.received: int | None = None
+        self._original = {s: signal.getsignal(s) for s in self.SIGNALS}
+
+    def _handler(self, signum, frame) -> None:
+        if self.received is not None:  # asked twice: stop now (the last resume.ckpt stays)
+            self._restore()
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def _restore(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for s, h in self._original.items():
+                signal.signal(s, h)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # after Lightning's own SIGTERM handler is installed: ours replaces it while training runs
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                signal.signal(s, self._handler)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % self.cfg.optim.accumulate_grad_batches:
+            return  # in the middle of an optimizer step: its accumulated gradients are not saved
+        if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            save_resume_checkpoint(trainer, pl_module, self.cfg, epoch_batches=batch_idx + 1)
+            self._stop(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        # runs after SaveAdapters (callback order): resume.ckpt for the epoch's end is written
+        if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            self._stop(trainer)
+
+    def _stop(self, trainer) -> None:
+        name = signal.Signals(self.received).name if self.received else "a signal on another rank"
+        raise Interrupted(
+            f"stopped by {name} after step {trainer.global_step}; {Path(self.cfg.proj_dir) / RESUME_FILE} "
+            f"is saved: continue with `rwkv-disha train --resume {self.cfg.proj_dir}`"
+        )
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore()
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        self._restore()
 
 
 class TrainLog(L.Callback):
     """proj_dir/train_log.txt (config, then one line per epoch), proj_dir/metrics.csv (one row per step),
-    proj_dir/loss.png at the end, and the final summary on stdout."""
+    and at the end of training proj_dir/loss.png and the summary on stdout."""
 
-    def __init__(self, cfg, n_train: int, n_total: int, describe: str):
+    def __init__(self, cfg: Config, n_train: int, n_total: int, describe: str):
         self.cfg = cfg
         self.n_train, self.n_total, self.describe = n_train, n_total, describe
         self.proj = Path(cfg.proj_dir)
         self._epoch_losses: list[float] = []
-        self._t_epoch = 0.0
-        self.first_loss: float | None = None
+        self._t_epoch = self._t_start = 0.0
         self.epoch_lines: list[tuple[int, float]] = []
+        self._csv: MetricsCsv | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self._t_start = time.time()
         if not trainer.is_global_zero:
             return
         with open(self.proj / "train_log.txt", "a") as f:
             f.write(f"# rwkv-disha train, {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
             f.write(f"# command: {' '.join(sys.argv)}\n")
-            f.write(
-                f"# adapter: {self.describe}; trainable {self.n_train:,} of {self.n_total:,} parameters\n"
-            )
-            f.write(json.dumps(to_dict(self.cfg), sort_keys=True) + "\n")
-        new = not (self.proj / "metrics.csv").exists()
-        self._csv = open(self.proj / "metrics.csv", "a", newline="")  # noqa: SIM115 (closed in on_train_end)
-        self._writer = csv.writer(self._csv)
-        if new:
-            self._writer.writerow(["global_step", "epoch", "batch", "loss", "lr", "tokens", "time"])
+            counts = f"trainable {self.n_train:,} of {self.n_total:,} parameters"
+            f.write(f"# adapter: {self.describe}; {counts}\n")
+            f.write(json.dumps(config_json(self.cfg), sort_keys=True) + "\n")
+        self._csv = MetricsCsv(self.proj / "metrics.csv")
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epoch_losses = []
@@ -114,103 +210,50 @@ class TrainLog(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = float(outputs["loss"] if isinstance(outputs, dict) else outputs)
         self._epoch_losses.append(loss)
-        if self.first_loss is None:
-            self.first_loss = loss
-        if trainer.is_global_zero and batch_idx % max(self.cfg.log_every_n_steps, 1) == 0:
+        if self._csv is not None and batch_idx % max(self.cfg.logging.log_every_n_steps, 1) == 0:
             lr = trainer.optimizers[0].param_groups[0]["lr"]
-            epoch = self.cfg.epoch_begin + trainer.current_epoch
-            self._writer.writerow(
-                [
-                    trainer.global_step,
-                    epoch,
-                    batch_idx,
-                    f"{loss:.6f}",
-                    f"{lr:.4e}",
-                    pl_module.tokens_seen,
-                    f"{time.time():.3f}",
-                ]
-            )
-            self._csv.flush()
+            epoch = self.cfg.optim.epoch_begin + trainer.current_epoch
+            self._csv.row(trainer.global_step, epoch, batch_idx, loss, lr, pl_module.tokens_seen)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        from rwkv_disha.evaluate import perplexity
+
         if not trainer.is_global_zero or not self._epoch_losses:
             return
-        epoch = self.cfg.epoch_begin + trainer.current_epoch
+        epoch = self.cfg.optim.epoch_begin + trainer.current_epoch
         mean = sum(self._epoch_losses) / len(self._epoch_losses)
         self.epoch_lines.append((epoch, mean))
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         line = (
-            f"epoch {epoch} loss {mean:.4f} ppl {math.exp(min(mean, 50)):.2f} lr {lr:.3e} "
+            f"epoch {epoch} loss {mean:.4f} ppl {perplexity(mean):.2f} lr {lr:.3e} "
             f"tokens {pl_module.tokens_seen} time {time.time() - self._t_epoch:.1f}s"
         )
         with open(self.proj / "train_log.txt", "a") as f:
             f.write(line + "\n")
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero and getattr(self, "_csv", None):
+    def _close(self) -> None:
+        if self._csv is not None:
             self._csv.close()
+            self._csv = None
 
-    def finish(self, trainer, module, seconds: float) -> None:
-        from rwkv_disha.train.trainer import merge_command
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._close()
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        """The end-of-run summary: loss curve, what was trained, where the adapter is, what to run next."""
+        self._close()
+        if not trainer.is_global_zero:
+            return
         plot = plot_loss(self.proj / "metrics.csv", self.proj / "loss.png")
         saved = next((cb.written for cb in trainer.callbacks if isinstance(cb, SaveAdapters)), [])
-        last = saved[-1] if saved else None
-        share = 100.0 * self.n_train / max(self.n_total, 1)
-        lines = [
-            "",
-            "training finished",
-            f"  adapter      {self.describe}",
-            f"  trainable    {self.n_train:,} of {self.n_total:,} parameters ({share:.3f} %)",
-            f"  tokens seen  {module.tokens_seen:,} in {seconds:.1f} s "
-            f"({module.tokens_seen / max(seconds, 1e-9):,.0f} tok/s)",
-        ]
-        if self.epoch_lines:
-            lines.append(
-                f"  loss         {self.epoch_lines[0][1]:.4f} (first epoch) -> "
-                f"{self.epoch_lines[-1][1]:.4f} (last)"
-            )
-        lines.append(f"  logs         {self.proj / 'train_log.txt'}, {self.proj / 'metrics.csv'}")
-        if plot:
-            lines.append(f"  loss curve   {plot}")
-        if last is not None:
-            lines.append(f"  checkpoint   {last}")
-            lines.append(f"  next         {merge_command(self.cfg, last)}")
+        lines = summary_lines(
+            self.cfg,
+            describe=self.describe,
+            counts=(self.n_train, self.n_total),
+            tokens=pl_module.tokens_seen,
+            seconds=time.time() - self._t_start,
+            epoch_lines=self.epoch_lines,
+            plot=plot,
+            last=saved[-1] if saved else None,
+        )
         print("\n".join(lines), flush=True)
-
-
-def plot_loss(csv_path: Path, png_path: Path) -> Path | None:
-    """loss.png from metrics.csv (None when matplotlib is not installed)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    steps, losses = [], []
-    with open(csv_path) as f:
-        for row in csv.DictReader(f):
-            steps.append(len(steps))
-            losses.append(float(row["loss"]))
-    if not losses:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="micro-batch loss")
-    k = max(1, len(losses) // 20)
-    if k > 1:
-        smooth = [
-            sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1])
-            for i in range(len(losses))
-        ]
-        ax.plot(steps, smooth, lw=1.5, label=f"mean of {k}")
-    ax.set_xlabel("micro-batch")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = png_path.with_name(".loss.png.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png_path)
-    return png_path

@@ -1,4 +1,4 @@
-"""The Lightning module: one adapted RWKV model, masked next-token loss, Adam(W) + LR schedule.
+"""The Lightning pieces: one adapted RWKV model with its loss and optimizer, and the data it reads.
 
 Only trainable tensors (adapters + train_parts) go into Lightning checkpoints; the frozen base is
 reloaded from ``--load_model`` on resume, so a resume file is megabytes, not gigabytes.
@@ -6,34 +6,54 @@ reloaded from ``--load_model`` on resume, so a resume file is megabytes, not gig
 
 from __future__ import annotations
 
+import math
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
 
-from rwkv_disha.data.dataset import masked_lm_loss
+from rwkv_disha.data.dataset import collate, masked_lm_loss
 from rwkv_disha.errors import RWKVDishaError
+from rwkv_disha.train.config import Config
+from rwkv_disha.train.resume import KEY
 from rwkv_disha.train.schedule import lr_at
 
 
+class Diverged(RWKVDishaError):
+    """The loss or the trained tensors stopped being finite: training stops, nothing more is saved."""
+
+
+def divergence_advice(cfg: Config) -> str:
+    precision = cfg.engine.precision
+    alt = "fp32" if precision == "bf16" else "bf16 or fp32"
+    clip = "--grad_clip 1" if cfg.optim.grad_clip == 0 or cfg.optim.grad_clip > 1 else "a lower --grad_clip"
+    lr = cfg.optim.lr_init
+    return f"try a lower --lr_init (now {lr:g}), {clip}, or --precision {alt} (now {precision})"
+
+
 class DishaModule(L.LightningModule):
-    def __init__(self, model: torch.nn.Module, cfg, steps_per_epoch: int):
-        """``cfg`` is the train Config; ``steps_per_epoch`` counts optimizer steps per epoch."""
+    def __init__(self, model: torch.nn.Module, cfg: Config, steps_per_epoch: int):
+        """``steps_per_epoch`` counts optimizer steps per epoch."""
         super().__init__()
         self.model = model
         self.cfg = cfg
         self.steps_per_epoch = steps_per_epoch
         self._t_last = None
         self.tokens_seen = 0
+        self.last_finite_loss: float | None = None
+        self.epoch_batches = 0  # micro-batches finished in the current epoch (saved for --resume)
+        self.resume_batches = 0  # set from a checkpoint written mid-epoch: the data loader skips these
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        if self.cfg.log_samples:
+        if self.cfg.logging.log_samples:
             self._log_samples(batch["input_ids"])
         logits = self.model(batch["input_ids"])
         loss = masked_lm_loss(logits, batch["labels"], batch["mask"])
+        self._stop_if_not_finite(loss)
         now = time.perf_counter()
         n_tok = int(batch["input_ids"].numel()) * self.trainer.world_size
         self.tokens_seen += n_tok
@@ -46,36 +66,43 @@ class DishaModule(L.LightningModule):
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
-    def _log_samples(self, idx: torch.Tensor) -> None:
-        from pathlib import Path
+    def _stop_if_not_finite(self, loss: torch.Tensor) -> None:
+        """Stop before the backward pass of a non-finite loss (every rank decides together)."""
+        value = float(loss.detach())
+        bad = self.trainer.strategy.reduce_boolean_decision(not math.isfinite(value), all=False)
+        if not bad:
+            self.last_finite_loss = value
+            return
+        last = "none yet" if self.last_finite_loss is None else f"{self.last_finite_loss:.4f}"
+        epoch = self.cfg.optim.epoch_begin + self.trainer.current_epoch
+        raise Diverged(
+            f"training diverged at step {self.trainer.global_step} (epoch {epoch}): the loss is {value} "
+            f"(last finite loss {last}); nothing from this step was saved; {divergence_advice(self.cfg)}"
+        )
 
+    def _log_samples(self, idx: torch.Tensor) -> None:
         path = Path(self.cfg.proj_dir) / f"samples-rank{self.global_rank}.txt"
         with open(path, "a") as f:
             for row in idx[:, :8].tolist():
                 f.write(" ".join(map(str, row)) + "\n")
 
     def configure_optimizers(self):
-        cfg = self.cfg
+        o = self.cfg.optim
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise RWKVDishaError("nothing to train: no adapter or train_parts parameter requires grad")
         opt = torch.optim.AdamW(
-            params,
-            lr=cfg.lr_init,
-            betas=(cfg.beta1, cfg.beta2),
-            eps=cfg.adam_eps,
-            weight_decay=cfg.weight_decay,
+            params, lr=o.lr_init, betas=(o.beta1, o.beta2), eps=o.adam_eps, weight_decay=o.weight_decay
         )
-        total = self.steps_per_epoch * (cfg.epoch_begin + cfg.epoch_count)
+        total = self.steps_per_epoch * (o.epoch_begin + o.epoch_count)
         # epoch_begin shifts the schedule: continuing at epoch N starts at step N * steps_per_epoch
-        offset = self.steps_per_epoch * cfg.epoch_begin
+        offset = self.steps_per_epoch * o.epoch_begin
 
         def factor(step: int) -> float:  # LambdaLR multiplies lr_init by this
             lr = lr_at(
-                step + offset, total, cfg.lr_init, cfg.lr_final, cfg.warmup_steps, cfg.lr_schedule,
-                cfg.wsd_decay_frac,
-            )  # fmt: skip
-            return lr / cfg.lr_init
+                step + offset, total, o.lr_init, o.lr_final, o.warmup_steps, o.lr_schedule, o.wsd_decay_frac
+            )
+            return lr / o.lr_init
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
@@ -87,20 +114,59 @@ class DishaModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = self._trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["rwkv_disha"] = {"tokens_seen": self.tokens_seen}
+        checkpoint[KEY] = {"tokens_seen": self.tokens_seen, "epoch_batches": self.epoch_batches}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        keep = self._trainable_keys()
-        have = set(checkpoint["state_dict"])
-        if have != keep:
-            raise RWKVDishaError(
-                "resume checkpoint does not match this run's trainable tensors: "
-                f"missing {sorted(keep - have)[:3]}, unexpected {sorted(have - keep)[:3]}; "
-                "resume with the same --peft / config / train_parts"
-            )
-        # Lightning's own load is non-strict (the frozen base is not in the file); fill it in here so
-        # every base tensor keeps its loaded value and every trainable one is checked above.
+        # resume.check_resume_checkpoint compared names and shapes before the model was loaded; Lightning's
+        # own load is non-strict (the frozen base is not in the file): fill the base in so every base
+        # tensor keeps its loaded value
         full = self.state_dict()
         full.update(checkpoint["state_dict"])
         checkpoint["state_dict"] = full
-        self.tokens_seen = checkpoint.get("rwkv_disha", {}).get("tokens_seen", 0)
+        ours = checkpoint.get(KEY, {})
+        self.tokens_seen = int(ours.get("tokens_seen", 0))
+        self.resume_batches = int(ours.get("epoch_batches", 0))
+
+
+class _Positioned(torch.utils.data.Sampler):
+    """Indices ``start .. length-1`` while claiming ``length``: a run resumed mid-epoch continues with the
+    next micro-batch, and Lightning (which counts the epoch's batches from where it stopped) ends the
+    epoch after the same number of batches as an uninterrupted run."""
+
+    def __init__(self, start: int, length: int):
+        self.start, self.length = start, length
+
+    def __iter__(self):
+        return iter(range(self.start, self.length))
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class DishaData(L.LightningDataModule):
+    """The dataset is built once per run; each epoch gets a DataLoader positioned at that epoch's samples
+    for this rank (``set_epoch``), so epochs continue through the data and a resumed run starts where it
+    stopped."""
+
+    def __init__(self, cfg: Config, dataset):
+        super().__init__()
+        self.cfg, self.dataset = cfg, dataset
+
+    def setup(self, stage: str) -> None:
+        # built before the engine knew the ranks: each process takes its own share of the samples
+        self.dataset.rank, self.dataset.world_size = self.trainer.global_rank, self.trainer.world_size
+
+    def train_dataloader(self):
+        trainer, ds = self.trainer, self.dataset
+        ds.set_epoch(self.cfg.optim.epoch_begin + trainer.current_epoch)
+        module = trainer.lightning_module
+        skip, module.resume_batches = module.resume_batches, 0
+        bsz = self.cfg.data.micro_bsz
+        return torch.utils.data.DataLoader(
+            ds,
+            batch_size=bsz,
+            sampler=_Positioned(skip * bsz, len(ds)),
+            collate_fn=collate,
+            num_workers=self.cfg.data.num_workers,
+            drop_last=True,
+        )

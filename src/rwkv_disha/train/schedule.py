@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import math
 
+from rwkv_disha.choices import LR_SCHEDULES
 from rwkv_disha.errors import RWKVDishaError
-
-SCHEDULES = ("cos_decay", "wsd")
 
 
 def lr_at(
@@ -24,8 +23,8 @@ def lr_at(
     decay_frac: float = 0.1,
 ) -> float:
     """Learning rate for optimizer step ``step`` (0-based) of ``total_steps``."""
-    if schedule not in SCHEDULES:
-        raise RWKVDishaError(f"unknown --lr_schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if schedule not in LR_SCHEDULES:
+        raise RWKVDishaError(f"unknown --lr_schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
     if warmup_steps > 0 and step < warmup_steps:
         return lr_init * (0.01 + 0.99 * step / warmup_steps)
     if schedule == "cos_decay":

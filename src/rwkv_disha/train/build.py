@@ -1,0 +1,112 @@
+"""The pieces of a training run, each built once: adapter config, dataset, model, Lightning trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from rwkv_disha.choices import PRECISIONS
+from rwkv_disha.train.config import Config
+
+
+def build_adapter_config(cfg: Config):
+    from rwkv_disha.adapters import AdapterConfig
+
+    a = cfg.adapter
+    return AdapterConfig.from_cli(a.peft, a.disha_config, a.lora_config, a.train_parts, a.quant)
+
+
+def build_dataset(cfg: Config, vocab_size: int):
+    """The run's dataset (every data problem surfaces here, before the model loads). Built for rank 0 of
+    1; DishaData.setup gives it this process's rank once the engine knows it."""
+    from rwkv_disha.data.dataset import make_dataset
+
+    d = cfg.data
+    return make_dataset(
+        d.data_file,
+        d.data_type,
+        d.dataload,
+        d.ctx_len,
+        d.micro_bsz,
+        cfg.optim.epoch_steps,
+        d.loss_mask,
+        cfg.optim.seed,
+        vocab_size,
+    )
+
+
+def base_dtype_for(precision: str, file_dtype: torch.dtype, on_gpu: bool) -> torch.dtype:
+    """dtype of the frozen base: fp32 for fp32/tf32; for bf16/fp16 the file's dtype when it already is
+    16-bit, else bf16/fp16 on GPU (half the memory) and fp32 on CPU (faster there, same result)."""
+    if precision in ("fp32", "tf32"):
+        return torch.float32
+    low = torch.bfloat16 if precision == "bf16" else torch.float16
+    if file_dtype in (torch.bfloat16, torch.float16):
+        return low
+    return low if on_gpu else torch.float32
+
+
+def build_model(cfg: Config, acfg, on_gpu: bool):
+    """Load the base, inject adapters (optionally quantized base), load an adapter to continue from,
+    and freeze all but the adapter + train_parts tensors (kept in fp32).
+
+    Returns (model, base fingerprint, base parameter count before quantization)."""
+    from rwkv_disha.adapters import base_fingerprint, inject_adapters, load_adapter_file, mark_trainable
+    from rwkv_disha.model.load import load_model
+
+    model = load_model(cfg.load_model, op=cfg.engine.op)
+    fingerprint = base_fingerprint(model)
+    n_base = sum(p.numel() for p in model.parameters())  # before --quant turns weights into codes
+    model.to(base_dtype_for(cfg.engine.precision, model.emb.weight.dtype, on_gpu))
+    model.grad_cp = bool(cfg.engine.grad_cp)
+    inject_adapters(model, acfg)
+    mark_trainable(model, acfg)
+    if acfg.load:
+        load_adapter_file(model, acfg.load, acfg)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()  # Adam on 16-bit parameters loses small updates
+    return model, fingerprint, n_base
+
+
+def build_loggers(cfg: Config) -> list:
+    from rwkv_disha.config import flat_dict
+
+    proj, loggers = Path(cfg.proj_dir), []
+    if cfg.logging.wandb:
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers.append(WandbLogger(project=cfg.logging.wandb, save_dir=str(proj), config=flat_dict(cfg)))
+    if cfg.logging.tensorboard:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(save_dir=str(proj), name="tb", version=""))
+    return loggers
+
+
+def build_trainer(cfg: Config, callbacks: list, plugins: list) -> L.Trainer:
+    e = cfg.engine
+    loggers = build_loggers(cfg)
+    return L.Trainer(
+        accelerator={"cuda": "gpu"}.get(e.accelerator, e.accelerator),
+        devices=e.devices,
+        num_nodes=e.num_nodes,
+        strategy=e.strategy,  # ddp on CPU uses the gloo backend (Lightning picks it)
+        precision=PRECISIONS[e.precision],
+        plugins=plugins,
+        max_epochs=cfg.optim.epoch_count,
+        gradient_clip_val=cfg.optim.grad_clip or None,
+        accumulate_grad_batches=cfg.optim.accumulate_grad_batches,
+        use_distributed_sampler=False,  # the dataset splits samples by rank itself
+        reload_dataloaders_every_n_epochs=1,  # a loader per epoch, positioned at that epoch's samples
+        enable_checkpointing=False,  # SaveAdapters writes adapter files and resume.ckpt
+        logger=loggers or False,
+        callbacks=callbacks,
+        log_every_n_steps=cfg.logging.log_every_n_steps,
+        enable_progress_bar=cfg.logging.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=False,
+    )

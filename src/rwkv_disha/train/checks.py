@@ -1,0 +1,175 @@
+"""Checks of everything a user can get wrong, before the model or the data is loaded (one line each)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from rwkv_disha.errors import RWKVDishaError
+from rwkv_disha.train.config import SEED_MAX, Config, non_finite_option
+
+POSITIVE = ("epoch_steps", "epoch_count", "epoch_save", "accumulate_grad_batches")
+
+
+def validate(cfg: Config) -> None:
+    """Every option on its own and together, without touching the model or the data."""
+    if cfg.resume and not (Path(cfg.resume) / "resume.ckpt").is_file():
+        raise RWKVDishaError(f"--resume {cfg.resume}: no resume.ckpt there (it is written at each epoch end)")
+    if not cfg.load_model:
+        raise RWKVDishaError("--load_model is required: the base RWKV .pth to fine-tune")
+    if Path(cfg.load_model).is_dir():
+        raise RWKVDishaError(f"--load_model {cfg.load_model} is a directory: give the model's .pth file")
+    if not Path(cfg.load_model).is_file():
+        raise RWKVDishaError(f"--load_model {cfg.load_model}: file not found")
+    d = cfg.data
+    if d.data_type != "dummy" and not d.data_file:
+        raise RWKVDishaError("--data_file is required (a binidx prefix, or a file for other data types)")
+    bad = non_finite_option(cfg)
+    if bad:
+        raise RWKVDishaError(bad)
+    if d.ctx_len <= 0:
+        raise RWKVDishaError(f"--ctx_len must be positive, got {d.ctx_len}")
+    if d.num_workers < 0:
+        raise RWKVDishaError(f"--num_workers must be >= 0, got {d.num_workers}")
+    _validate_optim(cfg)
+    for name in ("devices", "num_nodes"):
+        if getattr(cfg.engine, name) <= 0:
+            raise RWKVDishaError(f"--{name} must be positive, got {getattr(cfg.engine, name)}")
+    if d.dataload == "only" and d.micro_bsz != 1:
+        raise RWKVDishaError(
+            f"--dataload only takes one document per step: use --micro_bsz 1 (got {d.micro_bsz})"
+        )
+    if d.data_type == "wds_img":
+        raise RWKVDishaError("--data_type wds_img: image data is not supported (text models only)")
+    _validate_engine(cfg)
+    if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
+        raise RWKVDishaError("--wandb needs the wandb package: pip install wandb (WANDB_MODE=offline works)")
+    if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise RWKVDishaError("--tensorboard needs the tensorboard package: pip install tensorboard")
+
+
+def _validate_optim(cfg: Config) -> None:
+    o = cfg.optim
+    for name, value in [("micro_bsz", cfg.data.micro_bsz)] + [(n, getattr(o, n)) for n in POSITIVE]:
+        if value <= 0:
+            raise RWKVDishaError(f"--{name} must be positive, got {value}")
+    if o.epoch_begin < 0:
+        raise RWKVDishaError(f"--epoch_begin must be >= 0, got {o.epoch_begin}")
+    if o.epoch_steps % o.accumulate_grad_batches:
+        raise RWKVDishaError(
+            f"--epoch_steps {o.epoch_steps} must be a multiple of --accumulate_grad_batches "
+            f"{o.accumulate_grad_batches}, so every epoch ends on an optimizer step"
+        )
+    if o.lr_init <= 0 or o.lr_final < 0:
+        raise RWKVDishaError("--lr_init must be > 0 and --lr_final >= 0")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(o, name) < 1:
+            raise RWKVDishaError(f"--{name} must be in [0, 1), got {getattr(o, name)}")
+    if o.adam_eps <= 0:
+        raise RWKVDishaError(f"--adam_eps must be > 0, got {o.adam_eps}")
+    if o.weight_decay < 0:
+        raise RWKVDishaError(f"--weight_decay must be >= 0, got {o.weight_decay}")
+    if o.warmup_steps < 0:
+        raise RWKVDishaError(f"--warmup_steps must be >= 0, got {o.warmup_steps}")
+    if not 0 <= o.wsd_decay_frac <= 1:
+        raise RWKVDishaError(f"--wsd_decay_frac must be in [0, 1], got {o.wsd_decay_frac}")
+    if o.grad_clip < 0:
+        raise RWKVDishaError(f"--grad_clip must be >= 0 (0: off), got {o.grad_clip}")
+    if o.random_seed != -1 and not 0 <= o.random_seed <= SEED_MAX:
+        raise RWKVDishaError(
+            f"--random_seed must be -1 (the default seed) or in 0 .. {SEED_MAX}, got {o.random_seed}"
+        )
+
+
+def _validate_engine(cfg: Config) -> None:
+    import torch
+
+    from rwkv_disha.kernels import resolve_op
+
+    e = cfg.engine
+    if e.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise RWKVDishaError("--accelerator gpu but no CUDA GPU is visible; use --accelerator cpu (or auto)")
+    on_gpu = uses_gpu(cfg)
+    if e.strategy == "fsdp" and not on_gpu:
+        raise RWKVDishaError(
+            "--strategy fsdp needs CUDA GPUs (Lightning's FSDP does not run on CPU); use ddp on CPU"
+        )
+    if e.strategy.startswith("deepspeed") and not on_gpu:
+        raise RWKVDishaError(
+            f"--strategy {e.strategy} needs CUDA GPUs (DeepSpeed does not train on CPU); "
+            "use --strategy auto (one device) or ddp on CPU"
+        )
+    if e.strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise RWKVDishaError(f"--strategy {e.strategy} needs deepspeed: pip install 'rwkv-disha[gpu]'")
+    if e.precision == "fp16" and not on_gpu:
+        raise RWKVDishaError("--precision fp16 is GPU-only; on CPU use bf16 or fp32")
+    resolve_op(e.op)
+
+
+def uses_gpu(cfg: Config) -> bool:
+    """Whether this run trains on CUDA (--accelerator gpu, or auto with a GPU present)."""
+    import torch
+
+    acc = cfg.engine.accelerator
+    return acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available())
+
+
+def check_model_shape(cfg: Config):
+    """Read the checkpoint's shape (mmap, no model built) and refuse flags that disagree with it."""
+    from rwkv_disha.model.load import check_expected, infer_config, load_state_dict
+
+    mcfg = infer_config(load_state_dict(cfg.load_model), source=cfg.load_model)
+    m = cfg.model
+    check_expected(
+        mcfg,
+        n_layer=m.n_layer,
+        n_embd=m.n_embd,
+        vocab_size=m.vocab_size,
+        head_size=m.head_size,
+        my_testing=m.my_testing,
+    )
+    return mcfg
+
+
+def trainable_shapes(mcfg, acfg, op: str) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor this run trains, from an empty (meta-device) model: no weights read."""
+    from rwkv_disha.adapters import AdapterConfig, inject_adapters, mark_trainable
+    from rwkv_disha.model.load import build_model
+
+    model = build_model(mcfg, op=op, device="meta")
+    plain = AdapterConfig.from_dict({**acfg.to_dict(), "quant": "none", "load": ""})  # same shapes
+    if plain.peft != "none":
+        inject_adapters(model, plain)
+    mark_trainable(model, plain)
+    return {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def check_proj_dir(cfg: Config) -> None:
+    """Create proj_dir and prove it writable (the last check: a failed run before it writes nothing)."""
+    from rwkv_disha.fsio import os_error_cause
+
+    proj = Path(cfg.proj_dir)
+    try:
+        proj.mkdir(parents=True, exist_ok=True)
+        probe = proj / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise RWKVDishaError(f"--proj_dir {cfg.proj_dir} is not writable ({os_error_cause(e)})") from None
+
+
+def check_fresh_folder(cfg: Config) -> None:
+    """A new run must not silently replace an earlier run's adapters: --resume it, or --overwrite 1."""
+    if cfg.resume or cfg.overwrite:
+        return
+    proj = Path(cfg.proj_dir)
+    found = sorted(p.name for p in proj.glob("rwkv-*.pth")) + (
+        ["resume.ckpt"] if (proj / "resume.ckpt").exists() else []
+    )
+    if found:
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise RWKVDishaError(
+            f"--proj_dir {proj} holds an earlier run ({shown}): continue it with --resume {proj}, "
+            "replace it with --overwrite 1, or choose another folder"
+        )

@@ -1,0 +1,225 @@
+"""The options of `rwkv-disha train`, in groups; the saved ``train_config.json`` and ``--resume``.
+
+The flags stay RWKV-PEFT's flat names (``--lr_init``, ``--micro_bsz``); in code they live in groups:
+``cfg.data.micro_bsz``, ``cfg.optim.lr_init``. docs/TRAINING.md "Flags" lists them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rwkv_disha.choices import (
+    ACCELERATORS,
+    DATA_TYPES,
+    DATALOADS,
+    LOSS_MASKS,
+    LR_SCHEDULES,
+    OPS,
+    PEFT_KINDS,
+    PRECISIONS,
+    QUANT_CHOICES,
+    STRATEGIES,
+)
+from rwkv_disha.config import flat_dict, from_mapping, given_options, group, opt, option_fields
+from rwkv_disha.errors import RWKVDishaError
+
+# wds_img is accepted so that its refusal can say why (image data), instead of argparse's "invalid choice"
+TRAIN_DATA_TYPES = (*DATA_TYPES, "wds_img")
+DEFAULT_SEED = 42  # --random_seed -1
+SEED_MAX = 2**32 - 1  # numpy's and Lightning's seed range
+
+
+@dataclass
+class ModelArgs:
+    """model shape: 0 / '' = read from --load_model; a value that disagrees with the file is an error"""
+
+    vocab_size: int = opt(0, "vocabulary size (0: from the model; 65536 for World models)")
+    n_layer: int = opt(0, "number of blocks (0: from the model)")
+    n_embd: int = opt(0, "model width (0: from the model)")
+    head_size: int = opt(0, "head size (0: from the model)")
+    my_testing: str = opt("", "model version, x070 for RWKV-7 ('': from the model)")
+
+
+@dataclass
+class DataArgs:
+    """data"""
+
+    data_file: str = opt(
+        "", "training data: binidx prefix (no .bin/.idx needed), or a file for other data_types"
+    )
+    data_type: str = opt("binidx", "format of data_file", TRAIN_DATA_TYPES)
+    ctx_len: int = opt(2048, "training context length in tokens")
+    micro_bsz: int = opt(4, "sequences per device per step")
+    dataload: str = opt(
+        "pad",
+        "pad: one document per sample, padded; only: one document at its own length "
+        "(micro_bsz 1); get: random ctx_len windows over the token stream",
+        DATALOADS,
+    )
+    loss_mask: str = opt("pad", "none | pad: ignore padding | qa: train only on answer tokens", LOSS_MASKS)
+    num_workers: int = opt(0, "DataLoader worker processes")
+
+
+@dataclass
+class OptimArgs:
+    """optimisation: epochs, learning rate, Adam, clipping, seed"""
+
+    epoch_steps: int = opt(1200, "micro-batches per epoch on each device")
+    epoch_count: int = opt(4, "number of epochs to train in this run")
+    epoch_begin: int = opt(0, "index of the first epoch (continue a run: shifts the LR schedule and names)")
+    epoch_save: int = opt(1, "save rwkv-N.pth every this many epochs (and always at the end)")
+    lr_init: float = opt(2e-5, "initial learning rate (2e-5 recommended for DiSHA, at most 1e-4)")
+    lr_final: float = opt(2e-5, "final learning rate")
+    warmup_steps: int = opt(0, "linear warmup, in optimizer steps")
+    lr_schedule: str = opt("cos_decay", "cos_decay or wsd (warmup-stable-decay)", LR_SCHEDULES)
+    wsd_decay_frac: float = opt(0.1, "wsd: share of the steps spent in the final decay, in [0, 1]")
+    beta1: float = opt(0.9, "Adam beta1, in [0, 1)")
+    beta2: float = opt(0.99, "Adam beta2, in [0, 1)")
+    adam_eps: float = opt(1e-8, "Adam epsilon (> 0)")
+    weight_decay: float = opt(0.0, "decoupled weight decay (AdamW); 0 = Adam")
+    accumulate_grad_batches: int = opt(1, "micro-batches per optimizer step")
+    grad_clip: float = opt(1.0, "gradient norm clipping (0: off)")
+    random_seed: int = opt(
+        -1, f"seed for weights, data order and dropout (-1: {DEFAULT_SEED}; else 0 .. {SEED_MAX})"
+    )
+
+    @property
+    def seed(self) -> int:
+        return DEFAULT_SEED if self.random_seed < 0 else self.random_seed
+
+
+@dataclass
+class EngineArgs:
+    """engine: devices, precision, strategy, kernels"""
+
+    accelerator: str = opt("auto", "cpu, gpu or auto", ACCELERATORS)
+    devices: int = opt(1, "devices (processes) per node")
+    num_nodes: int = opt(1, "nodes (launch with torchrun or SLURM; see docs/TRAINING.md)")
+    precision: str = opt(
+        "bf16", "fp32, tf32, fp16 or bf16 (mixed precision; the WKV state stays fp32)", tuple(PRECISIONS)
+    )
+    strategy: str = opt("auto", "Lightning strategy (deepspeed_* need CUDA)", STRATEGIES)
+    grad_cp: bool = opt(False, "activation checkpointing per block: less memory, ~30 % slower")
+    op: str = opt("auto", "WKV kernel: torch (chunked, any device), fla (GPU); cuda/triton mean fla", OPS)
+
+
+@dataclass
+class AdapterArgs:
+    """adapter"""
+
+    peft: str = opt("disha", "disha (Bone/Bat), lora, or none (full fine-tuning)", PEFT_KINDS)
+    disha_config: str = opt(
+        '{"mode":"bone","load":"","r":64}', "DiSHA JSON: mode bone|bat, load (adapter file to start from), r"
+    )
+    lora_config: str = opt('{"lora_load":"","lora_r":8,"lora_alpha":32,"lora_dropout":0.01}', "LoRA JSON")
+    train_parts: list[str] = opt(["time", "ln"], "base tensors to train too: time ln emb head")
+    quant: str = opt("none", "store the frozen base of adapted layers quantized", QUANT_CHOICES)
+
+
+@dataclass
+class LogArgs:
+    """logging"""
+
+    wandb: str = opt("", "Weights & Biases project name (offline works: WANDB_MODE=offline)")
+    tensorboard: bool = opt(False, "also log to TensorBoard (proj_dir/tb)")
+    progress_bar: bool = opt(True, "show the progress bar")
+    log_every_n_steps: int = opt(1, "metrics.csv / logger interval in steps")
+    log_samples: bool = opt(
+        False, "write proj_dir/samples-rank{R}.txt: each sample's first token ids (check data order)"
+    )
+
+
+@dataclass
+class Config:
+    load_model: str = opt("", "base RWKV model (.pth or .safetensors); shapes are read from it")
+    proj_dir: str = opt("out", "output folder: rwkv-N.pth adapters, train_log.txt, metrics.csv, loss.png")
+    resume: str = opt(
+        "", "continue the run saved in this proj_dir (adapter, optimizer, schedule, data position)"
+    )
+    overwrite: bool = opt(False, "allow a new run into a proj_dir that holds an earlier run's adapters")
+    model: ModelArgs = group(ModelArgs)
+    data: DataArgs = group(DataArgs)
+    optim: OptimArgs = group(OptimArgs)
+    engine: EngineArgs = group(EngineArgs)
+    adapter: AdapterArgs = group(AdapterArgs)
+    logging: LogArgs = group(LogArgs)
+
+
+SAVED_CONFIG = "train_config.json"
+
+
+def config_json(cfg: Config) -> dict[str, Any]:
+    """What ``train_config.json`` holds: the resolved options, by group."""
+    import dataclasses
+
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if not k.startswith("_")}
+
+
+def _check_saved_types(values: dict[str, Any], source: str) -> None:
+    types = {f.name: tp for _, f, tp in option_fields(Config)}
+    for name, value in values.items():
+        tp = types.get(name)
+        ok = {
+            bool: isinstance(value, bool),
+            int: isinstance(value, int) and not isinstance(value, bool),
+            float: isinstance(value, (int, float)) and not isinstance(value, bool),
+            str: isinstance(value, str),
+        }.get(tp, isinstance(value, list) and all(isinstance(v, str) for v in value))
+        if tp is not None and not ok:
+            raise RWKVDishaError(f"{source}: option {name} has the wrong type ({value!r})")
+
+
+def load_saved_config(path: str | Path) -> dict[str, Any]:
+    """The flat ``{option: value}`` of a saved ``train_config.json`` (grouped, or the older flat shape)."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        cause = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise RWKVDishaError(f"{path} is not a readable train_config.json ({cause})") from None
+    if not isinstance(raw, dict):
+        raise RWKVDishaError(f"{path} is not an rwkv-disha train_config.json (not a mapping)")
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):  # a group
+            flat.update(value)
+        else:
+            flat[key] = value
+    known = {f.name for _, f, _ in option_fields(Config)}
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        raise RWKVDishaError(
+            f"{path} is not an rwkv-disha train_config.json (unknown options: {', '.join(unknown[:5])})"
+        )
+    _check_saved_types(flat, str(path))
+    return flat
+
+
+def resolve_resume(cfg: Config) -> Config:
+    """With ``--resume``, every option not given (as a flag or in ``--config``) takes the value of the run
+    being resumed; options given keep their value, even when it equals the default."""
+    if not cfg.resume:
+        return cfg
+    saved = Path(cfg.resume) / SAVED_CONFIG
+    if not saved.is_file():
+        return cfg
+    given = given_options(cfg)
+    mine = flat_dict(cfg)
+    merged = {**{k: v for k, v in load_saved_config(saved).items() if k not in given}}
+    merged.update({k: mine[k] for k in given})
+    merged["resume"] = cfg.resume
+    out = from_mapping(Config, merged, source=f"options in {saved}")
+    object.__setattr__(out, "_given", given)
+    return out
+
+
+def non_finite_option(cfg: Config) -> str | None:
+    """The first float option that is NaN or infinite (they can also come from YAML or train_config)."""
+    for name, value in flat_dict(cfg).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"--{name} must be a finite number, got {value}"
+    return None
