@@ -396,13 +396,11 @@ def check_unchanged(before: dict, after: dict) -> None:
 
 @pytest.mark.parametrize("argv,fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_error_line_and_writes_nothing(
-    argv, fragment, inputs, tmp_path, monkeypatch, capsys
+    argv, fragment, inputs, tmp_path, monkeypatch, capsys, request
 ):
-    monkeypatch.setenv(
-        "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1"
-    )  # a pickle payload would run if loaded unsafely
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # an unsafe load would run a pickle payload
     monkeypatch.chdir(tmp_path)  # default output names (out/, demo_out/, rwkv7-init.pth) land here
-    paths = {**inputs, "work": str(tmp_path)}
+    paths = case_paths(argv, inputs, tmp_path, request)
     before = snapshot(inputs["root"], tmp_path)
     capsys.readouterr()
     rc = main(expand(argv, paths))
