@@ -81,9 +81,7 @@ def test_gradients_match_merged_weight_and_only_adapter_trains(make):
     if isinstance(layer, BoneLinear):
         delta = bone_module.bone_delta(params["disha"], 80)
     elif isinstance(layer, BatLinear):
-        from rwkv_disha.adapters.bat import bat_merged_weight
-
-        delta = bat_merged_weight(w, params["disha"]) - w
+        delta = bat_weight_ref(w, params["disha"]) - w
     else:
         delta = params["lora_B"] @ params["lora_A"] * layer.scale
     ((F.linear(x, w + delta) - target) ** 2).sum().backward()
@@ -114,6 +112,58 @@ def test_bat_matches_the_formula_blockwise():
             blk = w[a * r : (a + 1) * r, b * r : (b + 1) * r]
             expected[a * r : (a + 1) * r, b * r : (b + 1) * r] = blk + blk @ layer.disha[b] + layer.disha[b]
     torch.testing.assert_close(layer.merged_weight(), expected, rtol=1e-6, atol=1e-6)
+
+
+def bat_weight_ref(w: torch.Tensor, disha: torch.Tensor) -> torch.Tensor:
+    """W' (out, in) block by block, from docs/ADAPTERS.md alone: W'[a, b] = W[a, b] (I + disha[b]) + disha[b],
+    with disha (in/r, r, r) indexed by the INPUT block b. Differentiable in disha; no batched products."""
+    r = disha.shape[1]
+    rows = []
+    for a in range(w.shape[0] // r):
+        row = []
+        for b in range(w.shape[1] // r):
+            blk = w[a * r : (a + 1) * r, b * r : (b + 1) * r]  # (r, r)
+            row.append(blk + blk @ disha[b] + disha[b])
+        rows.append(torch.cat(row, dim=1))
+    return torch.cat(rows, dim=0)
+
+
+def bat_forward_ref(x: torch.Tensor, w: torch.Tensor, disha: torch.Tensor) -> torch.Tensor:
+    """y (..., out) = x @ W'^T summed block by block: y[a] = sum over b of x[b] @ W'[a, b]^T."""
+    r = disha.shape[1]
+    out_blocks = []
+    for a in range(w.shape[0] // r):
+        acc = 0
+        for b in range(w.shape[1] // r):
+            blk = w[a * r : (a + 1) * r, b * r : (b + 1) * r]
+            acc = acc + x[..., b * r : (b + 1) * r] @ (blk + blk @ disha[b] + disha[b]).t()
+        out_blocks.append(acc)
+    return torch.cat(out_blocks, dim=-1)
+
+
+@pytest.mark.parametrize("out_f,in_f,r", [(12, 8, 4), (96, 80, 16), (32, 64, 32)])
+def test_bat_forward_and_gradients_against_a_per_block_loop(out_f, in_f, r):
+    """Bat's forward, input gradient and disha gradient against a loop over r x r blocks that never calls
+    the package's Bat code (its batched product is otherwise only tested against itself)."""
+    w = _weight(out_f, in_f)
+    layer = _random_adapter(BatLinear(w, r), seed=3)
+    disha_ref = layer.disha.detach().clone().requires_grad_()
+    x = torch.randn(2, 5, in_f, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    g = torch.randn(2, 5, out_f)
+    y = layer(x)
+    y_ref = bat_forward_ref(x_ref, w, disha_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5 * x_ref.grad.abs().max().item())
+    torch.testing.assert_close(
+        layer.disha.grad, disha_ref.grad, rtol=1e-5, atol=1e-5 * disha_ref.grad.abs().max().item()
+    )
+    assert layer.disha.grad.abs().max() > 0 and layer.weight.grad is None
+    torch.testing.assert_close(
+        layer.merged_weight(), bat_weight_ref(w, disha_ref.detach()), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_lora_shapes_names_and_scale():

@@ -37,7 +37,6 @@ Tensor = torch.Tensor
 
 SIDECAR_FORMAT = "rwkv-disha-adapter"
 SIDECAR_VERSION = 1
-ADAPTER_SUFFIXES = tuple(dict.fromkeys(n for cls in ADAPTER_KINDS.values() for n in cls.adapter_names))
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -50,10 +49,15 @@ def _list(names: Iterable[str], n: int = 3) -> str:
     return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
 
 
+def adapter_suffixes() -> tuple[str, ...]:
+    """Every registered kind's parameter names: the key suffixes that mark adapter tensors in a file."""
+    return tuple(dict.fromkeys(n for cls in ADAPTER_KINDS.values() for n in cls.adapter_names))
+
+
 def _split_adapter_key(key: str) -> tuple[str, str] | None:
     """``blocks.0.att.key.disha`` -> (``blocks.0.att.key``, ``disha``); None for other tensors."""
     prefix, _, suffix = key.rpartition(".")
-    return (prefix, suffix) if prefix and suffix in ADAPTER_SUFFIXES else None
+    return (prefix, suffix) if prefix and suffix in adapter_suffixes() else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -206,7 +210,7 @@ def infer_adapter_config(
         if split := _split_adapter_key(key):
             layers.setdefault(split[0], {})[split[1]] = t
     if not layers:
-        names = " or ".join(f"*.{s}" for s in ADAPTER_SUFFIXES)
+        names = " or ".join(f"*.{s}" for s in adapter_suffixes())
         raise RWKVDishaError(
             f"{source} holds no {names} tensors: pass an adapter checkpoint (rwkv-N.pth from training), "
             f"not a base model"
