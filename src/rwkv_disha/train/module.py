@@ -25,11 +25,14 @@ class Diverged(RWKVDishaError):
 
 
 def divergence_advice(cfg: Config) -> str:
-    precision = cfg.engine.precision
-    alt = "fp32" if precision == "bf16" else "bf16 or fp32"
-    clip = "--grad_clip 1" if cfg.optim.grad_clip == 0 or cfg.optim.grad_clip > 1 else "a lower --grad_clip"
-    lr = cfg.optim.lr_init
-    return f"try a lower --lr_init (now {lr:g}), {clip}, or --precision {alt} (now {precision})"
+    """What to try after a divergence, given this run's settings."""
+    clip = cfg.optim.grad_clip
+    tips = [f"a lower --lr_init (now {cfg.optim.lr_init:g})"]
+    tips.append("--grad_clip 1" if clip == 0 or clip > 1 else f"a lower --grad_clip (now {clip:g})")
+    if cfg.engine.precision in ("bf16", "fp16"):
+        alt = "fp32" if cfg.engine.precision == "bf16" else "bf16 or fp32"
+        tips.append(f"--precision {alt} (now {cfg.engine.precision})")
+    return "try " + ", ".join(tips[:-1]) + " or " + tips[-1]
 
 
 class DishaModule(L.LightningModule):
