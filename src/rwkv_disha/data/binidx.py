@@ -1,4 +1,4 @@
-"""binidx ("MMIDIDX") token files: the format RWKV-LM, RWKV-PEFT and json2binidx use (SPEC §4).
+"""binidx ("MMIDIDX") token files: the format RWKV-LM, RWKV-PEFT and json2binidx use.
 
 A dataset is a path *prefix*; the files are ``prefix.bin`` (every document's tokens back to back) and
 ``prefix.idx`` (little-endian)::
@@ -14,14 +14,18 @@ A dataset is a path *prefix*; the files are ``prefix.bin`` (every document's tok
 
 :class:`BinIdx` reads one (memory-mapped, opened lazily so that pickling it into DataLoader worker
 processes, ``spawn`` included, copies only a few numbers); :func:`write_binidx` and
-:class:`BinIdxWriter` write one atomically (temporary files, then ``os.replace``), so an interrupted
-or failed write never leaves a half file under the final name.
+:class:`BinIdxWriter` write one atomically (temporary files named as :mod:`rwkv_disha.fsio` names them,
+then ``os.replace``), so an interrupted or failed write never leaves a half file under the final name,
+an OS error (full disk, read-only folder) is one line naming the file and the cause, and temporaries
+of a killed earlier run are removed by the next writer in that folder. docs/DATA.md ("binidx files")
+describes the bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from rwkv_disha.errors import RWKVDishaError
+from rwkv_disha.fsio import clean_stale_temps, os_error_cause, temp_path
 
 MAGIC = b"MMIDIDX\x00\x00"
 MASK_SUFFIX = ".mask"  # answer masks of PREFIX live in PREFIX.mask.bin / .idx (uint8, same documents)
@@ -66,38 +71,85 @@ def dtype_code(dtype) -> int:
     return code
 
 
-def _tmp_name(path: str) -> str:
-    return f"{path}.tmp-{os.getpid()}"
+_OLD_TEMP = re.compile(r"^(?P<name>.+)\.tmp-(?P<pid>\d+)$")  # what versions before 0.2 named temporaries
 
 
-def _remove(path: str) -> None:
+def _remove(path: str | os.PathLike) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.remove(path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_binidx_temps(folder: str | os.PathLike) -> None:
+    """Remove temporaries of killed writers in ``folder``: ``.x.bin.<pid>.<random>.tmp`` (via
+    :func:`rwkv_disha.fsio.clean_stale_temps`) and the ``x.bin.tmp-<pid>`` names older versions used."""
+    clean_stale_temps(folder)
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            m = _OLD_TEMP.match(entry.name)
+            if m and m["name"].endswith((".bin", ".idx")) and not _pid_alive(int(m["pid"])):
+                with contextlib.suppress(OSError):
+                    os.remove(entry.path)
+
+
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 class BinIdxWriter:
     """Streaming writer: ``add(doc)`` any number of times, then ``commit()`` (or ``abort()``).
 
-    Tokens go to ``prefix.bin.tmp-<pid>``; ``commit`` writes the index and renames both files into
-    place (``.bin`` first, then ``.idx``). Used as a context manager it commits on success and
-    aborts (deleting the temporary files, leaving any existing dataset untouched) on an exception.
+    Tokens go to a temporary ``.x.bin.<pid>.<random>.tmp`` next to the output; ``commit`` writes the
+    index the same way and renames both files into place (``.bin`` first, then ``.idx``). Any failure
+    deletes the temporaries and leaves an existing dataset untouched; an OS error becomes one
+    :class:`RWKVDishaError` line naming the file and the cause. Used as a context manager it commits on
+    success and aborts on an exception.
     """
 
     def __init__(self, prefix: str | os.PathLike, dtype=np.int32):
         self.prefix = split_prefix(prefix)
         self.dtype = np.dtype(np.dtype(dtype).name)
         self.code = dtype_code(self.dtype)
-        parent = os.path.dirname(self.prefix)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-        self._bin_tmp = _tmp_name(self.prefix + ".bin")
-        self._idx_tmp = _tmp_name(self.prefix + ".idx")
-        self._f = open(self._bin_tmp, "wb")  # noqa: SIM115 - closed in commit/abort
+        self._bin_tmp: Path | None = None
+        self._idx_tmp: Path | None = None
+        self._f = None
         self._sizes: list[np.ndarray] = []
         self._pending: list[int] = []
         self.num_docs = 0
         self.num_tokens = 0
         self.closed = False
+        with self._os_errors(".bin"):
+            parent = os.path.dirname(self.prefix) or "."
+            os.makedirs(parent, exist_ok=True)
+            clean_stale_binidx_temps(parent)
+            self._bin_tmp = temp_path(self.prefix + ".bin")
+            self._f = open(self._bin_tmp, "wb")  # noqa: SIM115 - closed in commit/abort
+
+    @contextlib.contextmanager
+    def _os_errors(self, suffix: str):
+        """Turn an OS error while writing into one line (after deleting the temporaries)."""
+        try:
+            yield
+        except OSError as e:
+            self.abort()
+            raise RWKVDishaError(f"cannot write {self.prefix}{suffix}: {os_error_cause(e)}") from None
+
+    def _write(self, arr: np.ndarray) -> None:
+        with self._os_errors(".bin"):
+            self._f.write(
+                np.ascontiguousarray(arr).astype(self.dtype.newbyteorder("<"), copy=False).tobytes()
+            )
 
     def _cast(self, doc) -> np.ndarray:
         arr = np.asarray(doc)
@@ -117,7 +169,7 @@ class BinIdxWriter:
         arr = self._cast(doc)
         if arr.size > np.iinfo(np.int32).max:
             raise RWKVDishaError("a binidx document holds at most 2**31-1 tokens; split the document")
-        self._f.write(np.ascontiguousarray(arr).astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
+        self._write(arr)
         self._pending.append(int(arr.size))
         if len(self._pending) >= 65536:
             self._flush_sizes()
@@ -130,7 +182,7 @@ class BinIdxWriter:
         sizes = np.asarray(sizes, dtype=np.int64)
         if int(sizes.sum()) != flat.size:
             raise ValueError("sizes do not add up to the number of tokens")
-        self._f.write(np.ascontiguousarray(flat).astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
+        self._write(flat)
         self._flush_sizes()
         self._sizes.append(sizes.astype(np.int32))
         self.num_docs += int(sizes.size)
@@ -146,24 +198,37 @@ class BinIdxWriter:
             self._sizes.append(np.asarray(self._pending, dtype=np.int32))
             self._pending = []
 
+    def _write_index(self) -> None:
+        sizes = np.concatenate(self._sizes) if self._sizes else np.zeros(0, np.int32)
+        pointers = np.zeros(sizes.size, dtype=np.int64)
+        if sizes.size > 1:
+            np.cumsum(sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
+        doc_idx = np.arange(sizes.size + 1, dtype=np.int64)
+        self._idx_tmp = temp_path(self.prefix + ".idx")
+        with open(self._idx_tmp, "wb") as f:
+            f.write(HEADER.pack(MAGIC, VERSION, self.code, sizes.size, doc_idx.size))
+            f.write(sizes.astype("<i4").tobytes())
+            f.write(pointers.astype("<i8").tobytes())
+            f.write(doc_idx.astype("<i8").tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+
     def commit(self) -> None:
         if self.closed:
             return
         try:
             self._flush_sizes()
-            self._f.close()
-            sizes = np.concatenate(self._sizes) if self._sizes else np.zeros(0, np.int32)
-            pointers = np.zeros(sizes.size, dtype=np.int64)
-            if sizes.size > 1:
-                np.cumsum(sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
-            doc_idx = np.arange(sizes.size + 1, dtype=np.int64)
-            with open(self._idx_tmp, "wb") as f:
-                f.write(HEADER.pack(MAGIC, VERSION, self.code, sizes.size, doc_idx.size))
-                f.write(sizes.astype("<i4").tobytes())
-                f.write(pointers.astype("<i8").tobytes())
-                f.write(doc_idx.astype("<i8").tobytes())
-            os.replace(self._bin_tmp, self.prefix + ".bin")
-            os.replace(self._idx_tmp, self.prefix + ".idx")
+            with self._os_errors(".bin"):
+                self._f.flush()
+                os.fsync(self._f.fileno())
+                self._f.close()
+            with self._os_errors(".idx"):
+                self._write_index()
+            with self._os_errors(".bin"):
+                os.chmod(self._bin_tmp, _file_mode())
+                os.chmod(self._idx_tmp, _file_mode())
+                os.replace(self._bin_tmp, self.prefix + ".bin")
+                os.replace(self._idx_tmp, self.prefix + ".idx")
         except BaseException:
             self.abort()
             raise
@@ -171,10 +236,12 @@ class BinIdxWriter:
 
     def abort(self) -> None:
         """Forget everything written; the temporary files are deleted, the final names untouched."""
-        if not self._f.closed:
-            self._f.close()
-        _remove(self._bin_tmp)
-        _remove(self._idx_tmp)
+        if self._f is not None and not self._f.closed:
+            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                self._f.close()
+        for tmp in (self._bin_tmp, self._idx_tmp):
+            if tmp is not None:
+                _remove(tmp)
         self.closed = True
 
     def __enter__(self) -> BinIdxWriter:

@@ -8,7 +8,8 @@ Each record becomes one document with token 0 appended, stored as int32 exactly 
 "instruction": ..., "answer"|"response"|"output": ...}; plain text files (--txt_split blank: one document
 per blank-line separated block; file: the whole file). For chat / Q&A input the per-token answer mask
 used by --loss_mask qa is written next to the data as PREFIX.mask.bin / PREFIX.mask.idx (uint8).
-Files appear only when everything succeeded (temporary files, then rename). See docs/DATA.md.
+Files appear only when everything succeeded (temporary files, then rename); the output is locked while
+a run writes it; an existing output is replaced only with --overwrite 1. See docs/DATA.md.
 """
 
 from __future__ import annotations
@@ -19,14 +20,17 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from rwkv_disha.config import opt
 from rwkv_disha.data.binidx import MASK_SUFFIX, BinIdxWriter, exists, split_prefix
-from rwkv_disha.data.records import TXT_SPLITS, LineNumbers, encode_items, iter_chunks
+from rwkv_disha.data.records import TXT_SPLITS, Encoded, LineNumbers, encode_items, iter_chunks
 from rwkv_disha.errors import RWKVDishaError
+from rwkv_disha.fsio import check_output_path, os_error_cause
 
 MAX_REPORTED = 10
 CHUNK_BYTES = 1 << 20  # input bytes per task sent to a worker
@@ -148,6 +152,8 @@ def _check(cfg: Config) -> list[str]:
     if not cfg.output:
         raise RWKVDishaError("no output: pass --output PREFIX (writes PREFIX.bin and PREFIX.idx)")
     for p in inputs:
+        if os.path.isdir(p):
+            raise RWKVDishaError(f"--input {p} is a directory; give the files inside it")
         if not os.path.isfile(p):
             raise RWKVDishaError(f"input file not found: {p}")
     if cfg.ctx_len < 1:
@@ -163,22 +169,128 @@ def _check(cfg: Config) -> list[str]:
     return inputs
 
 
-def prepare(cfg: Config, log=None) -> PrepareStats:
-    """Run ``prepare``; returns the statistics (``run`` prints them). Writes nothing on an error."""
-    log = log or (lambda msg: print(msg, file=sys.stderr))
-    inputs = _check(cfg)
-    prefix = split_prefix(cfg.output)
-    mask_prefix = prefix + MASK_SUFFIX
-    if not cfg.overwrite:
-        for p in (prefix, mask_prefix):
-            if exists(p):
+def _check_output(output: str) -> str:
+    """The output prefix, refused (one line) when it names a folder or cannot be written."""
+    prefix = split_prefix(output)
+    if not os.path.basename(prefix) or os.path.isdir(prefix):
+        raise RWKVDishaError(
+            f"--output {output} is a directory; give a prefix inside it, such as "
+            f"{os.path.join(prefix, 'data')} (writes data.bin and data.idx there)"
+        )
+    check_output_path(prefix + ".bin", "--output")
+    return prefix
+
+
+def _refuse_existing(prefix: str) -> None:
+    for p in (prefix, prefix + MASK_SUFFIX):
+        if exists(p):
+            raise RWKVDishaError(
+                f"{p}.bin/.idx already exists; pass --overwrite 1 to replace it, or another --output"
+            )
+
+
+@contextmanager
+def output_lock(prefix: str) -> Iterator[Path]:
+    """Hold an exclusive lock on the output ``prefix`` (a ``.NAME.prepare.lock`` file next to it, removed
+    afterwards), so two ``prepare`` runs never write one output at once; the second gets one line naming
+    the first's pid. It is an ``flock``: a killed holder never leaves a stale lock."""
+    import fcntl
+
+    lock = Path(os.path.dirname(prefix) or ".") / f".{os.path.basename(prefix)}.prepare.lock"
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
                 raise RWKVDishaError(
-                    f"{p}.bin/.idx already exists; pass --overwrite 1 to replace it, or another --output"
-                )
+                    f"{prefix}.bin/.idx is being written by {holder}: wait for it to finish "
+                    "or choose another --output"
+                ) from None
+            try:  # the previous holder may have removed the file between our open and flock
+                if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"rwkv-disha prepare (pid {os.getpid()})".encode(), 0)
+    except OSError as e:
+        raise RWKVDishaError(f"cannot write {prefix}.bin: {os_error_cause(e)}") from None
+    try:
+        yield lock
+    finally:
+        with suppress(OSError):
+            lock.unlink()
+        os.close(fd)  # releases the flock
+
+
+class _Output:
+    """The binidx writer (and the answer-mask writer, opened at the first chat / Q&A record), fed one
+    encoded chunk at a time; ``commit`` renames the files into place, ``abort`` leaves nothing."""
+
+    def __init__(self, prefix: str, dtype, stats: PrepareStats):
+        self.prefix, self.stats = prefix, stats
+        self.writer = BinIdxWriter(prefix, dtype)
+        self.masks: BinIdxWriter | None = None
+
+    def add(self, enc: Encoded, ctx_len: int) -> None:
+        stats = self.stats
+        stats.empty += enc.empty
+        stats.chat += enc.chat
+        if enc.sizes.size == 0:
+            return
+        if enc.masks is not None and self.masks is None:
+            self.masks = BinIdxWriter(self.prefix + MASK_SUFFIX, np.uint8)
+            earlier = self.writer.sizes_so_far()  # plain text before the first chat: every token counts
+            if earlier.size:
+                self.masks.add_many(np.ones(int(earlier.sum()), np.uint8), earlier)
+        self.writer.add_many(enc.tokens, enc.sizes)
+        if self.masks is not None:
+            masks = enc.masks if enc.masks is not None else np.ones(enc.tokens.size, np.uint8)
+            self.masks.add_many(masks, enc.sizes)
+            stats.answer_tokens += int(masks.sum(dtype=np.int64))
+        stats.longest = max(stats.longest, int(enc.sizes.max()))
+        stats.over_ctx += int((enc.sizes > ctx_len + 1).sum())
+
+    def commit(self) -> None:
+        self.stats.documents, self.stats.tokens = self.writer.num_docs, self.writer.num_tokens
+        self.writer.commit()
+        if self.masks is not None:
+            self.masks.commit()
+            self.stats.mask_output = self.prefix + MASK_SUFFIX
+            return
+        for suffix in (".bin", ".idx"):  # a stale sidecar from an earlier run would be wrong now
+            with suppress(FileNotFoundError):
+                os.remove(self.prefix + MASK_SUFFIX + suffix)
+
+    def abort(self) -> None:
+        self.writer.abort()
+        if self.masks is not None:
+            self.masks.abort()
+
+
+def _report(cfg: Config, errors: list[tuple[str, str]], stats: PrepareStats, log) -> None:
+    """Stop at a malformed line (``--on_error stop``) or log it and count it as skipped."""
+    if not errors:
+        return
+    where, why = errors[0]
+    if cfg.on_error == "stop":
+        raise RWKVDishaError(f"{where}: {why}; fix the line or pass --on_error skip (nothing was written)")
+    for where, why in errors:
+        if stats.malformed < MAX_REPORTED:
+            log(f"warning: {where}: {why} (skipped)")
+        stats.errors.append((where, why))
+        stats.malformed += 1
+
+
+def _tokenise(cfg: Config, inputs: list[str], prefix: str, log) -> PrepareStats:
     total_bytes = sum(os.path.getsize(p) for p in inputs)
     # all cores by default, but no more processes than 1 MB chunks: a small input is done in-process
     workers = cfg.workers or max(1, min(_cpu_count(), -(-total_bytes // CHUNK_BYTES)))
-    dtype = np.int32 if cfg.dtype == "int32" else np.uint16
     stats = PrepareStats(output=prefix, ctx_len=cfg.ctx_len, workers=workers)
 
     def all_chunks():
@@ -190,9 +302,7 @@ def prepare(cfg: Config, log=None) -> PrepareStats:
 
     from tqdm import tqdm
 
-    t0 = time.perf_counter()
-    writer = BinIdxWriter(prefix, dtype)
-    mask_writer: BinIdxWriter | None = None
+    out = _Output(prefix, np.int32 if cfg.dtype == "int32" else np.uint16, stats)
     bar = tqdm(
         total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=None if cfg.progress else True
     )
@@ -200,56 +310,38 @@ def prepare(cfg: Config, log=None) -> PrepareStats:
         number = LineNumbers()
         for kind, path, enc, nbytes in _encoded(all_chunks(), workers, cfg.text_key, cfg.append_eos):
             bar.update(nbytes)
-            errors = number(kind, path, enc)
-            if errors:
-                where, why = errors[0]
-                if cfg.on_error == "stop":
-                    raise RWKVDishaError(
-                        f"{where}: {why}; fix the line or pass --on_error skip (nothing was written)"
-                    )
-                for where, why in errors:
-                    if stats.malformed < MAX_REPORTED:
-                        log(f"warning: {where}: {why} (skipped)")
-                    stats.errors.append((where, why))
-                    stats.malformed += 1
-            stats.empty += enc.empty
-            stats.chat += enc.chat
-            if enc.sizes.size == 0:
-                continue
-            if enc.masks is not None and mask_writer is None:
-                mask_writer = BinIdxWriter(mask_prefix, np.uint8)
-                earlier = writer.sizes_so_far()
-                if earlier.size:
-                    mask_writer.add_many(np.ones(int(earlier.sum()), np.uint8), earlier)
-            writer.add_many(enc.tokens, enc.sizes)
-            if mask_writer is not None:
-                masks = enc.masks if enc.masks is not None else np.ones(enc.tokens.size, np.uint8)
-                mask_writer.add_many(masks, enc.sizes)
-                stats.answer_tokens += int(masks.sum(dtype=np.int64))
-            stats.longest = max(stats.longest, int(enc.sizes.max()))
-            stats.over_ctx += int((enc.sizes > cfg.ctx_len + 1).sum())
+            _report(cfg, number(kind, path, enc), stats, log)
+            out.add(enc, cfg.ctx_len)
         bar.close()
         if stats.malformed > MAX_REPORTED:
             log(f"warning: {stats.malformed - MAX_REPORTED} more malformed lines skipped")
-        if writer.num_docs == 0:
+        if out.writer.num_docs == 0:
             raise RWKVDishaError(
                 f"no documents in {', '.join(inputs)} (all records empty or malformed); nothing was written"
             )
-        stats.documents, stats.tokens = writer.num_docs, writer.num_tokens
-        writer.commit()
-        if mask_writer is not None:
-            mask_writer.commit()
-            stats.mask_output = mask_prefix
-        else:
-            for suffix in (".bin", ".idx"):  # a stale sidecar from an earlier run would be wrong now
-                if os.path.exists(mask_prefix + suffix):
-                    os.remove(mask_prefix + suffix)
+        out.commit()
     except BaseException:
         bar.close()
-        writer.abort()
-        if mask_writer is not None:
-            mask_writer.abort()
+        out.abort()
         raise
+    return stats
+
+
+def prepare(cfg: Config, log=None) -> PrepareStats:
+    """Run ``prepare``; returns the statistics (``run`` prints them). Writes nothing on an error.
+
+    The output prefix is locked for the whole run, so two runs into one output never both write it.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    inputs = _check(cfg)
+    prefix = _check_output(cfg.output)
+    if not cfg.overwrite:
+        _refuse_existing(prefix)
+    t0 = time.perf_counter()
+    with output_lock(prefix):
+        if not cfg.overwrite:  # again under the lock: another run may have finished meanwhile
+            _refuse_existing(prefix)
+        stats = _tokenise(cfg, inputs, prefix, log)
     stats.seconds = time.perf_counter() - t0
     return stats
 

@@ -126,6 +126,28 @@ class Encoded:
     lines: int = 0  # lines read (jsonl chunks), to number the next chunk's lines
 
 
+def json_problem(e: BaseException) -> str:
+    """Why ``json.loads`` refused some input, in one line."""
+    if isinstance(e, UnicodeDecodeError):
+        return "not valid UTF-8"
+    if isinstance(e, json.JSONDecodeError):
+        return f"not valid JSON ({e.msg} at column {e.colno})"
+    if isinstance(e, RecursionError):
+        return "not readable JSON (nested too deeply)"
+    if "integer string conversion" in str(e):  # Python refuses ints of more than 4300 digits
+        return "not readable JSON (a number with more than 4300 digits)"
+    return f"not readable JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+
+
+def parse_json_line(raw: bytes) -> object:
+    """One JSON value; any way it cannot be read (bad JSON, bad UTF-8, absurd nesting or numbers) is a
+    ``ValueError`` with a one-line reason."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(json_problem(e)) from None
+
+
 def _read_lines(path: str, span: tuple[int, int]) -> list[bytes]:
     start, end = span
     with open(path, "rb") as f:
@@ -150,23 +172,17 @@ def encode_items(kind: str, path: str, items, text_key: str = "text", append_eos
         out.lines = len(lines)
         items = ((n, line) for n, line in enumerate(lines, start=1) if line.strip())
     for where, raw in items:
-        if kind == "jsonl":
-            try:
-                obj = json.loads(raw)
-            except UnicodeDecodeError:
-                out.errors.append((path, where, "not valid UTF-8"))
-                continue
-            except json.JSONDecodeError as e:
-                out.errors.append((path, where, f"not valid JSON ({e.msg} at column {e.colno})"))
-                continue
-        else:
-            obj = raw
         try:
+            obj = parse_json_line(raw) if kind == "jsonl" else raw
             segments, rkind = record_segments(obj, text_key) if kind != "text" else ([(obj, True)], "text")
+            ids, mask = encode_segments_doc(segments, rkind, tok, append_eos)
+        except UnicodeEncodeError as e:  # a lone surrogate such as "\ud800" cannot become UTF-8 bytes
+            bad = e.object[e.start : e.end].encode("unicode_escape").decode()
+            out.errors.append((path, where, f"the text holds {bad}, a lone surrogate (not valid Unicode)"))
+            continue
         except ValueError as e:
             out.errors.append((path, where, str(e)))
             continue
-        ids, mask = encode_segments_doc(segments, rkind, tok, append_eos)
         if ids.size == 0:
             out.empty += 1
             continue
@@ -221,8 +237,8 @@ def iter_chunks(
                 data = f.read()
             try:
                 arr = json.loads(data)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{path}: not a valid JSON array ({e})") from None
+            except (ValueError, RecursionError) as e:
+                raise ValueError(f"{path}: {json_problem(e)}; expected a JSON array of records") from None
             if not isinstance(arr, list):
                 raise ValueError(f"{path}: not a JSON array of records")
             for k in range(0, len(arr), chunk_items):
