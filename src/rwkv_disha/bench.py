@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rwkv_disha.choices import OPS
 from rwkv_disha.config import opt
 from rwkv_disha.errors import RWKVDishaError
 from rwkv_disha.kernels import get_wkv7, resolve_op
@@ -94,6 +95,8 @@ def validate(cfg: Config) -> list[str]:
     if cfg.what == "kernel" and not ops:
         raise RWKVDishaError("--ops is empty: give kernels to time, e.g. --ops torch,loop")
     for op in ops if cfg.what == "kernel" else []:
+        if op not in OPS:
+            raise RWKVDishaError(f"--ops: unknown kernel {op!r}; choose from {', '.join(OPS)}")
         if resolve_op(op) == "fla" and device == "cpu":
             raise RWKVDishaError(f"--ops {op} runs on CUDA tensors only: add --device cuda")
     return ops

@@ -83,6 +83,8 @@ def validate(cfg: Config) -> dict[str, Path]:
     if not 0 <= cfg.seed < 2**32:
         raise RWKVDishaError(f"--seed must be in [0, 2**32), got {cfg.seed}")
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise RWKVDishaError(f"--out {out} is a file: give a folder (the demo writes several files into it)")
     paths = {
         "corpus": out / "corpus.jsonl",
         "base": out / "base.pth",

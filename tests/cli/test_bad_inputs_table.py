@@ -177,7 +177,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("bench-repeat-0", [*BENCH, "--repeat", "0"], "repeat"),
     ("bench-B-0", [*BENCH, "--B", "0"], "--b"),
     ("bench-bad-device", [*BENCH, "--device", "tpu"], "device"),
-    ("bench-unknown-op", [*BENCH, "--ops", "torch,warp"], "warp"),
+    ("bench-unknown-op", [*BENCH, "--ops", "torch,warp"], "--ops: unknown kernel 'warp'"),
     ("bench-empty-ops", [*BENCH, "--ops", ","], "ops"),
     ("bench-bad-what", [*BENCH, "--what", "flops"], "what"),
     # --- demo: everything refused before the corpus, the base or the data is written
@@ -191,7 +191,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("demo-lr-0", [*DEMO, "--lr", "0"], "--lr"),
     ("demo-lr-nan", [*DEMO, "--lr", "nan"], "--lr"),
     ("demo-seed-negative", [*DEMO, "--seed", "-3"], "seed"),
-    ("demo-out-is-file", [*DEMO, "--out", "@afile"], "afile"),
+    ("demo-out-is-file", [*DEMO, "--out", "@afile"], "is a file"),
 ]
 if not CUDA:  # these refuse a GPU-only setting on a machine without one
     CASES += [
