@@ -187,6 +187,24 @@ def test_jsonl_on_the_fly(tmp_path, tok):
     assert tok.decode(answer) == " a\n\n"
 
 
+def test_jsonl_is_tokenised_once_per_dataset(tmp_path, monkeypatch):
+    """Built once per run and moved between epochs with set_epoch, the jsonl dataset never re-tokenises."""
+    import rwkv_disha.data.records as records
+
+    calls = []
+    encode = records.encode_items
+    monkeypatch.setattr(records, "encode_items", lambda *a, **k: calls.append(a[0]) or encode(*a, **k))
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(10)))
+    ds = make_dataset(str(src), "jsonl", "pad", 8, 2, 0, "pad", 0, 65536)
+    assert calls == ["jsonl"]  # one chunk of a small file: one call
+    seen = []
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        seen += [tuple(ds[i]["input_ids"].tolist()) for i in range(len(ds))]
+    assert calls == ["jsonl"] and len(seen) == 30 and len(set(seen)) == 10
+
+
 @pytest.mark.parametrize("encoding", ["utf-8", "utf-16le"])
 def test_text_file_types(tmp_path, tok, encoding):
     src = tmp_path / "t.txt"

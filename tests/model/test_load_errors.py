@@ -185,3 +185,25 @@ def test_cli_init_bad_width_is_one_line(tmp_path, capsys):
     assert rc == 2
     assert capsys.readouterr().err.strip() == "error: n_embd 100 must be a multiple of head_size 64"
     assert not (tmp_path / "m.pth").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--load_model", "{d}", "--proj_dir", "{tmp}/proj", "--data_file", "{tmp}/data"],
+        ["eval", "--load_model", "{d}", "--data_file", "{tmp}/data"],
+        ["generate", "--load_model", "{d}", "--prompt", "hi"],
+        ["merge", "--base_model", "{d}", "--peft_checkpoint", "{tmp}/a.pth", "--output", "{tmp}/m.pth"],
+    ],
+    ids=["train", "eval", "generate", "merge"],
+)
+def test_directory_as_model_in_every_command(tmp_path, capsys, argv):
+    d = tmp_path / "RWKV-x070-World-0.1B"
+    d.mkdir()
+    (tmp_path / "a.pth").write_bytes(b"")
+    rc = main([a.format(d=d, tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert f"{d} is a directory" in err and "not found" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["RWKV-x070-World-0.1B", "a.pth"]
+    assert list(d.iterdir()) == []

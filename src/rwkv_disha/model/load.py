@@ -67,16 +67,6 @@ def load_state_dict(path: str | os.PathLike, what: str = "model") -> dict[str, t
     return obj
 
 
-def check_model_path(path: str | os.PathLike, flag: str = "--load_model", what: str = "model") -> Path:
-    """Refuse a model path that is missing or a directory, before any work (one line naming ``flag``)."""
-    p = Path(path)
-    if p.is_dir():
-        raise RWKVDishaError(f"{flag} {p} is a directory; give the {what} file (.pth) inside it")
-    if not p.exists():
-        raise RWKVDishaError(f"{flag} {p}: {what} file not found (check the path)")
-    return p
-
-
 def detect_version(sd: dict[str, torch.Tensor]) -> str:
     """The version (``x070``, ``x060``, ...) from the keys, or raise naming a few unexpected keys."""
     keys = list(sd)
