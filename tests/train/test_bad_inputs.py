@@ -57,6 +57,22 @@ CASES = [
     ("fp16 on cpu", {}, ["--precision", "fp16"], "--precision fp16 is GPU-only"),
     ("wds_img", {}, ["--data_type", "wds_img"], "image data is not supported"),
     ("resume without ckpt", {}, ["--resume", "{tmp}"], "no resume.ckpt there"),
+    ("model is a folder", {"load_model": "{tmp}"}, [], "--load_model {tmp} is a directory"),
+    ("beta1 1", {}, ["--beta1", "1"], "--beta1 must be in [0, 1), got 1.0"),
+    ("beta2 negative", {}, ["--beta2", "-0.1"], "--beta2 must be in [0, 1), got -0.1"),
+    ("adam_eps 0", {}, ["--adam_eps", "0"], "--adam_eps must be > 0, got 0.0"),
+    ("num_workers negative", {}, ["--num_workers", "-1"], "--num_workers must be >= 0, got -1"),
+    ("warmup negative", {}, ["--warmup_steps", "-2"], "--warmup_steps must be >= 0, got -2"),
+    ("wsd frac > 1", {}, ["--wsd_decay_frac", "1.5"], "--wsd_decay_frac must be in [0, 1], got 1.5"),
+    ("grad_clip negative", {}, ["--grad_clip", "-1"], "--grad_clip must be >= 0 (0: off), got -1.0"),
+    ("weight_decay negative", {}, ["--weight_decay", "-1"], "--weight_decay must be >= 0, got -1.0"),
+    ("lr inf", {"lr_init": "inf"}, [], "--lr_init must be a finite number, got inf"),
+    ("lr nan", {"lr_final": "nan"}, [], "--lr_final must be a finite number, got nan"),
+    ("beta nan", {}, ["--beta1", "nan"], "--beta1 must be a finite number, got nan"),
+    ("seed too big", {}, ["--random_seed", str(2**32)], "--random_seed must be -1 (the default seed) or in"),
+    ("seed -2", {"random_seed": -2}, [], "--random_seed must be -1 (the default seed) or in 0 .. 4294967295"),
+    ("epoch_save 0", {"epoch_save": 0}, [], "--epoch_save must be positive, got 0"),
+    ("accumulate 0", {}, ["--accumulate_grad_batches", "0"], "--accumulate_grad_batches must be positive"),
 ]
 
 
@@ -74,6 +90,16 @@ def test_bad_input_is_one_line_before_model_load(
     assert err.startswith("error: ") and "\n" not in err
     assert fill(message) in err
     assert not proj.exists()  # nothing written
+
+
+def test_nan_in_yaml_is_refused_too(tmp_path, base_path, count_data, no_model_load, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"load_model: {base_path}\ndata_file: {count_data}\nproj_dir: {tmp_path / 'y'}\nlr_init: .nan\n"
+    )
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "--lr_init must be a finite number, got nan" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
 
 
 def test_unwritable_proj_dir(tmp_path, base_path, count_data, train_args, no_model_load, capsys):
