@@ -96,6 +96,18 @@ def test_every_reader_refuses_a_non_finite_adapter(base, work):
         load_adapter_file(model, adapter, config("bone", 64))
 
 
+def test_a_non_finite_adapter_is_never_saved(base, tmp_path):
+    cfg = config("bat", 32)
+    model = adapted(base, cfg, seed=23)
+    with torch.no_grad():
+        model.blocks[0].att.output.disha[1, 2, 3] = float("nan")
+    with pytest.raises(
+        RWKVDishaError, match=r"rwkv-2.pth holds non-finite weights \(NaN/inf\) in blocks.0.att"
+    ):
+        save_adapter_file(model, cfg, tmp_path / "rwkv-2.pth")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_merge_refuses_a_non_finite_result(make_checkpoint, tmp_path, capsys):
     """A finite adapter whose merged weights overflow the base's dtype (fp16: |w| > 65504) is not written."""
     base16 = make_checkpoint(2, 128, 300, dtype=torch.float16)
@@ -138,6 +150,14 @@ def test_existing_output_needs_overwrite(base, work, capsys):
     assert main(["merge", *argv_for(base, adapter, out), "--overwrite", "1"]) == 0
     idx = tokens(300)
     assert rel_err(logits(load_model(out, op="torch"), idx), logits(model, idx)) <= 1e-5
+
+
+@pytest.mark.parametrize("alpha", ["-2", "nan", "inf"])
+def test_bad_lora_alpha(base, work, capsys, alpha):
+    root, adapter, _ = work
+    merge_refused(
+        [*argv_for(base, adapter, root / "m.pth"), "--lora_alpha", alpha], capsys, root, "lora_alpha"
+    )
 
 
 def test_output_onto_the_sidecar_is_refused(base, work, capsys):

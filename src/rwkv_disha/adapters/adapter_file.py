@@ -97,10 +97,13 @@ def adapter_sidecar(model: nn.Module, cfg: AdapterConfig, fingerprint: dict | No
 
 def write_adapter_file(path: str | Path, tensors: Mapping[str, Tensor], sidecar: Mapping[str, Any]) -> Path:
     """Write ``tensors`` to ``path`` (.pth or .safetensors) and ``sidecar`` next to it, each atomically
-    and with the same file mode; an OS error is one line naming the file."""
+    and with the same file mode; an OS error is one line naming the file. NaN / inf tensors are refused
+    (RWKVDishaError) and nothing is written."""
     from rwkv_disha.model.load import save_state_dict
 
     path = Path(path)
+    # the last line of defence against a diverged run: never a NaN adapter under a final name
+    _refuse_non_finite(tensors, f"the adapter to be saved as {path}")
     meta = {"format": SIDECAR_FORMAT, "format_version": SIDECAR_VERSION, **sidecar, "tensors": len(tensors)}
     save_state_dict(dict(tensors), path, what="adapter file")
     atomic_write_json(sidecar_path(path), meta, what="adapter sidecar")

@@ -14,6 +14,7 @@ temporary file and renamed: a failed merge leaves nothing at --output.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -167,6 +168,8 @@ def run(cfg: Config) -> int:
                 f"--{flag} is required: rwkv-disha merge --base_model BASE.pth --peft_checkpoint rwkv-N.pth "
                 f"--output merged.pth"
             )
+    if not (math.isfinite(cfg.lora_alpha) and cfg.lora_alpha >= 0):
+        raise RWKVDishaError(f"--lora_alpha must be > 0 (or 0: from the sidecar), got {cfg.lora_alpha:g}")
     info = merge_adapter_file(
         cfg.base_model,
         cfg.peft_checkpoint,
