@@ -17,10 +17,9 @@ import torch
 
 from rwkv_disha.errors import RWKVDishaError
 from rwkv_disha.fsio import atomic_write_json, os_error_cause, temp_path
-from rwkv_disha.train.config import SAVED_CONFIG, Config, config_json
+from rwkv_disha.train.config import RESUME_FILE, SAVED_CONFIG, Config, config_json
 from rwkv_disha.train.logs import MetricsCsv, plot_loss, summary_lines
 from rwkv_disha.train.module import DishaModule, Diverged, divergence_advice
-from rwkv_disha.train.resume import RESUME_FILE
 
 
 def adapter_path(cfg: Config, epoch: int) -> Path:

@@ -150,6 +150,7 @@ class Config:
 
 
 SAVED_CONFIG = "train_config.json"
+RESUME_FILE = "resume.ckpt"
 
 
 def config_json(cfg: Config) -> dict[str, Any]:

@@ -17,7 +17,6 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from rwkv_disha.errors import RWKVDishaError
 
-RESUME_FILE = "resume.ckpt"
 KEY = "rwkv_disha"  # our part of the checkpoint: tokens seen, batches done in the current epoch
 
 

@@ -14,12 +14,12 @@ import contextlib
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import lightning as L
-import torch
+from rwkv_disha.train.config import RESUME_FILE, Config
 
-from rwkv_disha.train.config import Config
-from rwkv_disha.train.resume import RESUME_FILE
+if TYPE_CHECKING:  # Lightning and torch load when training starts, not for `train --help`
+    import lightning as L
 
 __all__ = ["Config", "run", "setup", "main", "fit"]
 
@@ -40,6 +40,9 @@ def setup(cfg: Config, extra_callbacks: list | None = None) -> int:
     line each, nothing loaded or written yet), then lock proj_dir, seed, and hand over to :func:`main`.
 
     ``extra_callbacks`` (tests, embedding) are added to Lightning's list."""
+    import lightning as L
+    import torch
+
     from rwkv_disha.fsio import clean_stale_temps, folder_lock
     from rwkv_disha.train.build import build_adapter_config, build_dataset
     from rwkv_disha.train.checks import (
