@@ -1,4 +1,4 @@
-"""binidx reader / writer: round trips, an independent reader from SPEC §4, bad files, atomic writes."""
+"""binidx reader / writer: round trips, an independent reader from docs/DATA.md, bad files, atomic writes."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def sample_docs(dtype) -> list[np.ndarray]:
 
 
 def read_by_hand(prefix: str) -> tuple[int, list[int], list[int], list[int], bytes]:
-    """An independent reader written from SPEC §4 alone: parse the .idx header and arrays byte by byte."""
+    """An independent reader written from docs/DATA.md ("binidx files") alone: parse the .idx header
+    and arrays byte by byte."""
     with open(prefix + ".idx", "rb") as f:
         raw = f.read()
     assert raw[:9] == b"MMIDIDX\x00\x00"

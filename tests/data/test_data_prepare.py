@@ -42,7 +42,8 @@ def run_prepare(tmp_path, inputs, name="out", **kw):
 
 def json2binidx_reference(texts, tokenizer, prefix):
     """What json2binidx writes for {"text": t} lines (RWKV World tokenizer, --append-eod), built by hand
-    from SPEC §4: empty texts are skipped, token 0 ends each document, int32 (dtype code 4)."""
+    from docs/DATA.md ("binidx files"): empty texts are skipped, token 0 ends each document, int32
+    (dtype code 4)."""
     docs = [tokenizer.encode(t) + [0] for t in texts if t]
     sizes = [len(d) for d in docs]
     pointers = [4 * sum(sizes[:i]) for i in range(len(docs))]

@@ -1,4 +1,4 @@
-"""Our RWKV-7 forward against BlinkDL's `rwkv` package, the engine of RWKV Runner (SPEC §6)."""
+"""Our RWKV-7 forward against BlinkDL's `rwkv` package, the engine of RWKV Runner (docs/MODEL.md)."""
 
 import pytest
 import torch

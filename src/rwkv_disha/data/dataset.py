@@ -7,7 +7,7 @@ dict of ``input_ids`` (LongTensor ``(T,)``), ``labels`` (the next tokens, LongTe
 ``mask`` (FloatTensor ``(T,)``, 1 where the loss counts). Batch with
 :func:`collate` (pads to the longest item with mask 0) and take the loss with :func:`masked_lm_loss`.
 
-See docs/DATA.md ("Sampling", "Epochs and shuffling") for the same with examples.
+See docs/DATA.md ("Sampling", "Epochs", "Loss masks") for the same with examples.
 
 Sampling
 --------

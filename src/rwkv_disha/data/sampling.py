@@ -1,4 +1,4 @@
-"""Deterministic shuffling without storing a permutation (docs/DATA.md, "Epochs and shuffling").
+"""Deterministic shuffling without storing a permutation (docs/DATA.md, "Sampling").
 
 :class:`Permutation` is a keyed pseudo-random permutation of ``range(n)`` that costs O(1) memory, so a
 corpus of a billion documents is shuffled as cheaply as one of ten; :func:`pass_key` derives the key of

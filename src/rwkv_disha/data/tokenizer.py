@@ -1,4 +1,4 @@
-"""The RWKV World tokenizer (SPEC §5) and the RWKV chat format.
+"""The RWKV World tokenizer (docs/DATA.md, "The RWKV World tokenizer") and the RWKV chat format.
 
 :func:`get_tokenizer` returns a :class:`WorldTokenizer`: ids come from the compiled
 ``pyrwkv_tokenizer`` wheel when it is installed (0.2 s to load), else from the pure-Python

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from rwkv_disha.choices import OPS
 from rwkv_disha.errors import RWKVDishaError
 from rwkv_disha.kernels.fla import fla_available, wkv7_fla
 from rwkv_disha.kernels.wkv7 import wkv7_chunked, wkv7_loop
 
-OPS = ("auto", "torch", "loop", "fla", "cuda", "triton")
 _ALIASES = {"cuda": "fla", "triton": "fla"}
 
 

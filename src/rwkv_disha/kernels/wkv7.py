@@ -1,7 +1,7 @@
 """WKV-7 state recurrence: a per-step reference loop and a chunked pure-PyTorch form.
 
 Shapes: r, w, k, v, a, b are (B, T, H, N); ``w`` is the LOG-decay (log of the per-step decay,
-in [-exp(-0.5), 0)); the state S is (B, H, N, N) laid out (value, key) as in SPEC §2:
+in [-exp(-0.5), 0)); the state S is (B, H, N, N) laid out (value, key) as in docs/MODEL.md ("Forward pass"):
 
     S_t = S_{t-1} diag(exp(w_t)) + (S_{t-1} a_t) b_t^T + v_t k_t^T,      y_t = S_t r_t
 
