@@ -116,7 +116,7 @@ def test_a_new_kind_is_one_class_and_one_table_entry(make_checkpoint, tmp_path, 
     monkeypatch.setitem(ADAPTER_KINDS, "half", HalfBoneLinear)
     base = make_checkpoint(2, 128, 300)
     cfg = AdapterConfig.from_cli("disha", '{"mode":"half","load":"","r":16}')
-    assert (cfg.kind, cfg.describe()) == (HalfBoneLinear, "HalfBone r=16")
+    assert (cfg.layer_class, cfg.describe()) == (HalfBoneLinear, "HalfBone r=16")
     model = load_model(base, op="torch")
     names = inject_adapters(model, cfg)
     assert len(names) == 12 and all(isinstance(model.get_submodule(n), HalfBoneLinear) for n in names)
@@ -124,9 +124,9 @@ def test_a_new_kind_is_one_class_and_one_table_entry(make_checkpoint, tmp_path, 
     randomise(model, seed=5)
     model.eval()
     path = save_adapter_file(model, cfg, tmp_path / "rwkv-0.pth")
-    assert open_adapter_file(path).cfg.kind is HalfBoneLinear
+    assert open_adapter_file(path).cfg.layer_class is HalfBoneLinear
     inferred = infer_adapter_config(adapter_state_dict(model, cfg))  # no sidecar: the shapes say "half"
-    assert (inferred.kind, inferred.r, inferred.mode) == (HalfBoneLinear, 16, "half")
+    assert (inferred.layer_class, inferred.r, inferred.mode) == (HalfBoneLinear, 16, "half")
 
     fresh = load_model(base, op="torch")
     inject_adapters(fresh, cfg)

@@ -91,7 +91,7 @@ class AdapterConfig:
                     "--quant quantizes the frozen base under an adapter: add --peft disha or lora"
                 )
             return
-        kind = self.kind  # refuses an unknown peft / mode
+        kind = self.layer_class  # refuses an unknown peft / mode
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             key = next(k for k, (name, _, _) in kind.cli_keys.items() if name == "r")
             raise RWKVDishaError(f"{kind.cli_flag} {key} must be a positive integer, got {self.r!r}")
@@ -102,7 +102,7 @@ class AdapterConfig:
             raise RWKVDishaError(f"adapter targets must be module names like {' '.join(DEFAULT_TARGETS)}")
 
     @property
-    def kind(self):
+    def layer_class(self):
         """The adapter layer class (``BoneLinear``, ...) this config selects; not for ``peft none``."""
         return adapter_class(self.peft, self.mode)
 
@@ -161,10 +161,10 @@ class AdapterConfig:
         """Same kind and r: the tensors of one fit the layers of the other."""
         if self.peft == "none" or other.peft == "none":
             return self.peft == other.peft
-        return self.kind is other.kind and self.r == other.r
+        return self.layer_class is other.layer_class and self.r == other.r
 
     def describe(self) -> str:
         if self.peft == "none":
             return "no adapter"
         q = f", base {self.quant}" if self.quant != "none" else ""
-        return f"{self.kind.describe(self)}{q}"
+        return f"{self.layer_class.describe(self)}{q}"

@@ -68,7 +68,7 @@ def make_adapter_layer(cfg: AdapterConfig, weight: Tensor) -> AdapterLinear:
     """The adapter layer ``cfg`` asks for, wrapping ``weight`` (out, in) without copying it."""
     if cfg.peft == "none":
         raise RWKVDishaError("no adapter layer for --peft none")
-    return cfg.kind.from_config(weight, cfg)
+    return cfg.layer_class.from_config(weight, cfg)
 
 
 def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
@@ -81,7 +81,7 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     if cfg.peft == "none":
         return []
     linears = find_targets(model, cfg.targets)
-    cfg.kind.check_shapes(cfg.r, {name: tuple(m.weight.shape) for name, m in linears.items()})
+    cfg.layer_class.check_shapes(cfg.r, {name: tuple(m.weight.shape) for name, m in linears.items()})
     for name, linear in linears.items():
         layer = make_adapter_layer(cfg, linear.weight.data)
         if cfg.quant != "none":
