@@ -263,3 +263,24 @@ def test_two_runs_at_once_one_succeeds(tmp_path):
     )
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.bin", "out.idx"]
     assert len(BinIdx(tmp_path / "out")) == 3
+
+
+def test_failing_mask_sidecar_publishes_nothing(tmp_path, capsys, monkeypatch):
+    """Token files and answer masks are both complete on disk before either is renamed into place."""
+    import errno
+
+    from rwkv_disha.data.binidx import BinIdxWriter
+
+    write_index = BinIdxWriter._write_index
+
+    def full_for_masks(self):
+        if self.prefix.endswith(".mask"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_index(self)
+
+    monkeypatch.setattr(BinIdxWriter, "_write_index", full_for_masks)
+    src = tmp_path / "qa.jsonl"
+    src.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    err = one_error_line(capsys, main(prepare_argv([src], tmp_path / "out")))
+    assert err == f"error: cannot write {tmp_path / 'out.mask'}.idx: no space left on the device"
+    assert os.listdir(tmp_path) == ["qa.jsonl"]

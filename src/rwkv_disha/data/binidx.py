@@ -213,8 +213,10 @@ class BinIdxWriter:
             f.flush()
             os.fsync(f.fileno())
 
-    def commit(self) -> None:
-        if self.closed:
+    def finish(self) -> None:
+        """Write everything to the temporary files (tokens flushed, index written), renaming nothing yet:
+        a caller writing several datasets at once finishes all before it publishes any."""
+        if self.closed or self._idx_tmp is not None:
             return
         try:
             self._flush_sizes()
@@ -224,6 +226,15 @@ class BinIdxWriter:
                 self._f.close()
             with self._os_errors(".idx"):
                 self._write_index()
+        except BaseException:
+            self.abort()
+            raise
+
+    def publish(self) -> None:
+        """Rename the finished temporary files into place (``.bin`` first, then ``.idx``)."""
+        if self.closed:
+            return
+        try:
             with self._os_errors(".bin"):
                 os.chmod(self._bin_tmp, _file_mode())
                 os.chmod(self._idx_tmp, _file_mode())
@@ -233,6 +244,10 @@ class BinIdxWriter:
             self.abort()
             raise
         self.closed = True
+
+    def commit(self) -> None:
+        self.finish()
+        self.publish()
 
     def abort(self) -> None:
         """Forget everything written; the temporary files are deleted, the final names untouched."""

@@ -258,9 +258,12 @@ class _Output:
 
     def commit(self) -> None:
         self.stats.documents, self.stats.tokens = self.writer.num_docs, self.writer.num_tokens
-        self.writer.commit()
+        self.writer.finish()  # both datasets complete on disk before either is renamed into place
         if self.masks is not None:
-            self.masks.commit()
+            self.masks.finish()
+        self.writer.publish()
+        if self.masks is not None:
+            self.masks.publish()
             self.stats.mask_output = self.prefix + MASK_SUFFIX
             return
         for suffix in (".bin", ".idx"):  # a stale sidecar from an earlier run would be wrong now
