@@ -18,7 +18,7 @@ import torch
 from rwkv_disha.errors import RWKVDishaError
 from rwkv_disha.fsio import atomic_write_json, os_error_cause, temp_path
 from rwkv_disha.train.config import RESUME_FILE, SAVED_CONFIG, Config, config_json
-from rwkv_disha.train.logs import MetricsCsv, plot_loss, summary_lines
+from rwkv_disha.train.logs import MetricsCsv, append_text, plot_loss, summary_lines
 from rwkv_disha.train.module import DishaModule, Diverged, divergence_advice
 
 
@@ -194,12 +194,14 @@ class TrainLog(L.Callback):
         self._t_start = time.time()
         if not trainer.is_global_zero:
             return
-        with open(self.proj / "train_log.txt", "a") as f:
-            f.write(f"# rwkv-disha train, {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            f.write(f"# command: {' '.join(sys.argv)}\n")
-            counts = f"trainable {self.n_train:,} of {self.n_total:,} parameters"
-            f.write(f"# adapter: {self.describe}; {counts}\n")
-            f.write(json.dumps(config_json(self.cfg), sort_keys=True) + "\n")
+        counts = f"trainable {self.n_train:,} of {self.n_total:,} parameters"
+        header = [
+            f"# rwkv-disha train, {time.strftime('%Y-%m-%d %H:%M:%S')}",
+            f"# command: {' '.join(sys.argv)}",
+            f"# adapter: {self.describe}; {counts}",
+            json.dumps(config_json(self.cfg), sort_keys=True),
+        ]
+        append_text(self.proj / "train_log.txt", "\n".join(header) + "\n")
         self._csv = MetricsCsv(self.proj / "metrics.csv")
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -227,8 +229,7 @@ class TrainLog(L.Callback):
             f"epoch {epoch} loss {mean:.4f} ppl {perplexity(mean):.2f} lr {lr:.3e} "
             f"tokens {pl_module.tokens_seen} time {time.time() - self._t_epoch:.1f}s"
         )
-        with open(self.proj / "train_log.txt", "a") as f:
-            f.write(line + "\n")
+        append_text(self.proj / "train_log.txt", line + "\n")
 
     def _close(self) -> None:
         if self._csv is not None:

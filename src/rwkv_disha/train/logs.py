@@ -2,31 +2,57 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import time
 from pathlib import Path
 
+from rwkv_disha.errors import RWKVDishaError
+from rwkv_disha.fsio import os_error_cause
 from rwkv_disha.train.config import Config
 
 COLUMNS = ["global_step", "epoch", "batch", "loss", "lr", "tokens", "time"]
+
+
+def _write_error(path: Path, e: OSError) -> RWKVDishaError:
+    return RWKVDishaError(f"cannot write {path}: {os_error_cause(e)}")
+
+
+def append_text(path: Path, text: str) -> None:
+    """Append to a log file; a full disk or a read-only folder is one error line naming the file."""
+    try:
+        with open(path, "a") as f:
+            f.write(text)
+    except OSError as e:
+        raise _write_error(path, e) from None
 
 
 class MetricsCsv:
     """proj_dir/metrics.csv, one row per logged micro-batch; a resumed run appends to it."""
 
     def __init__(self, path: Path):
+        self.path = path
         new = not path.exists()
-        self._file = open(path, "a", newline="")  # noqa: SIM115 (closed by close())
+        try:
+            self._file = open(path, "a", newline="")  # noqa: SIM115 (closed by close())
+        except OSError as e:
+            raise _write_error(path, e) from None
         self._writer = csv.writer(self._file)
         if new:
             self._writer.writerow(COLUMNS)
 
     def row(self, step: int, epoch: int, batch: int, loss: float, lr: float, tokens: int) -> None:
-        self._writer.writerow([step, epoch, batch, f"{loss:.6f}", f"{lr:.4e}", tokens, f"{time.time():.3f}"])
-        self._file.flush()
+        try:
+            self._writer.writerow(
+                [step, epoch, batch, f"{loss:.6f}", f"{lr:.4e}", tokens, f"{time.time():.3f}"]
+            )
+            self._file.flush()
+        except OSError as e:
+            raise _write_error(self.path, e) from None
 
     def close(self) -> None:
-        self._file.close()
+        with contextlib.suppress(OSError):  # already reported by row(), or nothing left to flush
+            self._file.close()
 
 
 def merge_command(cfg: Config, adapter_path: Path) -> str:
