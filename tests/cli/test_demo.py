@@ -15,3 +15,14 @@ def test_demo_pipeline_small(tmp_path, capsys):
     base = float(report.split("base ")[1].split()[0])
     tuned = float(report.split("Bone-tuned ")[1].split()[0])
     assert tuned < base  # even 6 steps move the answer-token loss down
+
+
+def test_demo_runs_again_into_its_own_folder(tmp_path, capsys):
+    """The demo owns --out: a second run replaces its files (init / prepare / train / merge are told
+    --overwrite 1) instead of stopping at the first step that refuses to replace an output."""
+    argv = ["demo", "--out", str(tmp_path / "demo"), "--n_embd", "64", "--epochs", "1", "--epoch_steps", "1"]
+    assert main(argv) == 0
+    first = (tmp_path / "demo" / "merged.pth").stat().st_mtime_ns
+    assert main(argv) == 0, capsys.readouterr().err[-2000:]
+    assert "rwkv-disha demo finished" in capsys.readouterr().out
+    assert (tmp_path / "demo" / "merged.pth").stat().st_mtime_ns > first
