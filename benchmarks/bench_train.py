@@ -24,7 +24,7 @@ CHILD = r"""
 import json, resource, sys, time
 import lightning as L, torch
 from rwkv_disha.cli import parse_config
-from rwkv_disha.train.trainer import fit
+from rwkv_disha.train.run import setup as fit
 
 class Timer(L.Callback):
     def __init__(self): self.t = []

@@ -62,12 +62,17 @@ def save_resume_checkpoint(trainer, module: DishaModule, cfg: Config, epoch_batc
     _check_finite(module, trainer, cfg)
     module.epoch_batches = epoch_batches
     final = Path(cfg.proj_dir) / RESUME_FILE
-    tmp = str(temp_path(final)) if trainer.is_global_zero else ""
+    tmp = ""
+    if trainer.is_global_zero:
+        tmp = str(temp_path(final))
+        os.unlink(tmp)  # only the unique name is needed: DeepSpeed writes a folder there
     tmp = trainer.strategy.broadcast(tmp, src=0)
     try:
         trainer.save_checkpoint(tmp)
         trainer.strategy.barrier()
         if trainer.is_global_zero:
+            if Path(tmp).is_dir() and final.is_dir():
+                shutil.rmtree(final)  # a folder cannot be renamed over a folder
             os.replace(tmp, final)
     except Exception as e:
         if trainer.is_global_zero:

@@ -14,7 +14,7 @@ POSITIVE = ("epoch_steps", "epoch_count", "epoch_save", "accumulate_grad_batches
 
 def validate(cfg: Config) -> None:
     """Every option on its own and together, without touching the model or the data."""
-    if cfg.resume and not (Path(cfg.resume) / "resume.ckpt").is_file():
+    if cfg.resume and not (Path(cfg.resume) / "resume.ckpt").exists():
         raise RWKVDishaError(f"--resume {cfg.resume}: no resume.ckpt there (it is written at each epoch end)")
     if not cfg.load_model:
         raise RWKVDishaError("--load_model is required: the base RWKV .pth to fine-tune")

@@ -24,6 +24,11 @@ def read_resume_checkpoint(path: str | Path) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` of a resume checkpoint; anything else is one error line."""
     path = Path(path)
     what = f"--resume: {path}"
+    if path.is_dir():
+        raise RWKVDishaError(
+            f"{what} is a DeepSpeed checkpoint folder, which cannot be read without unpickling it; continue "
+            'from the last adapter instead ("load" in --disha_config / lora_load, and --epoch_begin)'
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:

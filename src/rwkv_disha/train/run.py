@@ -59,11 +59,12 @@ def setup(cfg: Config, extra_callbacks: list | None = None) -> int:
     validate(cfg)
     mcfg = check_model_shape(cfg)
     acfg = build_adapter_config(cfg)
+    shapes = trainable_shapes(mcfg, acfg, cfg.engine.op)  # refuses an r the layers cannot take
     checkpoint = None
     if cfg.resume:
         path = Path(cfg.resume) / RESUME_FILE
         checkpoint = read_resume_checkpoint(path)
-        check_resume_checkpoint(checkpoint, trainable_shapes(mcfg, acfg, cfg.engine.op), str(path))
+        check_resume_checkpoint(checkpoint, shapes, str(path))
     dataset = build_dataset(cfg, mcfg.vocab_size)  # once per run: tokenised / scanned here only
     check_proj_dir(cfg)
     first = _first_process()
