@@ -101,7 +101,9 @@ def main(cfg: Config, acfg, dataset, checkpoint: dict | None, extra_callbacks: l
         StopOnSignal(cfg),  # after SaveAdapters: at an epoch's end, resume.ckpt is written first
         *extra_callbacks,
     ]
-    trainer = build_trainer(cfg, callbacks, plugins=[PreloadedCheckpointIO(checkpoint)])
+    # only when resuming: some strategies (DeepSpeed) take no checkpoint I/O plugin
+    plugins = [PreloadedCheckpointIO(checkpoint)] if checkpoint is not None else []
+    trainer = build_trainer(cfg, callbacks, plugins=plugins)
     ckpt_path = str(Path(cfg.resume) / RESUME_FILE) if checkpoint is not None else None
     return fit(trainer, module, DishaData(cfg, dataset), ckpt_path)
 
