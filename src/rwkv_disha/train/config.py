@@ -210,7 +210,7 @@ def resolve_resume(cfg: Config) -> Config:
         return cfg
     given = given_options(cfg)
     mine = flat_dict(cfg)
-    merged = {**{k: v for k, v in load_saved_config(saved).items() if k not in given}}
+    merged = {k: v for k, v in load_saved_config(saved).items() if k not in given}
     merged.update({k: mine[k] for k in given})
     merged["resume"] = cfg.resume
     out = from_mapping(Config, merged, source=f"options in {saved}")

@@ -8,7 +8,6 @@ tensor, finite values), and Lightning gets the checked dict through :class:`Prel
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +69,9 @@ def check_resume_checkpoint(ckpt: dict[str, Any], expected: dict[str, tuple[int,
             )
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise RWKVDishaError(f"--resume: {path} holds non-finite values ({name}); it cannot be resumed")
-    tokens = ckpt[KEY].get("tokens_seen", 0) if isinstance(ckpt[KEY], dict) else None
-    if not isinstance(tokens, int) or tokens < 0 or not math.isfinite(tokens):
+    ours = ckpt[KEY] if isinstance(ckpt[KEY], dict) else {}
+    counts = (ours.get("tokens_seen"), ours.get("epoch_batches", 0))
+    if not all(isinstance(n, int) and n >= 0 for n in counts):
         raise RWKVDishaError(f"--resume: {path} is not an rwkv-disha resume checkpoint (bad progress record)")
 
 
