@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -16,7 +17,7 @@ import lightning as L
 import torch
 
 from rwkv_disha.errors import RWKVDishaError
-from rwkv_disha.fsio import atomic_write_json, os_error_cause, temp_path
+from rwkv_disha.fsio import atomic_write_json, os_error_cause
 from rwkv_disha.train.config import RESUME_FILE, SAVED_CONFIG, Config, config_json
 from rwkv_disha.train.logs import MetricsCsv, append_text, plot_loss, summary_lines
 from rwkv_disha.train.module import DishaModule, Diverged, divergence_advice
@@ -62,22 +63,21 @@ def save_resume_checkpoint(trainer, module: DishaModule, cfg: Config, epoch_batc
     _check_finite(module, trainer, cfg)
     module.epoch_batches = epoch_batches
     final = Path(cfg.proj_dir) / RESUME_FILE
-    tmp = ""
-    if trainer.is_global_zero:
-        tmp = str(temp_path(final))
-        os.unlink(tmp)  # only the unique name is needed: DeepSpeed writes a folder there
-    tmp = trainer.strategy.broadcast(tmp, src=0)
+    # fsio's temporary-file pattern (so clean_stale_temps finds a killed run's); not created here:
+    # Lightning writes a file there, DeepSpeed a folder
+    name = f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp" if trainer.is_global_zero else ""
+    tmp = final.with_name(trainer.strategy.broadcast(name, src=0))
     try:
         trainer.save_checkpoint(tmp)
         trainer.strategy.barrier()
         if trainer.is_global_zero:
-            if Path(tmp).is_dir() and final.is_dir():
+            if tmp.is_dir() and final.is_dir():
                 shutil.rmtree(final)  # a folder cannot be renamed over a folder
             os.replace(tmp, final)
-    except Exception as e:
+    except BaseException as e:
         if trainer.is_global_zero:
-            _remove(Path(tmp))
-        if isinstance(e, RWKVDishaError):
+            _remove(tmp)
+        if isinstance(e, RWKVDishaError) or not isinstance(e, Exception):
             raise
         raise RWKVDishaError(f"cannot write resume checkpoint {final}: {os_error_cause(e)}") from None
     return final
