@@ -60,6 +60,10 @@ def setup(cfg: Config, extra_callbacks: list | None = None) -> int:
     mcfg = check_model_shape(cfg)
     acfg = build_adapter_config(cfg)
     shapes = trainable_shapes(mcfg, acfg, cfg.engine.op)  # refuses an r the layers cannot take
+    if acfg.load:  # the adapter to start from: a missing, damaged or NaN file is refused before any write
+        from rwkv_disha.adapters import open_adapter_file
+
+        open_adapter_file(acfg.load, acfg.lora_alpha)
     checkpoint = None
     if cfg.resume:
         path = Path(cfg.resume) / RESUME_FILE
