@@ -72,6 +72,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("prepare-ctx_len-0", [*PREP, "--ctx_len", "0"], "ctx_len"),
     ("prepare-workers-negative", [*PREP, "--workers", "-1"], "workers"),
     ("prepare-bad-on_error", [*PREP, "--on_error", "ignore"], "on_error"),
+    ("prepare-output-under-file", [*PREP, "--output", "@afile/d"], "afile"),
     # --- train: flags checked before the model loads
     ("train-beta1-1", [*TRAIN, "--beta1", "1"], "beta1"),
     ("train-beta1-negative", [*TRAIN, "--beta1", "-0.1"], "beta1"),
@@ -118,9 +119,15 @@ CASES: list[tuple[str, list[str], str]] = [
     ("train-config-not-mapping", [*TRAIN, "--config", "@list_yaml"], "mapping"),
     ("train-config-unknown-key", [*TRAIN, "--config", "@unknown_yaml"], "bogus_option"),
     ("train-config-wrong-type", [*TRAIN, "--config", "@badtype_yaml"], "micro_bsz"),
+    ("train-config-is-dir", [*TRAIN, "--config", "@adir"], "directory"),
     # --- train: folders and resume
     ("train-into-used-proj_dir", [*TRAIN, "--proj_dir", "@run"], "overwrite"),
     ("train-proj_dir-under-file", [*TRAIN, "--proj_dir", "@afile/out"], "afile"),
+    (
+        "train-load-nan-adapter",
+        [*TRAIN, "--disha_config", '{"mode":"bone","load":"@nan_adapter","r":16}'],
+        "non-finite",
+    ),  # fmt: skip
     ("train-resume-no-ckpt", [*TRAIN, "--resume", "@adir"], "resume.ckpt"),
     ("train-resume-corrupt-ckpt", [*TRAIN, "--resume", "@corrupt_run"], "resume.ckpt"),
     ("train-resume-pickle-payload", [*TRAIN, "--resume", "@pickle_run"], "resume.ckpt"),
@@ -132,6 +139,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ),  # fmt: skip
     # --- merge
     ("merge-nan-adapter", [*MERGE, "--peft_checkpoint", "@nan_adapter"], "non-finite"),
+    ("merge-output-exists", [*MERGE, "--output", "@afile"], "exists"),
     ("merge-output-is-dir", [*MERGE, "--output", "@adir"], "directory"),
     ("merge-output-is-base", [*MERGE, "--output", "@base"], "overwrite"),
     ("merge-output-under-file", [*MERGE, "--output", "@afile/m.pth"], "afile"),
@@ -160,6 +168,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("generate-nan-model", [*GEN, "--load_model", "@nan_base"], "non-finite"),
     ("generate-nan-adapter", [*GEN, "--peft_checkpoint", "@nan_adapter"], "non-finite"),
     ("generate-base-bad-tensor-shape", [*GEN, "--load_model", "@badshape"], "shape"),
+    ("generate-prompt-beyond-vocab", [*GEN, "--prompt", "世界 RWKV"], "vocabulary is 256"),
     # --- eval
     ("eval-micro_bsz-0", [*EVAL, "--micro_bsz", "0"], "micro_bsz"),
     ("eval-max_samples-negative", [*EVAL, "--max_samples", "-1"], "max_samples"),
@@ -171,6 +180,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("eval-bad-data_type", [*EVAL, "--data_type", "parquet"], "data_type"),
     ("eval-nan-model", [*EVAL, "--load_model", "@nan_base"], "non-finite"),
     ("eval-model-is-dir", [*EVAL, "--load_model", "@adir"], "is a directory"),
+    ("eval-nan-adapter", [*EVAL, "--peft_checkpoint", "@nan_adapter"], "non-finite"),
+    ("eval-all-tokens-masked", [*EVAL, "--data_file", "@masked_data", "--loss_mask", "qa"], "mask"),
     # --- bench
     ("bench-T-0", [*BENCH, "--T", "0"], "--t"),
     ("bench-H-negative", [*BENCH, "--H", "-1"], "--h"),
