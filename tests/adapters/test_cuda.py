@@ -44,7 +44,7 @@ def test_cuda_weight_gets_the_cpu_codes(mode):
     """merge runs on CPU; a model trained with --quant on CUDA must dequantize to the same base, bit for bit
     (bitsandbytes' CUDA int8 kernel alone would round ~0.2 % of the weights to a neighbouring code)."""
     pytest.importorskip("bitsandbytes")
-    from adapter_helpers import quantize_dequantize_ref as quantize_dequantize
+    from adapter_helpers import quantize_dequantize_ref
 
     from rwkv_disha.adapters.quant import QuantizedWeight
 
@@ -52,10 +52,10 @@ def test_cuda_weight_gets_the_cpu_codes(mode):
     on_gpu = QuantizedWeight(w.cuda(), mode)
     assert on_gpu.packed.is_cuda and on_gpu._state.absmax.is_cuda
     torch.testing.assert_close(
-        on_gpu.dequantized_weight().cpu(), quantize_dequantize(w, mode), rtol=0, atol=0
+        on_gpu.dequantized_weight().cpu(), quantize_dequantize_ref(w, mode), rtol=0, atol=0
     )
     moved = QuantizedWeight(w, mode).cuda().dequantized_weight().cpu()
-    torch.testing.assert_close(moved, quantize_dequantize(w, mode), rtol=0, atol=0)
+    torch.testing.assert_close(moved, quantize_dequantize_ref(w, mode), rtol=0, atol=0)
 
 
 def test_bf16_autocast_on_cuda():

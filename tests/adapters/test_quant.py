@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("bitsandbytes")
 
-from adapter_helpers import quantize_dequantize_ref as quantize_dequantize  # noqa: E402
+from adapter_helpers import quantize_dequantize_ref  # noqa: E402
 
 from rwkv_disha.adapters import BatLinear, BoneLinear, LoRALinear  # noqa: E402
 from rwkv_disha.adapters.quant import QuantizedWeight, dense_weight, quantized_linear  # noqa: E402
@@ -44,10 +44,10 @@ def test_dequantized_weight_is_close_and_deterministic(mode):
     tol = 0.02 if mode == "int8" else 0.2
     assert (deq - w).abs().max() <= tol * w.abs().max()
     torch.testing.assert_close(
-        quantize_dequantize(w, mode), deq, rtol=0, atol=0
+        quantize_dequantize_ref(w, mode), deq, rtol=0, atol=0
     )  # the reference the merge tests use
     torch.testing.assert_close(
-        quantize_dequantize(w.bfloat16(), mode), quantize_dequantize(w.bfloat16(), mode)
+        quantize_dequantize_ref(w.bfloat16(), mode), quantize_dequantize_ref(w.bfloat16(), mode)
     )
 
 
@@ -86,7 +86,7 @@ def test_adapter_on_quantized_base_equals_its_merge(mode, make):
     )
     # merged_weight() sees the dequantized base, as merge --quant does
     torch.testing.assert_close(
-        layer.merged_weight() - layer.delta_weight(), quantize_dequantize(_weight(), mode)
+        layer.merged_weight() - layer.delta_weight(), quantize_dequantize_ref(_weight(), mode)
     )
 
 
