@@ -323,11 +323,8 @@ def _check_same_settings(file: AdapterFile, cfg: AdapterConfig) -> None:
             f"{file.source} holds {file.cfg.describe()} but the config asks for {cfg.describe()}: "
             f"set the same peft / mode / r as in training"
         )
-    if cfg.peft == "lora" and file.meta is not None and file.cfg.lora_alpha != cfg.lora_alpha:
-        raise RWKVDishaError(
-            f"{file.source} was trained with lora_alpha {file.cfg.lora_alpha:g}, the config says "
-            f"{cfg.lora_alpha:g}: set lora_alpha to {file.cfg.lora_alpha:g}"
-        )
+    if file.meta is not None and cfg.peft != "none":  # without sidecar the settings came from cfg
+        cfg.layer_class.check_file_settings(file.cfg, cfg, file.source)
 
 
 def _check_keys(file: AdapterFile, expected: Mapping[str, Tensor], cfg: AdapterConfig) -> None:

@@ -100,6 +100,11 @@ class AdapterLinear(nn.Module):
         """Refuse settings of this kind beyond r (which every kind checks); raise RWKVDishaError."""
 
     @classmethod
+    def check_file_settings(cls, file_cfg: AdapterConfig, cfg: AdapterConfig, source: str) -> None:
+        """Refuse loading a file (settings from its sidecar) whose tensors mean something else under ``cfg``,
+        beyond kind and r (which every kind compares); raise RWKVDishaError."""
+
+    @classmethod
     def describe(cls, cfg: AdapterConfig) -> str:
         return f"{cls.title} r={cfg.r}"
 

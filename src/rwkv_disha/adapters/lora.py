@@ -95,6 +95,14 @@ class LoRALinear(AdapterLinear):
             raise RWKVDishaError(f"{cls.cli_flag} lora_dropout must be in [0, 1), got {dropout!r}")
 
     @classmethod
+    def check_file_settings(cls, file_cfg: AdapterConfig, cfg: AdapterConfig, source: str) -> None:
+        if file_cfg.lora_alpha != cfg.lora_alpha:  # the same tensors with another scale alpha / r
+            raise RWKVDishaError(
+                f"{source} was trained with lora_alpha {file_cfg.lora_alpha:g}, the config says "
+                f"{cfg.lora_alpha:g}: set lora_alpha to {file_cfg.lora_alpha:g}"
+            )
+
+    @classmethod
     def describe(cls, cfg: AdapterConfig) -> str:
         return f"{cls.title} r={cfg.r} alpha={cfg.lora_alpha:g}"
 

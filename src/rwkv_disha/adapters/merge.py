@@ -67,6 +67,11 @@ def _check_paths(base_path: Path, adapter_path: Path, output: Path, overwrite: b
     check_output_path(output, "--output", overwrite=overwrite)
 
 
+def _reads(cfg, name: str) -> bool:
+    """Whether the kind ``cfg`` selects reads config field ``name`` from its flag (--lora_alpha: LoRA)."""
+    return cfg.peft != "none" and any(field == name for field, _, _ in cfg.layer_class.cli_keys.values())
+
+
 def _resolve_quant(file: AdapterFile, quant: str | None, log: Callable[[str], None]) -> str:
     trained = file.cfg.quant
     quant = check_quant_mode(quant) if quant else trained
@@ -140,7 +145,7 @@ def merge_adapter_file(
     base = load_state_dict(base_path, what="base model")
     model_cfg = infer_config(base, source=str(base_path))  # refuses an adapter file given as the base
     file = open_adapter_file(adapter_path, lora_alpha=lora_alpha or None)
-    if lora_alpha and file.cfg.peft == "lora" and lora_alpha != file.cfg.lora_alpha:
+    if lora_alpha and _reads(file.cfg, "lora_alpha") and lora_alpha != file.cfg.lora_alpha:
         log(f"using --lora_alpha {lora_alpha:g} instead of the sidecar's {file.cfg.lora_alpha:g}")
         file.cfg.lora_alpha = float(lora_alpha)
     quant = _resolve_quant(file, quant, log)
