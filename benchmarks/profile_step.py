@@ -32,7 +32,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from rwkv_disha.adapters import AdapterConfig, inject_adapters, mark_trainable
-    from rwkv_disha.config import ModelConfig
+    from rwkv_disha.model.config import ModelConfig
     from rwkv_disha.model.init import init_state_dict
     from rwkv_disha.model.load import build_model, infer_config
 
