@@ -112,18 +112,18 @@ def build_parser(name: str, module) -> argparse.ArgumentParser:
     return parser
 
 
-def _non_finite(obj: Any, prefix: str = "") -> tuple[str, float] | None:
+def _non_finite(obj: Any) -> tuple[str, float] | None:
     """The first float option (nested dataclasses and lists included) that is NaN or infinite."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         items = value if isinstance(value, (list, tuple)) else [value]
         for v in items:
             if dataclasses.is_dataclass(v) and not isinstance(v, type):
-                found = _non_finite(v, prefix)
+                found = _non_finite(v)
                 if found:
                     return found
             elif isinstance(v, float) and not math.isfinite(v):
-                return prefix + f.name, v
+                return f.name, v
     return None
 
 

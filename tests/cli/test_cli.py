@@ -96,3 +96,25 @@ def test_non_finite_float_in_yaml_is_refused(tmp_path, capsys):
     cfg_file.write_text("top_p: .nan\n")
     assert main(["generate", "--config", str(cfg_file)]) == 2
     assert capsys.readouterr().err == "error: --top_p must be a finite number, got nan\n"
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`rwkv-disha generate ... | head`: the reader leaves; exit 141 (SIGPIPE's status), no traceback."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, rwkv_disha.bench as b\n"
+        "from rwkv_disha.cli import main\n"
+        "def run(cfg):\n"
+        "    for _ in range(10**6):\n"
+        "        print('x' * 1000, flush=True)\n"
+        "b.run = run\n"
+        "sys.exit(main(['bench']))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(5) == b"xxxxx"
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert err == ""
