@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny RWKV-7 checkpoints in the official layout, and the `rwkv` package oracle."""
+"""Shared fixtures: tiny RWKV-7 / 6 / 5.2 checkpoints in the official layout, and the `rwkv` package oracle."""
 
 from __future__ import annotations
 
@@ -23,14 +23,26 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def make_checkpoint(tmp_path_factory):
-    """make_checkpoint(n_layer, n_embd, vocab, style='random', dtype=fp32, seed=0) -> path (cached)."""
+    """make_checkpoint(n_layer, n_embd, vocab, style='random', dtype=fp32, seed=0, head_size=64,
+    version='x070') -> path (cached)."""
     cache: dict = {}
 
-    def make(n_layer=2, n_embd=128, vocab=1000, style="random", dtype=torch.float32, seed=0, head_size=64):
-        key = (n_layer, n_embd, vocab, style, dtype, seed, head_size)
+    def make(
+        n_layer=2,
+        n_embd=128,
+        vocab=1000,
+        style="random",
+        dtype=torch.float32,
+        seed=0,
+        head_size=64,
+        version="x070",
+    ):
+        key = (n_layer, n_embd, vocab, style, dtype, seed, head_size, version)
         if key not in cache:
-            sd = init_state_dict(n_layer, n_embd, vocab, head_size, seed=seed, style=style, dtype=dtype)
-            name = f"rwkv7-L{n_layer}-C{n_embd}-V{vocab}-{style}-{str(dtype)[6:]}-s{seed}.pth"
+            sd = init_state_dict(
+                n_layer, n_embd, vocab, head_size, seed=seed, style=style, dtype=dtype, version=version
+            )
+            name = f"{version}-L{n_layer}-C{n_embd}-H{head_size}-V{vocab}-{style}-{str(dtype)[6:]}-s{seed}.pth"
             cache[key] = save_state_dict(sd, tmp_path_factory.mktemp("ckpt") / name)
         return cache[key]
 
@@ -44,15 +56,26 @@ def tiny_model_path(make_checkpoint):
 
 @pytest.fixture(scope="session")
 def rwkv_oracle():
-    """logits(path, tokens) from BlinkDL's `rwkv` package (RWKV Runner's engine), cpu fp32."""
+    """logits(path, tokens, version='x070') from BlinkDL's `rwkv` package (RWKV Runner's engine), cpu fp32.
+
+    The package picks its RWKV-7 class from RWKV_V7_ON when it is imported, so it is re-imported
+    whenever the version asked for needs the other setting (RWKV-6 / 5.2 need it unset)."""
     pytest.importorskip("rwkv")
-    os.environ["RWKV_V7_ON"] = "1"  # read by rwkv.model at import time
     import rwkv.model
 
-    rwkv_model = importlib.reload(rwkv.model)
+    loaded = {"v7": None}
 
-    def logits(path, tokens: list[int]) -> torch.Tensor:
-        model = rwkv_model.RWKV(model=str(path)[: -len(".pth")], strategy="cpu fp32")
+    def logits(path, tokens: list[int], version: str = "x070") -> torch.Tensor:
+        v7 = version == "x070"
+        if loaded["v7"] is not v7:
+            if v7:
+                os.environ["RWKV_V7_ON"] = "1"  # read by rwkv.model at import time
+            else:
+                os.environ.pop("RWKV_V7_ON", None)
+            importlib.reload(rwkv.model)
+            loaded["v7"] = v7
+        name = str(path)[: -len(".pth")]
+        model = rwkv.model.RWKV(model=name, strategy="cpu fp32", **({} if v7 else {"verbose": False}))
         out, _ = model.forward(list(tokens), None, full_output=True)
         return out.float()
 

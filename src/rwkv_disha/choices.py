@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-# model versions we can load (RWKV-7 today; x060 / x052 join through rwkv_disha.model's registry)
-MODEL_VERSIONS = ("x070",)
+# model versions we can load (rwkv_disha.model.registry.MODELS has one entry each)
+MODEL_VERSIONS = ("x070", "x060", "x052")
 # --op: WKV kernel. cuda / triton are accepted as RWKV-PEFT spellings and mean fla.
 OPS = ("auto", "torch", "loop", "fla", "cuda", "triton")
 # --peft and the DiSHA modes

@@ -73,18 +73,22 @@ def test_not_a_dict(tmp_path):
         load_model(p)
 
 
-@pytest.mark.parametrize(
-    "marker,name",
-    [
-        ("att.time_maa_x", "RWKV-6 \\(x060\\)"),
-        ("att.time_faaaa", "RWKV-5 \\(x052\\)"),
-        ("att.time_mix_k", "RWKV-4 \\(x040\\)"),
-    ],
-)
-def test_unsupported_version(tmp_path, marker, name):
+def test_unsupported_version(tmp_path):
+    p = tmp_path / "old.pth"
+    torch.save({"emb.weight": torch.zeros(4, 2), "blocks.0.att.time_mix_k": torch.zeros(2)}, p)
+    with pytest.raises(
+        RWKVDishaError,
+        match=r"RWKV-4 \(x040\) checkpoints are not supported; supported: RWKV-7 \(x070\), RWKV-6 \(x060\)",
+    ):
+        load_model(p)
+
+
+@pytest.mark.parametrize("marker,name", [("att.time_maa_x", "RWKV-6"), ("att.time_faaaa", "RWKV-5.2")])
+def test_rwkv6_5_fragment_is_named_by_version(tmp_path, marker, name):
+    """A file with the version's marker but not its layout: one line naming the version and the tensor."""
     p = tmp_path / "old.pth"
     torch.save({"emb.weight": torch.zeros(4, 2), f"blocks.0.{marker}": torch.zeros(2)}, p)
-    with pytest.raises(RWKVDishaError, match=f"{name} checkpoints are not supported yet; supported: RWKV-7"):
+    with pytest.raises(RWKVDishaError, match=rf"consistent {name} shape: head_size \(blocks.0.att.time_faaaa"):
         load_model(p)
 
 
@@ -109,8 +113,10 @@ def test_flag_disagreeing_with_file(tiny_model_path, flag, value, have):
 def test_matching_flags_and_auto_values_are_accepted(tiny_model_path):
     m = load_model(tiny_model_path, n_layer=2, n_embd=128, vocab_size=0, my_testing="x070")
     assert m.config.n_layer == 2 and m.config.vocab_size == 1000
-    with pytest.raises(RWKVDishaError, match="--my_testing x060 disagrees"):
+    with pytest.raises(RWKVDishaError, match=r"--my_testing x060 \(RWKV-6\) disagrees .* is RWKV-7 \(x070"):
         load_model(tiny_model_path, my_testing="x060")
+    with pytest.raises(RWKVDishaError, match="unknown --my_testing x099: choose one of x070, x060, x052"):
+        load_model(tiny_model_path, my_testing="x099")
 
 
 def test_missing_tensor_is_named(tmp_path):

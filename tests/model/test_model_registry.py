@@ -13,8 +13,8 @@ from rwkv_disha.model.registry import MODELS, get_version
 
 
 def test_registry_lists_the_cli_versions():
-    assert tuple(MODELS) == MODEL_VERSIONS == ("x070",)
-    assert get_version("x070").name == "RWKV-7"
+    assert tuple(MODELS) == MODEL_VERSIONS == ("x070", "x060", "x052")
+    assert [get_version(v).name for v in MODEL_VERSIONS] == ["RWKV-7", "RWKV-6", "RWKV-5.2"]
 
 
 @pytest.mark.parametrize("shape", [(1, 64, 50, 64), (3, 128, 300, 32), (2, 192, 777, 64)])

@@ -1,4 +1,5 @@
-"""WKV-7 kernel registry: ``get_wkv7(op)`` returns ``f(r, w, k, v, a, b, state) -> (y, state)``.
+"""WKV kernel registry: ``get_wkv7(op)`` returns ``f(r, w, k, v, a, b, state) -> (y, state)`` (RWKV-7),
+``get_wkv6(op)`` returns ``f(r, w, k, v, u, state) -> (y, state)`` (RWKV-6, and RWKV-5.2).
 
 Ops: ``torch`` (chunked, any device; default on CPU), ``loop`` (per-step reference), ``fla``
 (flash-linear-attention Triton kernel, CUDA only). ``cuda`` and ``triton`` (RWKV-PEFT's names for its
@@ -11,7 +12,8 @@ from collections.abc import Callable
 
 from rwkv_disha.choices import OPS
 from rwkv_disha.errors import RWKVDishaError
-from rwkv_disha.kernels.fla import fla_available, wkv7_fla
+from rwkv_disha.kernels.fla import fla_available, wkv6_fla, wkv7_fla
+from rwkv_disha.kernels.wkv6 import wkv6_chunked, wkv6_loop
 from rwkv_disha.kernels.wkv7 import wkv7_chunked, wkv7_loop
 
 _ALIASES = {"cuda": "fla", "triton": "fla"}
@@ -47,4 +49,27 @@ def get_wkv7(op: str) -> Callable:
     return {"auto": wkv7_auto, "torch": wkv7_chunked, "loop": wkv7_loop, "fla": wkv7_fla}[resolve_op(op)]
 
 
-__all__ = ["OPS", "available_ops", "get_wkv7", "resolve_op", "wkv7_auto", "wkv7_chunked", "wkv7_loop"]
+def wkv6_auto(r, w, k, v, u, state=None):
+    """fla on CUDA tensors when installed, the chunked torch kernel otherwise."""
+    if r.is_cuda and fla_available():
+        return wkv6_fla(r, w, k, v, u, state)
+    return wkv6_chunked(r, w, k, v, u, state)
+
+
+def get_wkv6(op: str) -> Callable:
+    return {"auto": wkv6_auto, "torch": wkv6_chunked, "loop": wkv6_loop, "fla": wkv6_fla}[resolve_op(op)]
+
+
+__all__ = [
+    "OPS",
+    "available_ops",
+    "get_wkv6",
+    "get_wkv7",
+    "resolve_op",
+    "wkv6_auto",
+    "wkv6_chunked",
+    "wkv6_loop",
+    "wkv7_auto",
+    "wkv7_chunked",
+    "wkv7_loop",
+]

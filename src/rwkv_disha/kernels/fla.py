@@ -1,7 +1,8 @@
-"""flash-linear-attention's Triton RWKV-7 kernel (GPU only), behind an import guard.
+"""flash-linear-attention's Triton RWKV-7 and RWKV-6 kernels (GPU only), behind an import guard.
 
-fla takes the same log-decay ``w`` and (a, b) as :mod:`rwkv_disha.kernels.wkv7`, but lays its state
-out as (key, value): the transpose of ours, so the state is transposed in and out.
+fla takes the same log-decay ``w`` (and RWKV-7's a, b, RWKV-6's bonus u) as :mod:`rwkv_disha.kernels.wkv7`
+and :mod:`rwkv_disha.kernels.wkv6`, but lays its state out as (key, value): the transpose of ours, so
+the state is transposed in and out.
 """
 
 from __future__ import annotations
@@ -31,6 +32,26 @@ def wkv7_fla(r, w, k, v, a, b, state=None):
             v=v.float(),
             a=a.float(),
             b=b.float(),
+            scale=1.0,
+            initial_state=init,
+            output_final_state=True,
+        )
+    return y.to(out_dtype), final.transpose(-1, -2)
+
+
+def wkv6_fla(r, w, k, v, u, state=None):
+    """(B, T, H, N) inputs, u (H, N), on CUDA -> (y (B, T, H, N), state (B, H, N, N) as (value, key))."""
+    from fla.ops.rwkv6 import chunk_rwkv6
+
+    out_dtype = r.dtype
+    init = None if state is None else state.float().transpose(-1, -2).contiguous()
+    with torch.autocast(device_type="cuda", enabled=False):
+        y, final = chunk_rwkv6(
+            r=r.float(),
+            k=k.float(),
+            v=v.float(),
+            w=w.float(),
+            u=u.float(),
             scale=1.0,
             initial_state=init,
             output_final_state=True,

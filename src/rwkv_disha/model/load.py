@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from rwkv_disha.choices import MODEL_VERSIONS
 from rwkv_disha.errors import RWKVDishaError
 from rwkv_disha.fsio import atomic_write
 from rwkv_disha.model.config import ModelConfig
@@ -89,17 +90,18 @@ def detect_version(sd: dict[str, torch.Tensor]) -> str:
 
 def _shape_problem(cfg: ModelConfig) -> str | None:
     """What makes ``cfg`` impossible (a zero width, a head size that does not divide C), or None."""
+    head_key = f"blocks.0.{get_version(cfg.version).head_key}"
     widths = {
         "n_embd (emb.weight dim 1)": cfg.n_embd,
         "vocab_size (emb.weight dim 0)": cfg.vocab_size,
-        "head_size (blocks.0.att.r_k dim 1)": cfg.head_size,
+        f"head_size ({head_key} dim 1)": cfg.head_size,
         "dim_ffn (blocks.0.ffn.key.weight dim 0)": cfg.dim_ffn,
     }
     for name, value in widths.items():
         if value < 1:
             return f"{name} is {value}"
     if cfg.n_embd % cfg.head_size:
-        return f"n_embd {cfg.n_embd} is not a multiple of head_size {cfg.head_size} (blocks.0.att.r_k dim 1)"
+        return f"n_embd {cfg.n_embd} is not a multiple of head_size {cfg.head_size} ({head_key} dim 1)"
     return None
 
 
@@ -132,12 +134,44 @@ def check_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig, source: str = "
 def infer_config(sd: dict[str, torch.Tensor], source: str = "the checkpoint") -> ModelConfig:
     """The whole model shape from keys and tensor shapes, after checking every tensor against it.
 
-    Refuses versions that are not supported yet, and any missing, extra or mis-shaped tensor.
+    Refuses versions that are not supported yet, and any missing, extra or mis-shaped tensor. A file
+    written by ``merge --state`` also holds ``blocks.i.att.time_state`` (H, N, N) for every block.
     """
+    from rwkv_disha.adapters.state import check_state_keys, is_state_key, state_shapes
+
     version = detect_version(sd)
-    cfg = get_version(version).infer_config(sd)
-    check_tensors(sd, cfg, source)
+    base = {k: v for k, v in sd.items() if not is_state_key(k)}
+    cfg = get_version(version).infer_config(base)
+    check_tensors(base, cfg, source)
+    if len(base) < len(sd):  # initial states merged in: one per block, (H, N, N), floating point
+        check_state_keys(sd, cfg.n_layer, source)
+        want = state_shapes(cfg.n_layer, cfg.n_head, cfg.head_size)
+        bad = [f"{k} {tuple(sd[k].shape)} != {s}" for k, s in want.items() if tuple(sd[k].shape) != s]
+        bad += [f"{k} ({sd[k].dtype})" for k in want if not sd[k].dtype.is_floating_point]
+        if bad:
+            raise RWKVDishaError(f"{source} has initial states of the wrong shape or type: {'; '.join(bad[:3])}")
     return cfg
+
+
+def model_from_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig, op: str = "auto") -> torch.nn.Module:
+    """The model of shape ``cfg`` holding the tensors of ``sd`` themselves (assigned, not copied), loaded
+    strictly; initial states merged into the file become the model's ``time_state`` parameters."""
+    from rwkv_disha.adapters.state import add_time_states, is_state_key
+
+    model = build_model(cfg, op=op)
+    if any(is_state_key(k) for k in sd):
+        add_time_states(model)
+    model.load_state_dict(sd, strict=True, assign=True)  # assign: keep the mmap'ed tensors, no copy
+    return model
+
+
+def normalise_version(value: str) -> str:
+    """RWKV-PEFT's ``--my_testing`` spellings -> a version (``x070rc4a``, ``RWKV-x070`` -> ``x070``)."""
+    value = str(value).strip().lower().replace("rwkv", "").strip("-_")
+    for version in MODEL_VERSIONS:
+        if value.startswith(version[:3]):  # x07*, x06*, x05*: sub-releases share one layout
+            return version
+    return value
 
 
 def check_expected(cfg: ModelConfig, **given: int | str | None) -> None:
@@ -145,11 +179,21 @@ def check_expected(cfg: ModelConfig, **given: int | str | None) -> None:
     for name, value in given.items():
         if value in (None, 0, ""):
             continue
-        have = cfg.version if name == "my_testing" else getattr(cfg, name)
         if name == "my_testing":
-            value = str(value).lower().replace("rwkv", "").strip("-_")
-            if value.startswith("x07"):  # x070, x070rc4a, ... are all RWKV-7
-                value = "x070"
+            version = normalise_version(value)
+            if version not in MODEL_VERSIONS:
+                raise RWKVDishaError(
+                    f"unknown --my_testing {value}: choose one of {', '.join(MODEL_VERSIONS)}, or drop it "
+                    "to read the version from the model"
+                )
+            if version != cfg.version:
+                raise RWKVDishaError(
+                    f"--my_testing {value} ({version_name(version)}) disagrees with the checkpoint, which "
+                    f"is {version_name(cfg.version)} ({cfg.version}, {cfg.summary()}): drop the flag to read "
+                    "the version from the model, or pick the matching model file"
+                )
+            continue
+        have = getattr(cfg, name)
         if value != have:
             raise RWKVDishaError(
                 f"--{name} {value} disagrees with the checkpoint, which has {name} = {have} "
@@ -168,18 +212,23 @@ def load_model(
     dtype: torch.dtype | None = None,
     op: str = "auto",
     device: str | torch.device = "cpu",
+    state: str | os.PathLike | None = None,
     **expected: int | str | None,
 ):
     """Load an official RWKV checkpoint into its version's model class (strict).
 
     ``dtype`` None keeps the file's dtype (bf16 stays bf16). ``expected`` takes n_layer, n_embd,
-    vocab_size, head_size, my_testing: each, if given, must match what the file has.
+    vocab_size, head_size, my_testing: each, if given, must match what the file has. ``state``: a state
+    file (``--peft state``) every sequence then starts from; refused when trained on another base.
     """
     sd = load_state_dict(path)
     cfg = infer_config(sd, source=str(path))
     check_expected(cfg, **expected)
-    model = build_model(cfg, op=op)
-    model.load_state_dict(sd, strict=True, assign=True)  # assign: keep the mmap'ed tensors, no copy
+    model = model_from_state_dict(sd, cfg, op=op)
+    if state:
+        from rwkv_disha.adapters.state import load_state_file
+
+        load_state_file(model, state)
     if dtype is not None or device != "cpu":
         model.to(device=device, dtype=dtype)
     return model

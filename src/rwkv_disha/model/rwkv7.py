@@ -9,13 +9,15 @@ recurrent state: a list with one ``LayerState`` per block, so a sequence can be 
 (generation, long documents). The Linear layers adapters target (docs/ADAPTERS.md) are plain
 ``nn.Linear`` modules that adapters replace in place, keeping their ``.weight`` names.
 
-The version's other two pieces live here too, for :mod:`rwkv_disha.model.registry`:
-:func:`infer_config` (the shape from a checkpoint's tensors) and :func:`tensor_shapes` (every key and
-shape a checkpoint of a given shape must hold; "Checkpoint layout" in docs/MODEL.md).
+The version's other pieces live here too, for :mod:`rwkv_disha.model.registry`:
+:func:`infer_config` (the shape from a checkpoint's tensors), :func:`tensor_shapes` (every key and
+shape a checkpoint of a given shape must hold; "Checkpoint layout" in docs/MODEL.md), and for
+``rwkv-disha init`` :func:`default_config` and :func:`init_tensors`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -25,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from rwkv_disha.kernels import get_wkv7
 from rwkv_disha.model.config import ModelConfig
+from rwkv_disha.model.tensor_init import orthogonal, small, uniform
 
 Tensor = torch.Tensor
 _DECAY_SCALE = 0.6065306597126334  # exp(-0.5): the largest per-step log-decay magnitude
@@ -70,6 +73,8 @@ class TimeMix(nn.Module):
         self.value = nn.Linear(C, C, bias=False)
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
+        # the initial WKV state (H, N, N), (value, key): a Parameter under state tuning, else zeros
+        self.time_state: nn.Parameter | None = None
 
     def forward(
         self, x: Tensor, v_first: Tensor | None, last_x: Tensor | None = None, wkv: Tensor | None = None
@@ -96,6 +101,8 @@ class TimeMix(nn.Module):
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0)
         k = k * (1 + (a - 1) * self.k_a)
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
+        if wkv is None and self.time_state is not None:  # a new sequence starts from the tuned state
+            wkv = self.time_state.expand(B, H, N, N)
         y, wkv = get_wkv7(self.op)(
             heads(r), heads(log_w), heads(k), heads(v), -kk, kk * heads(a), wkv
         )  # y (B, T, H, N)
@@ -166,6 +173,13 @@ class RWKV7(nn.Module):
         self, idx: Tensor, state: list[LayerState] | None = None, return_state: bool = False
     ) -> Tensor | tuple[Tensor, list[LayerState]]:
         """idx (B, T) -> logits (B, T, V) [, new state]."""
+        x, new_state = self.hidden(idx, state)
+        logits = self.head(x)
+        return (logits, new_state) if return_state else logits
+
+    def hidden(self, idx: Tensor, state: list[LayerState] | None = None) -> tuple[Tensor, list[LayerState]]:
+        """idx (B, T) -> (ln_out(x) (B, T, C), the head's input; new state). The training loss applies
+        the head itself, a chunk at a time (rwkv_disha.train.loss)."""
         x = self.emb(idx)
         v_first = None
         new_state: list[LayerState] = []
@@ -176,8 +190,7 @@ class RWKV7(nn.Module):
             else:
                 x, v_first, s = block(x, v_first, layer_state)
             new_state.append(s)
-        logits = self.head(self.ln_out(x))
-        return (logits, new_state) if return_state else logits
+        return self.ln_out(x), new_state
 
 
 # --- the checkpoint layout ------------------------------------------------------------------------------
@@ -227,3 +240,75 @@ def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes.update({p + "ffn.key.weight": (F, C), p + "ffn.value.weight": (C, F)})
     shapes.update({"ln_out.weight": vec, "ln_out.bias": vec, "head.weight": (V, C)})
     return shapes
+
+
+# --- rwkv-disha init -----------------------------------------------------------------------------------
+def lowrank_widths(n_embd: int) -> tuple[int, int, int, int]:
+    """(Dw, Da, Dv, Dg) the RWKV-7 authors use for width C (64/64/32/128 at C=768, 128/128/96/480 at 4096)."""
+
+    def r32(x: float) -> int:
+        return max(32, int(round(x / 32) * 32))
+
+    s = math.sqrt(n_embd)
+    return r32(1.8 * s), r32(1.8 * s), r32(1.3 * s), r32(0.6 * n_embd**0.8)
+
+
+def default_config(n_layer: int, n_embd: int, vocab_size: int, head_size: int) -> ModelConfig:
+    """The RWKV-7 shape for these sizes: FFN 4C, low-rank widths as the authors pick them."""
+    dw, da, dv, dg = lowrank_widths(n_embd)
+    return ModelConfig("x070", n_layer, n_embd, vocab_size, head_size, 4 * n_embd, dw, da, dv, dg)
+
+
+def init_tensors(cfg: ModelConfig, random: bool, g: torch.Generator) -> dict[str, Tensor]:
+    """A fresh fp32 RWKV-7 state dict: the authors' pretraining init, or every tensor random (``random``)."""
+    C, H, N, L, V, F = cfg.n_embd, cfg.n_head, cfg.head_size, cfg.n_layer, cfg.vocab_size, cfg.dim_ffn
+    rnd = random
+    ones_ln = lambda: 1 + small((C,), rnd, g, 0.2)  # noqa: E731
+    sd: dict[str, Tensor] = {}
+    sd["emb.weight"] = uniform((V, C), 1.0 if rnd else 1e-4, g)
+    ddd = (torch.arange(C, dtype=torch.float64) / C).view(1, 1, C)
+    for i in range(L):
+        p = f"blocks.{i}."
+        r01 = i / max(L - 1, 1)
+        r1a0 = 1.0 - i / L
+        if i == 0:
+            sd[p + "ln0.weight"], sd[p + "ln0.bias"] = ones_ln(), small((C,), rnd, g)
+        for ln in ("ln1", "ln2"):
+            sd[p + f"{ln}.weight"], sd[p + f"{ln}.bias"] = ones_ln(), small((C,), rnd, g)
+        a = p + "att."
+        for name, power in (
+            ("x_r", 0.2),
+            ("x_w", 0.9),
+            ("x_k", 0.7),
+            ("x_v", 0.7),
+            ("x_a", 0.9),
+            ("x_g", 0.2),
+        ):
+            sd[a + name] = (1.0 - ddd.pow(power * r1a0)).float()
+        n = torch.arange(C, dtype=torch.float64)
+        decay_speed = -7 + 5 * (n / max(C - 1, 1)) ** (0.85 + 1.0 * r01**0.5)
+        sd[a + "w0"] = (decay_speed + 0.5).float().view(1, 1, C)
+        sd[a + "w1"], sd[a + "w2"] = small((C, cfg.d_decay), rnd, g), orthogonal(cfg.d_decay, C, 0.1, g)
+        sd[a + "a0"] = small((1, 1, C), rnd, g, 0.5)
+        sd[a + "a1"], sd[a + "a2"] = small((C, cfg.d_aaa), rnd, g), orthogonal(cfg.d_aaa, C, 0.1, g)
+        if i > 0:
+            sd[a + "v0"] = 1 + small((1, 1, C), rnd, g, 0.5)
+            sd[a + "v1"], sd[a + "v2"] = small((C, cfg.d_mv), rnd, g), orthogonal(cfg.d_mv, C, 0.1, g)
+        sd[a + "g1"], sd[a + "g2"] = small((C, cfg.d_gate), rnd, g), orthogonal(cfg.d_gate, C, 0.1, g)
+        sd[a + "k_k"] = torch.full((1, 1, C), 0.85) + small((1, 1, C), rnd, g)
+        sd[a + "k_a"] = torch.ones(1, 1, C) + small((1, 1, C), rnd, g)
+        sd[a + "r_k"] = small((H, N), rnd, g, 0.5) if rnd else torch.full((H, N), -0.04)
+        s = 1 / math.sqrt(C)
+        sd[a + "receptance.weight"] = uniform((C, C), 0.5 * s, g)
+        sd[a + "key.weight"] = uniform((C, C), (0.5 if rnd else 0.05) * s, g)
+        sd[a + "value.weight"] = uniform((C, C), 0.5 * s, g)
+        sd[a + "output.weight"] = uniform((C, C), 0.5 * s, g) if rnd else torch.zeros(C, C)
+        sd[a + "ln_x.weight"] = torch.full((C,), ((1 + i) / L) ** 0.7) + small((C,), rnd, g)
+        sd[a + "ln_x.bias"] = small((C,), rnd, g)
+        f = p + "ffn."
+        sd[f + "x_k"] = (1.0 - ddd.pow(r1a0**4)).float()
+        sd[f + "key.weight"] = uniform((F, C), 0.5 * s, g)
+        sd[f + "value.weight"] = uniform((C, F), 0.5 / math.sqrt(F), g) if rnd else torch.zeros(C, F)
+    sd["ln_out.weight"], sd["ln_out.bias"] = ones_ln(), small((C,), rnd, g)
+    sd["head.weight"] = orthogonal(V, C, 0.5 * math.sqrt(V / C) if V > C else 0.5, g)
+    return sd
