@@ -1,7 +1,10 @@
-"""`rwkv-disha eval`: mean loss and perplexity of a model (base, base + adapter, or merged) on data.
+"""`rwkv-disha eval`: loss, perplexity and next-token accuracy of a model (base, base + adapter, or
+merged) on data; with --compare, of several models side by side on the same tokens.
 
 Uses the training data pipeline (same --data_type / --dataload / --loss_mask), in file order, so two
 models evaluated with the same flags see exactly the same tokens.
+
+  rwkv-disha eval --load_model base.pth --compare out/rwkv-3.pth merged.pth --data_file data/x
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ class Config:
     max_samples: int = opt(256, "evaluate at most this many samples (0: one pass over the data)")
     op: str = opt("auto", "WKV kernel", OPS)
     seed: int = opt(0, "seed (only used by dataload get)")
+    compare: list[str] = opt(
+        [], "more models on the same tokens: adapter files (applied to --load_model) or merged models"
+    )
+    json: str = opt("", "also write the results to this JSON file")
 
 
 def perplexity(loss: float) -> float:
@@ -45,20 +52,19 @@ def evaluate_loss(model, dataset, micro_bsz: int, max_samples: int) -> dict:
     n = len(dataset) if max_samples <= 0 else min(max_samples, len(dataset))
     if getattr(dataset, "dataload", "get") != "get":
         n = min(n, dataset.n_items)  # one document at most once
-    total, count = 0.0, 0.0
+    total, count, correct = 0.0, 0.0, 0.0
     for start in range(0, n, micro_bsz):
         batch = collate([dataset[i] for i in range(start, min(start + micro_bsz, n))])
-        logits = model(batch["input_ids"]).float()
-        ce = torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1), batch["labels"].flatten(), reduction="none"
-        )
-        mask = batch["mask"].flatten()
+        logits = model(batch["input_ids"]).float().flatten(0, 1)
+        labels, mask = batch["labels"].flatten(), batch["mask"].flatten()
+        ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
         total += float((ce * mask).sum())
+        correct += float(((logits.argmax(-1) == labels).float() * mask).sum())
         count += float(mask.sum())
     if count == 0:
         raise RWKVDishaError("no token counts towards the loss in these samples (check --loss_mask / data)")
     loss = total / count
-    return {"loss": loss, "ppl": perplexity(loss), "tokens": int(count), "samples": n}
+    return {"loss": loss, "ppl": perplexity(loss), "acc": correct / count, "tokens": int(count), "samples": n}
 
 
 def validate(cfg: Config) -> None:
@@ -71,6 +77,12 @@ def validate(cfg: Config) -> None:
     check_input_file(cfg.load_model, "--load_model")
     if cfg.peft_checkpoint:
         check_input_file(cfg.peft_checkpoint, "--peft_checkpoint")
+    for path in cfg.compare:
+        check_input_file(path, "--compare")
+    if cfg.json:
+        from rwkv_disha.fsio import check_output_path
+
+        check_output_path(cfg.json, "--json")
     if cfg.data_type != "dummy" and not cfg.data_file:
         raise RWKVDishaError("--data_file is required (a binidx prefix, or a file for other data types)")
     for name in ("ctx_len", "micro_bsz"):
@@ -103,6 +115,55 @@ def run(cfg: Config) -> int:
         vocab,
         shuffle=False,
     )
-    model = load_for_inference(cfg.load_model, cfg.peft_checkpoint, cfg.op)
-    print(json.dumps(evaluate_loss(model, ds, cfg.micro_bsz, cfg.max_samples)))
+    rows = []
+    for name, kind, model_path, adapter_path in models_to_compare(cfg):
+        model = load_for_inference(model_path, adapter_path, cfg.op)
+        rows.append({"model": name, "kind": kind, **evaluate_loss(model, ds, cfg.micro_bsz, cfg.max_samples)})
+        del model  # one model in memory at a time
+    if cfg.json:
+        from rwkv_disha.fsio import atomic_write_json
+
+        atomic_write_json(cfg.json, rows if cfg.compare else rows[0], what="eval results")
+    if not cfg.compare:  # one model: the one JSON line scripts (and the demo) read
+        print(json.dumps({k: v for k, v in rows[0].items() if k not in ("model", "kind")}))
+    else:
+        print(format_table(rows))
     return 0
+
+
+def model_kind(path: str) -> str:
+    """``merged`` for a whole model (it has the embedding), ``adapter`` for an adapter file."""
+    from rwkv_disha.model.load import load_state_dict
+
+    return "merged" if "emb.weight" in load_state_dict(path) else "adapter"  # mmap: nothing read
+
+
+def models_to_compare(cfg: Config) -> list[tuple[str, str, str, str]]:
+    """``(name, kind, model file, adapter file)`` of every model to evaluate, --load_model first. Files
+    given to --compare are checked (an adapter's sidecar, NaN...) before the first evaluation starts."""
+    from rwkv_disha.adapters import open_adapter_file
+
+    first = "adapter" if cfg.peft_checkpoint else "base"
+    out = [(cfg.peft_checkpoint or cfg.load_model, first, cfg.load_model, cfg.peft_checkpoint)]
+    for path in cfg.compare:
+        kind = model_kind(path)
+        if kind == "adapter":
+            open_adapter_file(path)  # a bad adapter is one line now, not after the first model's run
+            out.append((path, kind, cfg.load_model, path))
+        else:
+            out.append((path, kind, path, ""))
+    return out
+
+
+def format_table(rows: list[dict]) -> str:
+    """The side-by-side table: one row per model; the loss change is against the first row."""
+    width = max(len("model"), *(len(r["model"]) for r in rows))
+    head = f"{'model':<{width}}  {'kind':<7}  {'loss':>8}  {'ppl':>10}  {'acc':>6}  {'vs first':>8}  tokens"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        delta = r["loss"] - rows[0]["loss"]
+        lines.append(
+            f"{r['model']:<{width}}  {r['kind']:<7}  {r['loss']:>8.4f}  {r['ppl']:>10.3f}  "
+            f"{100 * r['acc']:>5.1f}%  {delta:>+8.4f}  {r['tokens']}"
+        )
+    return "\n".join(lines)
