@@ -1,0 +1,105 @@
+"""The training loss: the LM head and the cross-entropy together, a chunk of tokens at a time.
+
+Full fp32 logits are 256 KiB per token at V = 65536 (plus as much again for the softmax and its
+gradient): more than all of a 0.1B model's other activations, and ~10 % of a CPU step spent streaming
+them through memory. :func:`head_cross_entropy` never holds more than ``chunk`` rows of logits. Its
+forward pass already computes the gradients (softmax - one-hot is known as soon as the chunk's logits
+are), so nothing is recomputed: the FLOPs are those of the plain head + CE, and backward only scales
+the stored gradients by the incoming one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from rwkv_disha.data.dataset import masked_lm_loss
+
+Tensor = torch.Tensor
+
+# elements of one chunk of logits: 2**23 fp32 = 32 MiB (128 rows at V = 65536) keeps a chunk near the
+# CPU's caches; a GPU wants bigger matmuls
+_CHUNK_ELEMENTS = {"cpu": 2**23, "cuda": 2**26}
+
+
+def _chunk_rows(vocab: int, device: torch.device) -> int:
+    return max(1, _CHUNK_ELEMENTS.get(device.type, 2**26) // vocab)
+
+
+class _HeadCE(torch.autograd.Function):
+    """sum over rows of m * CE(x @ W^T, label) / sum(m), with its gradients computed in forward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, labels: Tensor, m: Tensor, rows: int) -> Tensor:
+        # x (N, C), weight (V, C), labels (N,) int64, m (N,) > 0 -> loss (); reductions in m's dtype
+        acc = m.dtype  # fp32 (fp64 when x is fp64)
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        denom = m.sum().clamp(min=1.0)
+        scale = m / denom  # each row's share of the mean
+        total = torch.zeros((), dtype=acc, device=x.device)
+        dx = torch.empty_like(x) if need_dx else None
+        dw = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_dw else None
+        for s in range(0, x.shape[0], rows):
+            xc, lab = x[s : s + rows], labels[s : s + rows]
+            logits = (xc @ weight.t()).to(acc)  # (n, V): the only logits alive
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            target = logits.gather(1, lab.unsqueeze(1)).squeeze(1)
+            total += ((lse - target) * m[s : s + rows]).sum()
+            if need_dx or need_dw:
+                # d(loss)/d(logits) = (softmax - one_hot) * m / sum(m), built in the logits' memory
+                grad = logits.sub_(lse.unsqueeze(1)).exp_()
+                grad[torch.arange(grad.shape[0], device=grad.device), lab] -= 1.0
+                grad.mul_(scale[s : s + rows].unsqueeze(1))
+                grad = grad.to(x.dtype)
+                if need_dx:
+                    dx[s : s + rows] = grad @ weight
+                if need_dw:
+                    dw += (grad.t() @ xc).to(acc)
+        ctx.save_for_backward(dx, dw)
+        ctx.weight_dtype = weight.dtype
+        return total / denom
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        dx, dw = ctx.saved_tensors
+        gx = None if dx is None else dx * g.to(dx.dtype)
+        gw = None if dw is None else (dw * g).to(ctx.weight_dtype)
+        return gx, gw, None, None, None
+
+
+def head_cross_entropy(
+    x: Tensor, weight: Tensor, labels: Tensor, mask: Tensor, rows: int | None = None
+) -> Tensor:
+    """The same value and gradients as ``masked_lm_loss(x @ weight.T, labels, mask)``, chunked.
+
+    x (B, T, C) hidden states (the head's input), weight (V, C) the head, labels (B, T), mask (B, T)
+    (> 0: counted, with that weight) -> scalar fp32 loss. Under autocast the matmuls run in the autocast
+    dtype, like an ``nn.Linear`` head would; logits are always reduced in fp32. Masked rows are dropped
+    before the head (zero gradient even if their hidden state is not finite)."""
+    C = x.shape[-1]
+    flat, lab, m = x.reshape(-1, C), labels.reshape(-1), mask.reshape(-1)
+    keep = m > 0
+    if not bool(keep.all()):
+        idx = keep.nonzero().squeeze(1)
+        flat, lab, m = flat.index_select(0, idx), lab.index_select(0, idx), m.index_select(0, idx)
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+    else:
+        dt = torch.promote_types(x.dtype, weight.dtype)
+    rows = rows or _chunk_rows(weight.shape[0], x.device)
+    with torch.autocast(dev, enabled=False):
+        acc = torch.promote_types(dt, torch.float32)
+        return _HeadCE.apply(flat.to(dt), weight.to(dt), lab.long(), m.to(acc), rows)
+
+
+def lm_loss(model: nn.Module, idx: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+    """Training loss of ``model`` on one batch: idx, labels, mask (B, T) -> scalar.
+
+    A model with ``hidden(idx)`` (the head's input) and a plain bias-free Linear ``head`` gets the
+    chunked head + CE; any other model the plain logits + :func:`masked_lm_loss`."""
+    head = getattr(model, "head", None)
+    if hasattr(model, "hidden") and type(head) is nn.Linear and head.bias is None:
+        x, _ = model.hidden(idx)
+        return head_cross_entropy(x, head.weight, labels, mask)
+    return masked_lm_loss(model(idx), labels, mask)
