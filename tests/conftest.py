@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny RWKV-7 / 6 / 5.2 checkpoints in the official layout, and the `rwkv` package oracle."""
+"""Shared fixtures: tiny RWKV-7 / 6 / 5.2 checkpoints (official layout) and the `rwkv` package oracle."""
 
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def make_checkpoint(tmp_path_factory):
             sd = init_state_dict(
                 n_layer, n_embd, vocab, head_size, seed=seed, style=style, dtype=dtype, version=version
             )
-            name = f"{version}-L{n_layer}-C{n_embd}-H{head_size}-V{vocab}-{style}-{str(dtype)[6:]}-s{seed}.pth"
+            shape = f"L{n_layer}-C{n_embd}-H{head_size}-V{vocab}"
+            name = f"{version}-{shape}-{style}-{str(dtype)[6:]}-s{seed}.pth"
             cache[key] = save_state_dict(sd, tmp_path_factory.mktemp("ckpt") / name)
         return cache[key]
 

@@ -88,7 +88,8 @@ def test_rwkv6_5_fragment_is_named_by_version(tmp_path, marker, name):
     """A file with the version's marker but not its layout: one line naming the version and the tensor."""
     p = tmp_path / "old.pth"
     torch.save({"emb.weight": torch.zeros(4, 2), f"blocks.0.{marker}": torch.zeros(2)}, p)
-    with pytest.raises(RWKVDishaError, match=rf"consistent {name} shape: head_size \(blocks.0.att.time_faaaa"):
+    match = rf"consistent {name} shape: head_size \(blocks.0.att.time_faaaa"
+    with pytest.raises(RWKVDishaError, match=match):
         load_model(p)
 
 
