@@ -149,7 +149,8 @@ def infer_config(sd: dict[str, torch.Tensor], source: str = "the checkpoint") ->
         bad = [f"{k} {tuple(sd[k].shape)} != {s}" for k, s in want.items() if tuple(sd[k].shape) != s]
         bad += [f"{k} ({sd[k].dtype})" for k in want if not sd[k].dtype.is_floating_point]
         if bad:
-            raise RWKVDishaError(f"{source} has initial states of the wrong shape or type: {'; '.join(bad[:3])}")
+            shown = "; ".join(bad[:3])
+            raise RWKVDishaError(f"{source} has initial states of the wrong shape or type: {shown}")
     return cfg
 
 

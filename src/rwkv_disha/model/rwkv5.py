@@ -42,6 +42,7 @@ class TimeMix(rwkv6.WKVHeads):
         self.output = nn.Linear(C, C, bias=False)
         self.gate = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=rwkv6.LN_X_EPS)
+        self.time_state = None
 
     def forward(
         self, x: Tensor, last_x: Tensor | None = None, wkv: Tensor | None = None

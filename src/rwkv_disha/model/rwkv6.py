@@ -35,16 +35,22 @@ LN_X_EPS = 64e-5  # rwkv package, att_seq_v6_0 / att_seq_v5_2: group_norm(out, e
 
 class WKVHeads(nn.Module):
     """What RWKV-6 and 5.2 attention share after r, k, v, g and the decay: the WKV recurrence per head
-    (bonus ``time_faaaa``), GroupNorm over heads (``ln_x``), the gate, ``output``."""
+    (bonus ``time_faaaa``), GroupNorm over heads (``ln_x``), the gate, ``output``.
+
+    ``time_state`` is the initial WKV state (H, N, N), (value, key): a Parameter under state tuning
+    (adapters/state.py), else None (zeros)."""
 
     n_head: int
     head_size: int
     op: str
+    time_state: nn.Parameter | None
 
     def mix_heads(self, r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, g: Tensor, wkv: Tensor | None):
         """r, log_w, k, v, g (B, T, C), state (B, H, N, N) or None -> (out (B, T, C), final state)."""
         B, T, C = r.shape
         heads = lambda t: t.reshape(B, T, self.n_head, self.head_size)  # noqa: E731
+        if wkv is None and self.time_state is not None:  # a new sequence starts from the tuned state
+            wkv = self.time_state.expand(B, self.n_head, self.head_size, self.head_size)
         y, wkv = get_wkv6(self.op)(heads(r), heads(log_w), heads(k), heads(v), self.time_faaaa, wkv)
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         return self.output(y * g), wkv
@@ -71,6 +77,7 @@ class TimeMix(WKVHeads):
         self.output = nn.Linear(C, C, bias=False)
         self.gate = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=LN_X_EPS)
+        self.time_state = None
 
     def forward(
         self, x: Tensor, last_x: Tensor | None = None, wkv: Tensor | None = None
