@@ -1,0 +1,175 @@
+"""Hugging Face peft adapter folders, in and out (docs/MIGRATING.md, "peft folders").
+
+    adapter_config.json        {"peft_type": "MISS" | "LORA", "r": 8, "init_weights": true | "bat" | "mini",
+                                "mini_r": .., "lora_alpha": .., "target_modules": [..], "modules_to_save": ..}
+    adapter_model.safetensors  base_model.model.blocks.0.att.key.miss_block             MiSS (any mode)
+                               base_model.model.blocks.0.att.key.lora_A.weight (r, in)  LoRA
+                               base_model.model.blocks.0.att.key.lora_B.weight (out, r)
+                               base_model.model.blocks.0.ln1.weight (C,)   modules_to_save (our train_parts)
+
+Reading turns a folder into the same :class:`AdapterFile` an ``rwkv-N.pth`` gives (MiSS balance -> Bone
+``disha``, MiSS bat / mini -> ``miss_block``, LoRA -> ``lora_A`` / ``lora_B``), so merge, generate, eval and
+train read both alike. Writing does the reverse; PiSSA is written as the plain LoRA of rank 2r with the same
+ΔW, and RWKV-PEFT's Bat (indexed by input block) has no peft form.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rwkv_disha.errors import RWKVDishaError
+
+Tensor = torch.Tensor
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+# modules_to_save that hold our --train_parts "ln" tensors in RWKV-7 (module names, peft's suffix rule)
+LN_MODULES = ("ln0", "ln1", "ln2", "ln_x", "ln_out")
+
+
+def is_peft_folder(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / CONFIG_NAME).is_file()
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    try:
+        conf = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RWKVDishaError(f"{folder / CONFIG_NAME} is not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(conf, dict):
+        raise RWKVDishaError(f"{folder / CONFIG_NAME} is not a peft adapter config (not a JSON object)")
+    return conf
+
+
+def _refuse(folder: Path, conf: dict[str, Any], key: str, ok, why: str) -> None:
+    if key in conf and not ok(conf[key]):
+        raise RWKVDishaError(f"peft folder {folder}: {key}={conf[key]!r} is not supported ({why})")
+
+
+def open_peft_folder(folder: str | Path):
+    """A peft adapter folder read and checked -> :class:`AdapterFile` in our names (MiSS or LoRA)."""
+    from rwkv_disha.adapters.adapter_file import AdapterFile, _refuse_non_finite, infer_adapter_config
+    from rwkv_disha.model.load import load_state_dict
+
+    folder = Path(folder)
+    source = f"peft folder {folder}"
+    conf = _read_config(folder)
+    ptype = str(conf.get("peft_type", "")).upper()
+    if ptype not in ("MISS", "LORA"):
+        raise RWKVDishaError(f"{source} holds a {ptype or 'untyped'} adapter: rwkv-disha reads MISS and LORA")
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise RWKVDishaError(
+            f"{source} has no {WEIGHTS_NAME} (save it with save_pretrained(safe_serialization=True))"
+        )
+    _refuse(folder, conf, "bias", lambda v: v in (None, "none"), "RWKV Linears have no bias")
+    _refuse(folder, conf, "use_dora", lambda v: not v, "DoRA is not an rwkv-disha kind")
+    _refuse(folder, conf, "use_rslora", lambda v: not v, "scale alpha/sqrt(r); use plain LoRA")
+    _refuse(folder, conf, "fan_in_fan_out", lambda v: not v, "RWKV Linears store (out, in)")
+    _refuse(folder, conf, "rank_pattern", lambda v: not v, "one r per file")
+    _refuse(folder, conf, "alpha_pattern", lambda v: not v, "one alpha per file")
+    raw = load_state_dict(weights, what="peft adapter")
+    _refuse_non_finite(raw, source)
+    mode = conf.get("init_weights", True) if ptype == "MISS" else None
+    if ptype == "MISS" and mode not in (True, "bat", "mini"):
+        raise RWKVDishaError(f'{source}: MiSS init_weights {mode!r} is unknown (true, "bat" or "mini")')
+    tensors: dict[str, Tensor] = {}
+    for key, t in raw.items():
+        name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+        name = re.sub(r"\.(lora_[AB])\.weight$", r".\1", name)
+        if name.endswith(".miss_block") and mode is True:  # MiSS balance is Bone: miss_block (r, out) = disha
+            name = name[: -len("miss_block")] + "disha"
+        tensors[name] = t
+    extra: dict[str, Any] = {}
+    alpha = None
+    if ptype == "LORA":
+        alpha = float(conf.get("lora_alpha", 8))
+    cfg = infer_adapter_config(tensors, lora_alpha=alpha, source=source)
+    if mode == "mini":
+        extra["mini_r"] = int(conf.get("mini_r", 1))
+    if ptype == "MISS" and cfg.mode != {True: "bone", "bat": "miss_bat", "mini": "miss_mini"}[mode]:
+        raise RWKVDishaError(f"{source}: init_weights {mode!r} does not match its tensors ({cfg.describe()})")
+    for k, v in extra.items():
+        setattr(cfg, k, v)
+    meta = {"format": "peft", "adapter": cfg.to_dict(), "base": None, "weight_dtype": None}
+    return AdapterFile(folder, tensors, meta, cfg)
+
+
+def peft_tensors_and_config(tensors: dict[str, Tensor], cfg) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Our adapter tensors + settings -> (peft's safetensors dict, adapter_config.json dict)."""
+    from rwkv_disha.adapters.pissa import pissa_as_lora
+
+    kind = cfg.layer_class.kind
+    layers: dict[str, dict[str, Tensor]] = {}
+    others: dict[str, Tensor] = {}
+    names = set(cfg.layer_class.adapter_names)
+    for key, t in tensors.items():
+        prefix, _, suffix = key.rpartition(".")
+        if suffix in names:
+            layers.setdefault(prefix, {})[suffix] = t
+        else:
+            others[key] = t
+    if kind == "bat":
+        raise RWKVDishaError(
+            "RWKV-PEFT's Bat (disha indexed by input block) has no peft equivalent (peft's MiSS bat indexes "
+            "by output block): merge it with rwkv-disha merge instead"
+        )
+    targets = sorted({re.sub(r"^blocks\.\d+\.", "", p) for p in layers})
+    conf: dict[str, Any] = {
+        "base_model_name_or_path": None,
+        "bias": "none",
+        "inference_mode": True,
+        "target_modules": targets,
+        "modules_to_save": sorted({m for k in others for m in LN_MODULES if f".{m}." in f".{k}"}) or None,
+        "task_type": None,
+        "revision": None,
+    }
+    out: dict[str, Tensor] = {}
+    if kind in ("bone", "miss_bat", "miss_mini"):
+        init = {"bone": True, "miss_bat": "bat", "miss_mini": "mini"}[kind]
+        conf.update(peft_type="MISS", r=cfg.r, init_weights=init, mini_r=cfg.mini_r, miss_dropout=0.0)
+        for p, t in layers.items():
+            out[f"{PREFIX}{p}.miss_block"] = next(iter(t.values()))
+    elif kind in ("lora", "pissa"):
+        r, alpha = cfg.r, cfg.lora_alpha
+        if kind == "pissa":  # the plain LoRA of rank 2r with the same ΔW; scale alpha / r' = 1
+            layers = {p: pissa_as_lora(t) for p, t in layers.items()}
+            r = alpha = 2 * cfg.r
+        conf.update(
+            peft_type="LORA", r=r, lora_alpha=alpha, lora_dropout=0.0, use_rslora=False, use_dora=False
+        )
+        conf.update(fan_in_fan_out=False, init_lora_weights=True)
+        for p, t in layers.items():
+            out[f"{PREFIX}{p}.lora_A.weight"] = t["lora_A"]
+            out[f"{PREFIX}{p}.lora_B.weight"] = t["lora_B"]
+    else:
+        raise RWKVDishaError(f"{cfg.layer_class.title} adapters have no peft form: merge them instead")
+    unsaved = [k for k in others if not any(f".{m}." in f".{k}" for m in LN_MODULES)]
+    if unsaved:
+        raise RWKVDishaError(
+            f"the adapter also trains {', '.join(unsaved[:3])}, which a peft folder cannot hold "
+            f"(only the ln tensors go to modules_to_save): merge it instead"
+        )
+    for k, t in others.items():
+        out[f"{PREFIX}{k}"] = t
+    return {k: v.detach().contiguous() for k, v in out.items()}, conf
+
+
+def write_peft_folder(tensors: dict[str, Tensor], cfg, folder: str | Path) -> Path:
+    """Write our adapter (tensors + settings) as a peft folder ``PeftModel.from_pretrained`` loads."""
+    from safetensors.torch import save_file
+
+    from rwkv_disha.fsio import atomic_write, atomic_write_json
+
+    folder = Path(folder)
+    out, conf = peft_tensors_and_config(tensors, cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(out, str(tmp)), "peft adapter weights")
+    atomic_write_json(folder / CONFIG_NAME, conf, what="peft adapter config")
+    return folder
