@@ -2,7 +2,10 @@
 needed) or from a merged model. Only the generated text goes to stdout, streamed; logs go to stderr.
 
 The prompt is read once through the model; then one token at a time through the recurrent state, so
-each new token costs one step, not a pass over the whole text.
+each new token costs one step, not a pass over the whole text. --prompt_file gives several prompts (each
+from a fresh state); --chat_loop holds a conversation read from stdin, one user turn per line, keeping the
+state between turns. RWKV's repetition penalties (--alpha_presence, --alpha_frequency, --alpha_decay) lower
+the logits of tokens already generated in the current reply.
 """
 
 from __future__ import annotations
@@ -39,10 +42,12 @@ def check_finite(tensors, what: str) -> None:
             )
 
 
-def load_for_inference(model_path: str, adapter_path: str = "", op: str = "auto", lora_alpha: float = 0.0):
+def load_for_inference(
+    model_path: str, adapter_path: str = "", op: str = "auto", lora_alpha: float = 0.0, state: str = ""
+):
     """Base model (+ adapter file: its sidecar, or the tensor shapes for RWKV-PEFT files, gives the
-    settings; a base quantized in training is quantized the same way) in fp32 eval mode. A model or
-    adapter holding NaN / inf is refused."""
+    settings; a base quantized in training is quantized the same way) (+ a state file every sequence
+    starts from) in fp32 eval mode. A model or adapter holding NaN / inf is refused."""
     from rwkv_disha.model.load import load_model
 
     model = load_model(model_path, dtype=torch.float32, op=op)
@@ -53,6 +58,10 @@ def load_for_inference(model_path: str, adapter_path: str = "", op: str = "auto"
         adapter = open_adapter_file(adapter_path, lora_alpha or None)  # also refuses NaN / inf
         inject_adapters(model, adapter.cfg)
         load_adapter_file(model, adapter, adapter.cfg)
+    if state:
+        from rwkv_disha.adapters.state import load_state_file
+
+        load_state_file(model, state)  # replaces the adapter's own states, if it has any
     return model.eval().requires_grad_(False)
 
 
@@ -74,7 +83,62 @@ def sample_token(
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 
-@torch.no_grad()
+@dataclass
+class Penalties:
+    """RWKV's repetition penalties (ChatRWKV's PIPELINE_ARGS): before sampling, every token already
+    generated in this reply has its logit lowered by ``presence + count * frequency``, where its count
+    grows by 1 each time it is generated and every count is multiplied by ``decay`` at each new token
+    (so old repetitions are forgiven). All zero: no penalty."""
+
+    presence: float = 0.0
+    frequency: float = 0.0
+    decay: float = 0.996
+
+    def apply(self, logits: torch.Tensor, counts: dict[int, float]) -> torch.Tensor:
+        if not counts or (self.presence == 0 and self.frequency == 0):
+            return logits
+        ids = torch.tensor(list(counts))
+        penalty = self.presence + torch.tensor(list(counts.values()), dtype=logits.dtype) * self.frequency
+        return logits.index_put((ids,), logits[ids] - penalty)
+
+    def update(self, counts: dict[int, float], tok: int) -> None:
+        for k in counts:
+            counts[k] *= self.decay
+        counts[tok] = counts.get(tok, 0.0) + 1.0
+
+
+class Session:
+    """A model and its recurrent state: :meth:`feed` reads tokens, :meth:`reply` samples new ones and
+    feeds each back, so the state always holds everything read and generated (a chat continues from it)."""
+
+    def __init__(self, model):
+        self.model, self.state, self.logits = model, None, None
+
+    @torch.no_grad()
+    def feed(self, ids: list[int]) -> None:
+        logits, self.state = self.model(torch.tensor([ids]), state=self.state, return_state=True)
+        self.logits = logits[0, -1]
+
+    def reply(
+        self,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        generator: torch.Generator,
+        penalties: Penalties | None = None,
+    ) -> Iterator[int]:
+        """Yield new token ids; stops at token 0 (not yielded, not fed)."""
+        penalties, counts = penalties or Penalties(), {}
+        for _ in range(max_tokens):
+            tok = sample_token(penalties.apply(self.logits, counts), temperature, top_p, top_k, generator)
+            if tok == 0:
+                return
+            penalties.update(counts, tok)
+            self.feed([tok])
+            yield tok
+
+
 def generate_ids(
     model,
     prompt_ids: list[int],
@@ -83,18 +147,14 @@ def generate_ids(
     top_p: float = 0.85,
     top_k: int = 0,
     seed: int = 0,
+    penalties: Penalties | None = None,
 ) -> Iterator[int]:
-    """Yield new token ids (stops at token 0, which is not yielded)."""
-    if not prompt_ids:
-        prompt_ids = [0]  # an empty prompt starts from end-of-text, as after a document
-    gen = torch.Generator().manual_seed(seed)
-    logits, state = model(torch.tensor([prompt_ids]), return_state=True)
-    for _ in range(max_tokens):
-        tok = sample_token(logits[0, -1], temperature, top_p, top_k, gen)
-        if tok == 0:
-            return
-        yield tok
-        logits, state = model(torch.tensor([[tok]]), state=state, return_state=True)
+    """Yield new token ids after ``prompt_ids`` from a fresh state (stops at token 0, not yielded)."""
+    session = Session(model)
+    session.feed(prompt_ids or [0])  # an empty prompt starts from end-of-text, as after a document
+    yield from session.reply(
+        max_tokens, temperature, top_p, top_k, torch.Generator().manual_seed(seed), penalties
+    )
 
 
 def chat_prompt(text: str) -> str:
@@ -107,6 +167,7 @@ def chat_prompt(text: str) -> str:
 class Config:
     load_model: str = opt("", "base or merged RWKV model (.pth / .safetensors)")
     peft_checkpoint: str = opt("", "adapter file (rwkv-N.pth) to apply on the fly; '' for a merged model")
+    state: str = opt("", "state file (rwkv-N.pth of --peft state): every sequence starts from its states")
     prompt: str = opt("", "prompt text; '' or '-' reads it from stdin")
     max_tokens: int = opt(200, "most new tokens to generate")
     temperature: float = opt(1.0, "sampling temperature; 0 = greedy")
@@ -115,6 +176,17 @@ class Config:
     seed: int = opt(0, "random seed (same prompt + seed = same text)")
     stop: str = opt("", "stop when the output contains this string (chat mode: a blank line)")
     chat: bool = opt(False, "wrap the prompt as 'User: ...\\n\\nAssistant:' (RWKV chat format)")
+    prompt_file: str = opt(
+        "",
+        "several prompts, each from a fresh state: .jsonl (a string or {prompt: ...} per line) "
+        "or text (prompts separated by blank lines)",
+    )
+    chat_loop: bool = opt(
+        False, "a conversation: each stdin line is a user turn; the state carries over between turns"
+    )
+    alpha_presence: float = opt(0.0, "penalty on every token already in the reply (RWKV: 0.2-0.4; 0 = off)")
+    alpha_frequency: float = opt(0.0, "penalty per (decayed) repetition of a token in the reply (0 = off)")
+    alpha_decay: float = opt(0.996, "repetition counts are multiplied by this at every new token, in [0, 1]")
     op: str = opt("auto", "WKV kernel: auto, torch, loop, fla", OPS)
     lora_alpha: float = opt(0.0, "LoRA alpha for RWKV-PEFT LoRA files without a sidecar")
 
@@ -130,6 +202,8 @@ def validate(cfg: Config) -> None:
     check_input_file(cfg.load_model, "--load_model")
     if cfg.peft_checkpoint:
         check_input_file(cfg.peft_checkpoint, "--peft_checkpoint")
+    if cfg.state:
+        check_input_file(cfg.state, "--state")
     if cfg.max_tokens < 0:
         raise RWKVDishaError(f"--max_tokens must be >= 0, got {cfg.max_tokens}")
     if cfg.temperature < 0:
@@ -142,45 +216,139 @@ def validate(cfg: Config) -> None:
         raise RWKVDishaError(f"--lora_alpha must be >= 0 (0 = from the sidecar), got {cfg.lora_alpha}")
     if not 0 <= cfg.seed < 2**64:
         raise RWKVDishaError(f"--seed must be in [0, 2**64), got {cfg.seed}")
+    for name in ("alpha_presence", "alpha_frequency"):
+        if getattr(cfg, name) < 0:
+            raise RWKVDishaError(f"--{name} must be >= 0 (0 = off), got {getattr(cfg, name)}")
+    if not 0 <= cfg.alpha_decay <= 1:
+        raise RWKVDishaError(f"--alpha_decay must be in [0, 1], got {cfg.alpha_decay}")
+    if cfg.prompt_file:
+        check_input_file(cfg.prompt_file, "--prompt_file")
+        if cfg.prompt:
+            raise RWKVDishaError("give --prompt or --prompt_file, not both")
+    if cfg.chat_loop and (cfg.prompt or cfg.prompt_file):
+        raise RWKVDishaError("--chat_loop reads the user's turns from stdin: drop --prompt / --prompt_file")
     resolve_op(cfg.op)
+
+
+def read_prompts(path: str) -> list[str]:
+    """The prompts of --prompt_file: .jsonl, one JSON string or object with "prompt" (or "text") per
+    line; any other file, UTF-8 text whose blank-line separated blocks are the prompts."""
+    from rwkv_disha.data.records import is_json_file, parse_json_line, split_text
+
+    raw = Path(path).read_bytes()
+    prompts: list[str] = []
+    if is_json_file(path):
+        for n, line in enumerate(raw.split(b"\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = parse_json_line(line)
+            except ValueError as e:
+                raise RWKVDishaError(f"--prompt_file {path}:{n}: {e}") from None
+            text = obj.get("prompt", obj.get("text")) if isinstance(obj, dict) else obj
+            if not isinstance(text, str):
+                raise RWKVDishaError(
+                    f'--prompt_file {path}:{n}: expected a JSON string or {{"prompt": "..."}}, '
+                    f"got {line[:60]!r}"
+                )
+            prompts.append(text)
+    else:
+        try:
+            prompts = split_text(raw.decode("utf-8"), "blank")
+        except UnicodeDecodeError as e:
+            raise RWKVDishaError(
+                f"--prompt_file {path} is not UTF-8 text ({e.reason} at byte {e.start})"
+            ) from None
+    if not prompts:
+        raise RWKVDishaError(f"--prompt_file {path} holds no prompt")
+    return prompts
 
 
 def run(cfg: Config) -> int:
     from rwkv_disha.data.tokenizer import get_tokenizer
 
     validate(cfg)
-    prompt = cfg.prompt if cfg.prompt not in ("", "-") else sys.stdin.read()
-    stop = cfg.stop
-    if cfg.chat:
-        prompt = chat_prompt(prompt)
-        stop = stop or "\n\n"
-    model = load_for_inference(cfg.load_model, cfg.peft_checkpoint, cfg.op, cfg.lora_alpha)
+    if cfg.prompt_file:
+        prompts = read_prompts(cfg.prompt_file)
+    elif cfg.chat_loop:
+        prompts = []
+    else:
+        prompts = [cfg.prompt if cfg.prompt not in ("", "-") else sys.stdin.read()]
+    model = load_for_inference(cfg.load_model, cfg.peft_checkpoint, cfg.op, cfg.lora_alpha, cfg.state)
     tok = get_tokenizer()
-    ids = tok.encode(prompt)
-    vocab = model.config.vocab_size
+    penalties = Penalties(cfg.alpha_presence, cfg.alpha_frequency, cfg.alpha_decay)
+    sampling = (cfg.temperature, cfg.top_p, cfg.top_k)
+    if cfg.chat_loop:
+        return chat_loop(model, tok, cfg, penalties)
+    stop = cfg.stop or ("\n\n" if cfg.chat else "")
+    for k, prompt in enumerate(prompts):
+        if len(prompts) > 1:
+            gap = "\n" if k else ""  # a blank line between one prompt's text and the next header
+            sys.stdout.write(f"{gap}=== prompt {k + 1}/{len(prompts)}\n")
+        ids = _encode(tok, chat_prompt(prompt) if cfg.chat else prompt, model.config.vocab_size)
+        print(f"[{len(ids)} prompt tokens, {model.config.summary()}]", file=sys.stderr)
+        gen = torch.Generator().manual_seed(cfg.seed)  # each prompt: the text it would get on its own
+        session = Session(model)
+        session.feed(ids or [0])  # an empty prompt starts from end-of-text, as after a document
+        stream_text(tok, session.reply(cfg.max_tokens, *sampling, gen, penalties), stop)
+    return 0
+
+
+def _encode(tok, text: str, vocab: int) -> list[int]:
+    ids = tok.encode(text)
     if ids and max(ids) >= vocab:
         raise RWKVDishaError(
             f"the prompt has World-tokenizer ids up to {max(ids)} but the model's vocabulary is {vocab}: "
             "use a model with the 65536-token World vocabulary"
         )
-    print(f"[{len(ids)} prompt tokens, {model.config.summary()}]", file=sys.stderr)
+    return ids
+
+
+def stream_text(tok, ids: Iterator[int], stop: str) -> tuple[str, bool]:
+    """Write the text of ``ids`` to stdout as it comes (a multi-byte character once complete), up to
+    ``stop``, then a newline. Returns (the text written, whether ``stop`` ended it)."""
     out_ids: list[int] = []
     shown = ""
-    for t in generate_ids(model, ids, cfg.max_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.seed):
+    stopped = False
+    for t in ids:
         out_ids.append(t)
         text = tok.decode(out_ids)
         if stop and stop in text:
             text = text[: text.index(stop)]
             sys.stdout.write(text[len(shown) :])
-            shown = text
+            shown, stopped = text, True
             break
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             sys.stdout.write(text[len(shown) :])
             sys.stdout.flush()
             shown = text
-    final = tok.decode(out_ids)
-    if not stop or stop not in final:
+    if not stopped:
+        final = tok.decode(out_ids)
         sys.stdout.write(final[len(shown) :])
+        shown = final
     sys.stdout.write("\n")
     sys.stdout.flush()
-    return 0
+    return shown, stopped
+
+
+def chat_loop(model, tok, cfg: Config, penalties: Penalties) -> int:
+    """One conversation from stdin: each non-empty line is a user turn, answered from the state left by
+    every earlier turn (the model reads only the new turn, never the whole history again)."""
+    session = Session(model)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    interactive = sys.stdin.isatty()
+    print(f"[chat, {model.config.summary()}; an empty line or Ctrl-D ends it]", file=sys.stderr)
+    while True:
+        if interactive:
+            print("User: ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or (interactive and not line.strip()):
+            return 0
+        if not line.strip():
+            continue
+        # each turn follows the blank line that closed the previous answer: "User: ...\n\nAssistant:"
+        session.feed(_encode(tok, chat_prompt(line), model.config.vocab_size))
+        reply = session.reply(cfg.max_tokens, cfg.temperature, cfg.top_p, cfg.top_k, gen, penalties)
+        _, stopped = stream_text(tok, reply, cfg.stop or "\n\n")
+        if not stopped or cfg.stop:  # token 0, --max_tokens or a custom stop: close the turn in the state
+            session.feed(tok.encode("\n\n"))
