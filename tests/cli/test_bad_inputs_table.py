@@ -73,6 +73,13 @@ CASES: list[tuple[str, list[str], str]] = [
     ("prepare-workers-negative", [*PREP, "--workers", "-1"], "workers"),
     ("prepare-bad-on_error", [*PREP, "--on_error", "ignore"], "on_error"),
     ("prepare-output-under-file", [*PREP, "--output", "@afile/d"], "afile"),
+    ("prepare-preview-negative", [*PREP, "--preview", "-1"], "preview"),
+    (
+        "prepare-preview-malformed",
+        ["prepare", "--input", "@broken_jsonl", "--preview", "3"],
+        "broken.jsonl:2",
+    ),
+    ("prepare-preview-missing-input", ["prepare", "--input", "@work/no.jsonl", "--preview", "1"], "no.jsonl"),
     # --- train: flags checked before the model loads
     ("train-beta1-1", [*TRAIN, "--beta1", "1"], "beta1"),
     ("train-beta1-negative", [*TRAIN, "--beta1", "-0.1"], "beta1"),

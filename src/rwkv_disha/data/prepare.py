@@ -57,6 +57,9 @@ class Config:
     )
     overwrite: bool = opt(False, "replace an existing PREFIX.bin/.idx")
     progress: bool = opt(True, "show a progress bar (only on a terminal)")
+    preview: int = opt(
+        0, "show the first N records as training sees them (loss tokens marked, token counts); writes nothing"
+    )
 
 
 @dataclass
@@ -149,7 +152,9 @@ def _check(cfg: Config) -> list[str]:
     inputs = [cfg.input] if isinstance(cfg.input, str) else list(cfg.input)
     if not inputs:
         raise RWKVDishaError("no input: pass --input FILE.jsonl [FILE2 ...]")
-    if not cfg.output:
+    if cfg.preview < 0:
+        raise RWKVDishaError(f"--preview must be >= 0 (0 = off), got {cfg.preview}")
+    if not cfg.output and not cfg.preview:
         raise RWKVDishaError("no output: pass --output PREFIX (writes PREFIX.bin and PREFIX.idx)")
     for p in inputs:
         if os.path.isdir(p):
@@ -350,6 +355,12 @@ def prepare(cfg: Config, log=None) -> PrepareStats:
 
 
 def run(cfg: Config) -> int:
+    if cfg.preview:  # checks the flags and inputs, tokenizes the first records, writes nothing
+        from rwkv_disha.data.preview import preview
+
+        inputs = _check(cfg)
+        preview(inputs, cfg.preview, cfg.ctx_len, cfg.txt_split, cfg.text_key, cfg.append_eos, cfg.on_error)
+        return 0
     stats = prepare(cfg)
     print(stats.summary())
     return 0
