@@ -7,14 +7,14 @@ import torch
 
 from rwkv_disha import load_model
 from rwkv_disha.adapters import AdapterConfig, inject_adapters
-from rwkv_disha.adapters.config import DEFAULT_TARGETS, parse_train_parts
+from rwkv_disha.adapters.config import parse_train_parts
 from rwkv_disha.errors import RWKVDishaError
 
 
 def test_disha_config_as_in_rwkv_peft_readme():
     cfg = AdapterConfig.from_cli("disha", '{"mode":"bone","load":"","r":64}', "", ["time", "ln"], "none")
     assert (cfg.peft, cfg.mode, cfg.r, cfg.load, cfg.quant) == ("disha", "bone", 64, "", "none")
-    assert cfg.targets == list(DEFAULT_TARGETS) and cfg.train_parts == ["time", "ln"]
+    assert cfg.targets == [] and cfg.train_parts == ["time", "ln"]  # []: the model version's layers
     bat = AdapterConfig.from_cli("disha", '{"mode":"bat","load":"x.pth","r":32}', quant="nf4")
     assert (bat.mode, bat.r, bat.load, bat.quant) == ("bat", 32, "x.pth", "nf4")
 

@@ -18,9 +18,14 @@ from rwkv_disha.adapters.quant import check_quant_mode
 from rwkv_disha.adapters.registry import adapter_class, kinds_of
 from rwkv_disha.choices import DEFAULT_TRAIN_PARTS, TRAIN_PARTS
 from rwkv_disha.errors import RWKVDishaError
+from rwkv_disha.model.registry import MODELS, RWKV7_TARGETS
 
 # docs/ADAPTERS.md, "Layouts": the Linear layers RWKV-PEFT adapts in RWKV-7 (module name after ``blocks.N.``)
-DEFAULT_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
+# The Linear layers adapters replace by default come from the model version's registry entry
+# (rwkv_disha.model.registry: RWKV-7's six; RWKV-6 / 5.2 add att.gate and ffn.receptance). An empty
+# ``targets`` means "the model's"; inject_adapters fills them in. KNOWN_TARGETS: every version's.
+DEFAULT_TARGETS = RWKV7_TARGETS
+KNOWN_TARGETS = tuple(dict.fromkeys(t for m in MODELS.values() for t in m.adapter_targets))
 
 
 def parse_train_parts(value: str | Iterable[str] | None) -> list[str]:
@@ -78,7 +83,7 @@ class AdapterConfig:
     load: str = ""  # adapter file to start from ("" = fresh zero-init adapter)
     lora_alpha: float = 32.0
     lora_dropout: float = 0.01
-    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    targets: list[str] = field(default_factory=list)  # [] = the model version's (inject_adapters)
     train_parts: list[str] = field(default_factory=lambda: list(DEFAULT_TRAIN_PARTS))
     quant: str = "none"  # frozen base storage: none, int8, nf4, fp4
 
@@ -98,7 +103,7 @@ class AdapterConfig:
         kind.check_config(self)
         if isinstance(self.targets, str):
             self.targets = [t for t in re.split(r"[\s,]+", self.targets) if t]
-        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+        if not isinstance(self.targets, list) or not all(isinstance(t, str) and t for t in self.targets):
             raise RWKVDishaError(f"adapter targets must be module names like {' '.join(DEFAULT_TARGETS)}")
 
     @property

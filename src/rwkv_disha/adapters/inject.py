@@ -19,6 +19,7 @@ import torch.nn as nn
 from rwkv_disha.adapters.base import AdapterLinear, adapter_modules
 from rwkv_disha.adapters.config import DEFAULT_TARGETS, AdapterConfig
 from rwkv_disha.errors import RWKVDishaError
+from rwkv_disha.model.registry import adapter_targets
 
 Tensor = torch.Tensor
 
@@ -80,6 +81,8 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     """
     if cfg.peft == "none":
         return []
+    if not cfg.targets:  # the model version's default layers; set here so the sidecar records them
+        cfg.targets = list(adapter_targets(model))
     linears = find_targets(model, cfg.targets)
     cfg.layer_class.check_shapes(cfg.r, {name: tuple(m.weight.shape) for name, m in linears.items()})
     for name, linear in linears.items():
