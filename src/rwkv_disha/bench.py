@@ -1,46 +1,165 @@
-"""Measure this machine: the WKV-7 kernels (chunked vs per-step loop) and the matmul peak.
+"""Measure this machine: a real training step (default), the WKV-7 kernels, or the matmul peak.
 
-Results of the project's benchmarks live in docs/BENCHMARKS.md, each with the command that made it.
+``--what step`` times the training step of ``rwkv-disha train`` on a named shape (``--shape 0.1B`` ...,
+or ``--n_layer --n_embd``) with random weights: the same model build (adapters, --quant, grad_cp,
+--compile), loss (chunked head + cross-entropy), backward, gradient clipping and AdamW step; only the
+data loading and Lightning's loop are left out. It reports tokens/s, the training FLOPs per token
+(adapters included), the dense matmul peak measured between the steps of the same run, MFU, and peak
+memory (RSS on CPU, ``max_memory_allocated`` on GPU). ``--sweep micro_bsz`` doubles micro_bsz while it
+fits and names the fastest. Results of the project's benchmarks: docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-from rwkv_disha.choices import OPS
+from rwkv_disha.choices import (
+    BENCH_ADAPTERS,
+    BENCH_SHAPES,
+    BENCH_SWEEPS,
+    BENCH_WHAT,
+    MODEL_VERSIONS,
+    OPS,
+    PRECISIONS,
+    QUANT_CHOICES,
+)
 from rwkv_disha.config import opt
 from rwkv_disha.errors import RWKVDishaError
 from rwkv_disha.kernels import get_wkv7, resolve_op
 
+# named shapes (n_layer, n_embd): the RWKV-7 releases of these sizes (docs/MODEL.md)
+SHAPES = {"0.1B": (12, 768), "0.4B": (24, 1024), "1.5B": (24, 2048), "3B": (32, 2560), "7B": (32, 4096)}
+assert tuple(SHAPES) == BENCH_SHAPES
 
-def best_time(fn, repeat: int = 5, warmup: int = 1) -> float:
+
+@dataclass
+class Config:
+    what: str = opt(
+        "step", "step: one training step; kernel: the WKV-7 ops; matmul: this machine's peak", BENCH_WHAT
+    )
+    device: str = opt("auto", "auto (cuda when visible), cpu, cuda or cuda:N")
+    json: str = opt("", "also write the result to this JSON file")
+    # --what step
+    shape: str = opt("0.1B", "step: model shape (n_layer / n_embd 12/768 ... 32/4096)", BENCH_SHAPES)
+    n_layer: int = opt(0, "step: blocks (0: from --shape)")
+    n_embd: int = opt(0, "step: width (0: from --shape)")
+    vocab_size: int = opt(65536, "step: vocabulary size")
+    version: str = opt("x070", "step: model version", MODEL_VERSIONS)
+    adapter: str = opt(
+        "bone",
+        "step: none (frozen base, only --train_parts train), bone, bat, lora, state, full",
+        BENCH_ADAPTERS,
+    )
+    r: int = opt(64, "step: adapter rank (LoRA: lora_r, alpha 2r)")
+    train_parts: list[str] = opt(["time", "ln"], "step: base tensors that train too, as in train")
+    ctx_len: int = opt(512, "step: tokens per sequence")
+    micro_bsz: int = opt(1, "step: sequences per step (--sweep micro_bsz: the first one tried)")
+    precision: str = opt("bf16", "step: fp32, tf32, fp16 or bf16 (mixed), as in train", tuple(PRECISIONS))
+    op: str = opt("auto", "step: WKV kernel", OPS)
+    grad_cp: bool = opt(False, "step: activation checkpointing per block")
+    quant: str = opt("none", "step: quantize the frozen base of adapted layers", QUANT_CHOICES)
+    compile: bool = opt(False, "step: torch.compile each block (the warm-up steps compile)")
+    steps: int = opt(5, "step: timed steps (the median is reported)")
+    warmup: int = opt(2, "step: untimed steps first (allocator, compile, autotune)")
+    sweep: str = opt(
+        "none", "step: micro_bsz = double micro_bsz while it fits, report the fastest", BENCH_SWEEPS
+    )
+    sweep_max: int = opt(64, "step: the largest micro_bsz --sweep tries")
+    # --what kernel
+    B: int = opt(1, "kernel: batch size")
+    T: int = opt(512, "kernel: sequence length")
+    H: int = opt(12, "kernel: heads")
+    N: int = opt(64, "kernel: head size")
+    ops: str = opt("torch,loop", "kernel: comma-separated kernels; the first is compared with the others")
+    repeat: int = opt(5, "kernel: interleaved rounds (medians and paired median ratios are reported)")
+
+
+# --- timing and memory ----------------------------------------------------------------------------------
+def _sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def best_time(fn, repeat: int = 5, warmup: int = 1, device: str = "cpu") -> float:
     """Shortest wall time of ``repeat`` calls of ``fn`` (after ``warmup`` calls), in seconds."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeat):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(_timed(fn, device) for _ in range(repeat))
+
+
+class MatmulProbe:
+    """An n x n x n product on preallocated buffers: this machine's dense matmul rate, measured between
+    the steps of a run so that both see the same load (a shared machine drifts)."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.device = device
+        self.n = 8192 if device.type == "cuda" else 2048
+        self.a, self.b, self.c = (torch.randn(self.n, self.n, device=device).to(dtype) for _ in range(3))
+        self.nbytes = 3 * self.a.numel() * self.a.element_size()
+        self.rate()  # warm-up (cuBLAS / oneDNN pick their kernels)
+
+    def rate(self) -> float:
+        """FLOP/s of the best of two products (one alone is at the mercy of a single hiccup)."""
+        t = min(_timed(lambda: torch.mm(self.a, self.b, out=self.c), self.device) for _ in range(2))
+        return 2 * self.n**3 / t
 
 
 def matmul_peak_flops(dtype: torch.dtype = torch.float32, n: int = 2048, device: str = "cpu") -> float:
     """Measured dense matmul throughput (FLOP/s) for an n x n x n product."""
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
-    t = best_time(lambda: a @ b, repeat=5)
+    t = best_time(lambda: a @ b, repeat=5, device=device)
     return 2 * n**3 / t
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_rss() -> None:
+    """Reset the kernel's high-water mark of this process's RSS (Linux); without it, the peak is the
+    process's whole life (ru_maxrss)."""
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss_bytes() -> int:
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _available_bytes() -> int | None:
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+# --- --what kernel -----------------------------------------------------------------------------------
 def wkv_inputs(B: int, T: int, H: int, N: int, device: str = "cpu", seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     r, k, v = (torch.randn(B, T, H, N, generator=g) for _ in range(3))
@@ -50,8 +169,8 @@ def wkv_inputs(B: int, T: int, H: int, N: int, device: str = "cpu", seed: int = 
     return [t.to(device).requires_grad_() for t in (r, log_w, k, v, -kk, kk * a_gate)]
 
 
-def time_kernel(op: str, B: int, T: int, H: int, N: int, device: str = "cpu", repeat: int = 5) -> float:
-    """Seconds for one forward + backward of the WKV-7 op on random inputs."""
+def kernel_step(op: str, B: int, T: int, H: int, N: int, device: str = "cpu"):
+    """A function running one forward + backward of the WKV-7 op on random inputs."""
     fn = get_wkv7(op)
     xs = wkv_inputs(B, T, H, N, device)
 
@@ -59,63 +178,441 @@ def time_kernel(op: str, B: int, T: int, H: int, N: int, device: str = "cpu", re
         y, s = fn(*xs)
         (y.float().sum() + s.sum()).backward()
 
-    return best_time(step, repeat=repeat)
+    return step
 
 
-@dataclass
-class Config:
-    what: str = opt(
-        "kernel", "what to measure: kernel (WKV-7 ops) or matmul (this machine's peak)", ("kernel", "matmul")
-    )
-    B: int = opt(1, "batch size")
-    T: int = opt(512, "sequence length")
-    H: int = opt(12, "heads")
-    N: int = opt(64, "head size")
-    ops: str = opt("torch,loop", "comma-separated kernels to time; the first is compared with the others")
-    device: str = opt("cpu", "cpu or cuda (cuda:N for one GPU)")
-    repeat: int = opt(5, "timed repetitions (the best is reported)")
+def time_kernel(op: str, B: int, T: int, H: int, N: int, device: str = "cpu", repeat: int = 5) -> float:
+    """Seconds for one forward + backward of the WKV-7 op on random inputs (best of ``repeat``)."""
+    return best_time(kernel_step(op, B, T, H, N, device), repeat=repeat, device=device)
 
 
-def validate(cfg: Config) -> list[str]:
-    """Every option checked before any tensor is made; returns the ops to time."""
+def interleaved_times(steps: dict, rounds: int, device) -> dict[str, list[float]]:
+    """Seconds of each step per round; the order rotates every round, so no variant always runs first
+    (or right after the slowest one) on a machine whose load drifts."""
+    names = list(steps)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for name in names:  # warm-up, untimed
+        steps[name]()
+    for i in range(rounds):
+        order = names[i % len(names) :] + names[: i % len(names)]
+        for name in order if i % 2 == 0 else reversed(order):
+            times[name].append(_timed(steps[name], device))
+    return times
+
+
+def paired_median_ratio(times: dict[str, list[float]], name: str, base: str) -> float:
+    """Median over rounds of (name's time / base's time in the same round)."""
+    return statistics.median(t / b for t, b in zip(times[name], times[base]))
+
+
+def run_kernel(cfg: Config, device: str, ops: list[str]) -> dict:
+    steps = {op: kernel_step(op, cfg.B, cfg.T, cfg.H, cfg.N, device) for op in ops}
+    times = interleaved_times(steps, cfg.repeat, device)
+    first = ops[0]
+    return {
+        "what": "kernel",
+        "shape": dict(B=cfg.B, T=cfg.T, H=cfg.H, N=cfg.N),
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "rounds": cfg.repeat,
+        "fwd_bwd_ms_median": {op: round(statistics.median(t) * 1e3, 2) for op, t in times.items()},
+        "fwd_bwd_ms_best": {op: round(min(t) * 1e3, 2) for op, t in times.items()},
+        # time of op / time of the first op, paired per round: how many times faster the first one is
+        "speedup_of_" + first: {
+            op: round(paired_median_ratio(times, op, first), 2) for op in ops if op != first
+        },
+    }
+
+
+# --- --what step ---------------------------------------------------------------------------------------
+def random_base(mcfg, op: str, device: torch.device, seed: int = 0) -> torch.nn.Module:
+    """A model of shape ``mcfg`` with random weights made on ``device`` (seconds at any size; only for
+    timing: norms at 1 / 0, per-channel vectors in (0, 1), matrices uniform at 1/sqrt(width))."""
+    from rwkv_disha.model.load import build_model
+
+    model = build_model(mcfg, op=op, device="meta").to_empty(device=device)
+    torch.manual_seed(seed)
+    C = mcfg.n_embd
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(0.0 if name.endswith(".bias") else 1.0)
+            elif p.numel() > C and name.startswith("emb."):
+                p.normal_(0.0, 1.0)
+            elif p.numel() > C:
+                p.uniform_(-1.0, 1.0).mul_(1.0 / math.sqrt(max(p.shape[-2:])))
+            else:
+                p.uniform_(0.0, 1.0)
+        for b in model.buffers():
+            b.zero_()
+    return model
+
+
+def flops_per_token(model: torch.nn.Module, tokens_per_step: int) -> dict[str, float]:
+    """Training matmul FLOPs per token of the adapted ``model`` (forward + backward), by part.
+
+    Matmul weights are the >= 2-D tensors with more than C elements (r_k, time_faaaa and the mixes are
+    per-channel). A frozen weight costs 2 x size forward + 2 x size for the input gradient; a trained one
+    2 x size more for its own gradient. Adapters, counted honestly: Bone / LoRA / MiSS-like kinds 6 FLOPs per
+    trainable element (forward, input gradient, their gradient) plus Bone's fold; Bat also builds
+    W' = W + W_b @ disha_b + disha_b every step (2 r in out, and as much again backward) and needs the
+    full (out, in) gradient of W'. The WKV recurrence: 8 C N per token and layer forward (RWKV-7; 6 for
+    6 / 5.2), x3 for training."""
+    from rwkv_disha.adapters import adapter_modules
+
+    cfg = model.config
+    C, N, L = cfg.n_embd, cfg.head_size, cfg.n_layer
+    base = adapter = 0.0
+    inside = set()
+    for _, m in adapter_modules(model):
+        inside.update(id(p) for p in m.parameters())
+        size = m.in_features * m.out_features
+        base += 4 * size
+        trained = sum(p.numel() for p in m.adapter_parameters().values() if p.requires_grad)
+        if m.kind == "bat":
+            adapter += 2 * size + 4 * m.r * size / tokens_per_step
+        else:
+            adapter += 6 * trained + (m.in_features if m.kind == "bone" else 0)
+    for name, p in model.named_parameters():
+        if (
+            id(p) in inside
+            or p.dim() < 2
+            or p.numel() <= C
+            or name.startswith("emb.")
+            or "time_state" in name
+        ):
+            continue
+        base += (6 if p.requires_grad else 4) * p.numel()
+    wkv = 3 * (8 if cfg.version == "x070" else 6) * C * N * L
+    return {"total": base + adapter + wkv, "base": base, "adapter": adapter, "wkv": wkv}
+
+
+def train_config(cfg: Config, precision: str, device: torch.device):
+    """The `train` options this bench stands for (what build_adapter_config / adapt_model / the module
+    read), so both commands build the same model and step."""
+    from rwkv_disha.config import from_mapping
+    from rwkv_disha.train.config import Config as TrainConfig
+
+    values = {
+        "accelerator": "gpu" if device.type == "cuda" else "cpu",
+        "precision": precision,
+        "grad_cp": cfg.grad_cp,
+        "op": cfg.op,
+        "compile": cfg.compile,
+        "ctx_len": cfg.ctx_len,
+        "micro_bsz": cfg.micro_bsz,
+        "train_parts": list(cfg.train_parts),
+        "quant": cfg.quant,
+        "lr_init": 1e-4,
+        "lr_final": 1e-4,
+    }
+    if cfg.adapter in ("bone", "bat"):
+        values["peft"] = "disha"
+        values["disha_config"] = json.dumps({"mode": cfg.adapter, "load": "", "r": cfg.r})
+    elif cfg.adapter == "lora":
+        values["peft"] = "lora"
+        values["lora_config"] = json.dumps({"lora_load": "", "lora_r": cfg.r, "lora_alpha": 2 * cfg.r})
+    else:  # none (frozen: trainables fixed after the build), state, full (= train's --peft none)
+        values["peft"] = {"state": "state"}.get(cfg.adapter, "none")
+    return from_mapping(TrainConfig, values, source="bench options")
+
+
+def model_shape(cfg: Config):
+    from rwkv_disha.model.init import make_config
+
+    n_layer, n_embd = SHAPES[cfg.shape]
+    return make_config(cfg.n_layer or n_layer, cfg.n_embd or n_embd, cfg.vocab_size, 64, cfg.version)
+
+
+class TrainStep:
+    """The training step of `train` on a random base, with its optimizer; ``measure`` times it."""
+
+    def __init__(self, cfg: Config, device: torch.device, precision: str):
+        from rwkv_disha.train.build import adapt_model, build_adapter_config
+        from rwkv_disha.train.checks import trainable_shapes
+        from rwkv_disha.train.module import DishaModule
+
+        self.cfg, self.device, self.precision = cfg, device, precision
+        self.tcfg = tcfg = train_config(cfg, precision, device)
+        acfg = build_adapter_config(tcfg)
+        self.mcfg = model_shape(cfg)
+        trainable_shapes(self.mcfg, acfg, tcfg.engine.op)  # an r the layers cannot take: one line, no build
+        model = random_base(self.mcfg, tcfg.engine.op, device)
+        adapt_model(model, tcfg, acfg, device.type == "cuda")
+        if cfg.adapter == "none":  # the frozen baseline: only --train_parts train
+            from rwkv_disha.adapters.inject import train_part_parameters
+
+            model.requires_grad_(False)
+            for p in train_part_parameters(model, cfg.train_parts).values():
+                p.requires_grad_(True)
+        self.model = model.to(device).train()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise RWKVDishaError(
+                f"--adapter {cfg.adapter} with --train_parts {cfg.train_parts}: nothing trains"
+            )
+        optim = DishaModule(model, tcfg, steps_per_epoch=10**9).configure_optimizers()
+        self.opt, self.sched = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
+        if precision == "tf32":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.autocast_dtype = low
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+    def batch(self, bsz: int) -> dict[str, torch.Tensor]:
+        """Random tokens (B, ctx_len) with their next-token labels and a full mask, on the device."""
+        idx = torch.randint(0, self.mcfg.vocab_size, (bsz, self.cfg.ctx_len + 1), device=self.device)
+        mask = torch.ones(bsz, self.cfg.ctx_len, device=self.device)
+        return {"input_ids": idx[:, :-1], "labels": idx[:, 1:], "mask": mask}
+
+    def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One optimizer step as Lightning runs it for `train`: loss under the precision's autocast,
+        backward (scaled for fp16), gradient clipping, AdamW, schedule."""
+        from rwkv_disha.train.modes import sample_loss
+
+        e, clip = self.tcfg.engine, self.tcfg.optim.grad_clip
+        low = self.autocast_dtype
+        ctx = torch.autocast(self.device.type, dtype=low) if low else contextlib.nullcontext()
+        with ctx:
+            loss = sample_loss(e.train_type, self.model, batch, e.chunk_ctx)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)
+        else:
+            loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, clip)
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def measure(self, bsz: int, probe: MatmulProbe) -> dict:
+        """Warm-up steps, then ``--steps`` rounds of (matmul probe, one step): median step time, MFU per
+        round against that round's matmul rate (median), peak memory of the steps."""
+        cfg, dev = self.cfg, self.device
+        batch = self.batch(bsz)
+        tokens = bsz * cfg.ctx_len
+        on_gpu = dev.type == "cuda"
+        if on_gpu:
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            resident = torch.cuda.memory_allocated(dev)
+        else:
+            _reset_peak_rss()
+            resident = _rss_bytes()
+        t0 = time.perf_counter()
+        for _ in range(cfg.warmup):
+            self.step(batch)
+        _sync(dev)
+        warm_s = time.perf_counter() - t0
+        step_s, rates, loss = [], [], float("nan")
+        for _ in range(cfg.steps):
+            rates.append(probe.rate())
+            _sync(dev)
+            t0 = time.perf_counter()
+            loss = float(self.step(batch))
+            _sync(dev)
+            step_s.append(time.perf_counter() - t0)
+        # the probe's buffers were allocated before the reset: not in the GPU peak
+        peak = torch.cuda.max_memory_allocated(dev) if on_gpu else _peak_rss_bytes()
+        fl = flops_per_token(self.model, tokens)
+        med = statistics.median(step_s)
+        mfu = statistics.median(fl["total"] * tokens / s / r for s, r in zip(step_s, rates))
+        return {
+            "micro_bsz": bsz,
+            "tokens_per_s": round(tokens / med, 1),
+            "step_s_median": round(med, 4),
+            "step_s": [round(s, 4) for s in step_s],
+            "warmup_s": round(warm_s, 2),
+            "flops_per_token": round(fl["total"]),
+            "flops_per_token_parts": {k: round(v) for k, v in fl.items() if k != "total"},
+            "matmul_peak_flops": round(statistics.median(rates)),
+            "mfu": round(mfu, 4),
+            "peak_mem_bytes": int(peak),
+            "resident_bytes_before_steps": int(resident),
+            "peak_mem_kind": "cuda max_memory_allocated" if on_gpu else "peak RSS (VmHWM)",
+            "loss_last": round(loss, 4),
+        }
+
+
+def _fits_next(result: dict) -> bool:
+    """Whether twice this micro_bsz's activations still fit in the CPU's available memory."""
+    avail = _available_bytes()
+    if avail is None:
+        return True
+    extra = result["peak_mem_bytes"] - result["resident_bytes_before_steps"]
+    return 2 * extra * 1.1 < avail + max(0, _rss_bytes() - result["resident_bytes_before_steps"])
+
+
+def run_step(cfg: Config, device: torch.device) -> dict:
+    from rwkv_disha.hardware import cpu_precision
+
+    precision, notice = (cfg.precision, None) if device.type == "cuda" else cpu_precision(cfg.precision)
+    if notice:
+        print(notice, file=sys.stderr)
+    bench = TrainStep(cfg, device, precision)
+    mm_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    probe = MatmulProbe(mm_dtype, device)
+    head = {
+        "what": "step",
+        "model": bench.mcfg.summary(),
+        "shape": cfg.shape if not (cfg.n_layer or cfg.n_embd) else None,
+        "adapter": cfg.adapter if cfg.adapter in ("none", "state", "full") else f"{cfg.adapter} r{cfg.r}",
+        "train_parts": list(cfg.train_parts),
+        "ctx_len": cfg.ctx_len,
+        "precision": precision,
+        "precision_asked": cfg.precision,
+        "op": cfg.op,
+        "grad_cp": cfg.grad_cp,
+        "quant": cfg.quant,
+        "compile": cfg.compile,
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()})",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "matmul_dtype": str(mm_dtype).replace("torch.", ""),
+        "steps": cfg.steps,
+        "warmup": cfg.warmup,
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+    }
+    if notice:
+        head["notice"] = notice
+    if cfg.sweep != "micro_bsz":
+        return {**head, **bench.measure(cfg.micro_bsz, probe)}
+    runs, bsz, stop = [], cfg.micro_bsz, "reached --sweep_max"
+    while bsz <= cfg.sweep_max:
+        try:
+            res = bench.measure(bsz, probe)
+        except torch.cuda.OutOfMemoryError:
+            stop = f"micro_bsz {bsz} ran out of GPU memory"
+            bench.opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            break
+        runs.append(res)
+        print(
+            json.dumps({"micro_bsz": bsz, "tokens_per_s": res["tokens_per_s"], "mfu": res["mfu"]}),
+            file=sys.stderr,
+        )
+        bsz *= 2
+        if device.type == "cpu" and bsz <= cfg.sweep_max and not _fits_next(res):
+            stop = f"micro_bsz {bsz} would not fit in this machine's available memory"
+            break
+    if not runs:
+        raise RWKVDishaError(f"--sweep micro_bsz: even --micro_bsz {cfg.micro_bsz} does not fit on {device}")
+    best = max(runs, key=lambda r: r["tokens_per_s"])
+    return {
+        **head,
+        "sweep": "micro_bsz",
+        "stopped": stop,
+        "best_micro_bsz": best["micro_bsz"],
+        "best": best,
+        "runs": runs,
+    }
+
+
+# --- checks and the command -------------------------------------------------------------------------
+def resolve_device(text: str) -> torch.device:
+    """--device as a torch.device, or one line why not."""
+    device = text.strip().lower()
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise RWKVDishaError(f"--device must be auto, cpu, cuda or cuda:N, got {text!r}")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RWKVDishaError(f"--device {text}: no CUDA GPU is visible here; use --device cpu")
+        if device[5:] and int(device[5:]) >= torch.cuda.device_count():
+            raise RWKVDishaError(f"--device {text}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return torch.device(device)
+
+
+def _validate_step(cfg: Config, device: torch.device) -> None:
+    import importlib.util
+
+    from rwkv_disha.model.init import parameter_count
+
+    for name in ("vocab_size", "ctx_len", "micro_bsz", "steps", "r", "sweep_max"):
+        if getattr(cfg, name) < 1:
+            raise RWKVDishaError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("n_layer", "n_embd", "warmup"):
+        if getattr(cfg, name) < 0:
+            raise RWKVDishaError(
+                f"--{name} must be >= 0 (n_layer / n_embd 0: from --shape), got {getattr(cfg, name)}"
+            )
+    if cfg.sweep == "micro_bsz" and cfg.micro_bsz > cfg.sweep_max:
+        raise RWKVDishaError(
+            f"--sweep micro_bsz starts at --micro_bsz {cfg.micro_bsz}, above --sweep_max {cfg.sweep_max}"
+        )
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise RWKVDishaError("--precision fp16 is GPU-only; on CPU use bf16 or fp32")
+    if cfg.quant != "none":
+        if cfg.adapter not in ("bone", "bat", "lora"):
+            raise RWKVDishaError(
+                f"--quant {cfg.quant} needs an adapter over the frozen base: --adapter bone, bat or lora"
+            )
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise RWKVDishaError(f"--quant {cfg.quant} needs bitsandbytes: pip install bitsandbytes")
+    if resolve_op(cfg.op) == "fla" and device.type != "cuda":
+        raise RWKVDishaError(f"--op {cfg.op} runs on CUDA tensors only: add --device cuda")
+    mcfg = model_shape(cfg)  # n_embd a multiple of 64, version known: one line each
+    need, have = parameter_count(mcfg) * 4, _available_bytes()
+    if device.type == "cpu" and have is not None and need > have:
+        raise RWKVDishaError(
+            f"{mcfg.summary()} needs about {need / 2**30:.1f} GiB for its fp32 weights, more than the "
+            f"{have / 2**30:.1f} GiB available here; choose a smaller --shape"
+        )
+
+
+def validate(cfg: Config) -> tuple[torch.device, list[str]]:
+    """Every option checked before any tensor is made; returns the device and the kernels to time."""
     for name in ("B", "T", "H", "N", "repeat"):
         if getattr(cfg, name) < 1:
             raise RWKVDishaError(f"--{name} must be positive, got {getattr(cfg, name)}")
-    device = cfg.device.strip().lower()
-    if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
-        raise RWKVDishaError(f"--device must be cpu, cuda or cuda:N, got {cfg.device!r}")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RWKVDishaError(f"--device {cfg.device}: no CUDA GPU is visible here; use --device cpu")
-        if device[5:] and int(device[5:]) >= torch.cuda.device_count():
-            raise RWKVDishaError(
-                f"--device {cfg.device}: this machine has {torch.cuda.device_count()} GPU(s)"
-            )
+    device = resolve_device(cfg.device)
+    if cfg.json:
+        from rwkv_disha.fsio import check_output_path
+
+        check_output_path(cfg.json, "--json")
     ops = [o.strip() for o in cfg.ops.split(",") if o.strip()]
     if cfg.what == "kernel" and not ops:
         raise RWKVDishaError("--ops is empty: give kernels to time, e.g. --ops torch,loop")
     for op in ops if cfg.what == "kernel" else []:
         if op not in OPS:
             raise RWKVDishaError(f"--ops: unknown kernel {op!r}; choose from {', '.join(OPS)}")
-        if resolve_op(op) == "fla" and device == "cpu":
+        if resolve_op(op) == "fla" and device.type != "cuda":
             raise RWKVDishaError(f"--ops {op} runs on CUDA tensors only: add --device cuda")
-    return ops
+    if cfg.what == "step":
+        _validate_step(cfg, device)
+    return device, ops
 
 
 def run(cfg: Config) -> int:
-    ops = validate(cfg)
+    device, ops = validate(cfg)
     torch.manual_seed(0)
     if cfg.what == "matmul":
-        res = {str(d): matmul_peak_flops(d, device=cfg.device) / 1e9 for d in (torch.float32, torch.bfloat16)}
-        print(json.dumps({"threads": torch.get_num_threads(), "matmul_gflops": res}))
-        return 0
-    times = {op: time_kernel(op, cfg.B, cfg.T, cfg.H, cfg.N, cfg.device, cfg.repeat) for op in ops}
-    result = {
-        "shape": dict(B=cfg.B, T=cfg.T, H=cfg.H, N=cfg.N),
-        "device": cfg.device,
-        "threads": torch.get_num_threads(),
-        "fwd_bwd_ms": {op: round(t * 1e3, 2) for op, t in times.items()},
-        "speedup_of_" + ops[0]: {op: round(t / times[ops[0]], 2) for op, t in times.items() if op != ops[0]},
-    }
+        result = {
+            "what": "matmul",
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "matmul_gflops": {
+                str(d): round(matmul_peak_flops(d, device=str(device)) / 1e9, 1)
+                for d in (torch.float32, torch.bfloat16)
+            },
+        }
+    elif cfg.what == "kernel":
+        result = run_kernel(cfg, str(device), ops)
+    else:
+        result = run_step(cfg, device)
     print(json.dumps(result))
+    if cfg.json:
+        from rwkv_disha.fsio import atomic_write_json
+
+        atomic_write_json(cfg.json, result, "--json")
     return 0

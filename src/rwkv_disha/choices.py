@@ -35,3 +35,10 @@ STRATEGIES = (
 )
 LR_SCHEDULES = ("cos_decay", "wsd")
 
+
+# rwkv-disha bench: what to measure, named model shapes (n_layer / n_embd in rwkv_disha.bench.SHAPES),
+# adapters (none: frozen base, only --train_parts train; full: every tensor trains), --sweep
+BENCH_WHAT = ("step", "kernel", "matmul")
+BENCH_SHAPES = ("0.1B", "0.4B", "1.5B", "3B", "7B")
+BENCH_ADAPTERS = ("none", "bone", "bat", "lora", "state", "full")
+BENCH_SWEEPS = ("none", "micro_bsz")

@@ -33,7 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("rwkv_disha.adapters.merge", "merge an adapter checkpoint into a plain RWKV .pth"),
     "generate": ("rwkv_disha.generate", "sample text from a base (+ adapter) or merged model"),
     "eval": ("rwkv_disha.evaluate", "loss / perplexity of a model on binidx or jsonl data"),
-    "bench": ("rwkv_disha.bench", "time the WKV kernels and this machine's matmul peak"),
+    "bench": ("rwkv_disha.bench", "time a training step (tokens/s, MFU, memory) or the WKV kernels"),
     "demo": ("rwkv_disha.demo", "the whole pipeline on a generated corpus and a tiny model (CPU)"),
 }
 

@@ -41,7 +41,11 @@ TRAIN = [
 MERGE = ["merge", "--base_model", "@base", "--peft_checkpoint", "@adapter", "--output", "@work/m.pth"]
 GEN = ["generate", "--load_model", "@base", "--prompt", "a", "--max_tokens", "2"]
 EVAL = ["eval", "--load_model", "@base", "--data_file", "@data", "--ctx_len", "32", "--max_samples", "2"]
-BENCH = ["bench", "--T", "16", "--H", "1", "--N", "16", "--repeat", "1"]
+BENCH = ["bench", "--what", "kernel", "--T", "16", "--H", "1", "--N", "16", "--repeat", "1"]
+BSTEP = [
+    "bench", "--n_layer", "1", "--n_embd", "64", "--vocab_size", "64", "--ctx_len", "8", "--steps", "1",
+    "--warmup", "0", "--precision", "fp32", "--r", "16", "--device", "cpu",
+]  # fmt: skip
 DEMO = ["demo", "--out", "@work/demo", "--n_embd", "64", "--epochs", "1", "--epoch_steps", "1"]
 PREP = ["prepare", "--input", "@good_jsonl", "--output", "@work/d", "--workers", "1", "--progress", "0"]
 INIT = ["init", "--output", "@work/i.pth", "--n_layer", "1", "--n_embd", "64", "--vocab_size", "64"]
@@ -213,6 +217,34 @@ CASES: list[tuple[str, list[str], str]] = [
     ("bench-unknown-op", [*BENCH, "--ops", "torch,warp"], "--ops: unknown kernel 'warp'"),
     ("bench-empty-ops", [*BENCH, "--ops", ","], "ops"),
     ("bench-bad-what", [*BENCH, "--what", "flops"], "what"),
+    ("bench-step-ctx_len-0", [*BSTEP, "--ctx_len", "0"], "--ctx_len"),
+    ("bench-step-micro_bsz-0", [*BSTEP, "--micro_bsz", "0"], "--micro_bsz"),
+    ("bench-step-steps-0", [*BSTEP, "--steps", "0"], "--steps"),
+    ("bench-step-warmup-negative", [*BSTEP, "--warmup", "-1"], "--warmup"),
+    ("bench-step-bat-r-not-dividing", [*BSTEP, "--adapter", "bat", "--r", "48"], "48"),
+    ("bench-step-n_embd-not-multiple", [*BSTEP, "--n_embd", "100"], "n_embd"),
+    ("bench-step-unknown-shape", [*BSTEP, "--shape", "2B"], "--shape"),
+    ("bench-step-unknown-adapter", [*BSTEP, "--adapter", "dora"], "--adapter"),
+    ("bench-step-quant-without-adapter", [*BSTEP, "--adapter", "none", "--quant", "nf4"], "--quant"),
+    ("bench-step-json-is-dir", [*BSTEP, "--json", "@adir"], "directory"),
+    ("bench-step-json-under-file", [*BSTEP, "--json", "@afile/r.json"], "afile"),
+    (
+        "bench-step-sweep-start-above-max",
+        [*BSTEP, "--sweep", "micro_bsz", "--micro_bsz", "8", "--sweep_max", "4"],
+        "sweep_max",
+    ),
+    # --- demo: everything refused before the corpus, the base or the data is written
+    ("demo-epochs-0", [*DEMO, "--epochs", "0"], "epochs"),
+    ("demo-epoch_steps-0", [*DEMO, "--epoch_steps", "0"], "epoch_steps"),
+    ("demo-n_embd-not-multiple", [*DEMO, "--n_embd", "100"], "n_embd"),
+    ("demo-n_embd-0", [*DEMO, "--n_embd", "0"], "n_embd"),
+    ("demo-n_layer-0", [*DEMO, "--n_layer", "0"], "n_layer"),
+    ("demo-r-0", [*DEMO, "--r", "0"], "--r"),
+    ("demo-r-wider-than-model", [*DEMO, "--r", "1000"], "--r"),
+    ("demo-lr-0", [*DEMO, "--lr", "0"], "--lr"),
+    ("demo-lr-nan", [*DEMO, "--lr", "nan"], "--lr"),
+    ("demo-seed-negative", [*DEMO, "--seed", "-3"], "seed"),
+    ("demo-out-is-file", [*DEMO, "--out", "@afile"], "is a file"),
     # --- demo: everything refused before the corpus, the base or the data is written
     ("demo-epochs-0", [*DEMO, "--epochs", "0"], "epochs"),
     ("demo-epoch_steps-0", [*DEMO, "--epoch_steps", "0"], "epoch_steps"),
@@ -234,6 +266,8 @@ if not CUDA:  # these refuse a GPU-only setting on a machine without one
         ("train-accelerator-gpu", [*TRAIN, "--accelerator", "gpu"], "gpu"),
         ("bench-device-cuda", [*BENCH, "--device", "cuda"], "cuda"),
         ("bench-fla-on-cpu", [*BENCH, "--ops", "fla"], "fla"),
+        ("bench-step-fp16-on-cpu", [*BSTEP, "--precision", "fp16"], "fp16"),
+        ("bench-step-fla-on-cpu", [*BSTEP, "--op", "fla"], "fla"),
     ]
 
 # a few cases again as a real process: the entry point, exit status and streams as a shell sees them

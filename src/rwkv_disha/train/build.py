@@ -53,12 +53,21 @@ def build_model(cfg: Config, acfg, on_gpu: bool):
     and freeze all but the adapter + train_parts tensors (kept in fp32).
 
     Returns (model, base fingerprint, base parameter count before quantization)."""
-    from rwkv_disha.adapters import base_fingerprint, inject_adapters, load_adapter_file, mark_trainable
+    from rwkv_disha.adapters import base_fingerprint
     from rwkv_disha.model.load import load_model
 
     model = load_model(cfg.load_model, op=cfg.engine.op)
     fingerprint = base_fingerprint(model)
     n_base = sum(p.numel() for p in model.parameters())  # before --quant turns weights into codes
+    adapt_model(model, cfg, acfg, on_gpu)
+    return model, fingerprint, n_base
+
+
+def adapt_model(model: torch.nn.Module, cfg: Config, acfg, on_gpu: bool) -> torch.nn.Module:
+    """A loaded base made ready to train, in place (``train``, and ``bench`` on random weights): base
+    dtype for the precision, grad_cp, adapters (+ --quant), trainable tensors in fp32, --compile."""
+    from rwkv_disha.adapters import inject_adapters, load_adapter_file, mark_trainable
+
     model.to(base_dtype_for(cfg.engine.precision, model.emb.weight.dtype, on_gpu))
     model.grad_cp = bool(cfg.engine.grad_cp)
     inject_adapters(model, acfg)
@@ -68,7 +77,16 @@ def build_model(cfg: Config, acfg, on_gpu: bool):
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # Adam on 16-bit parameters loses small updates
-    return model, fingerprint, n_base
+    if cfg.engine.compile:
+        compile_blocks(model)
+    return model
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """torch.compile each block in place (one graph per block, reused by every block of the same shape;
+    grad_cp's checkpoint wraps the compiled block). Compiles lazily, at the first step."""
+    for block in model.blocks:
+        block.compile()
 
 
 def build_loggers(cfg: Config) -> list:

@@ -105,6 +105,7 @@ class EngineArgs:
     strategy: str = opt("auto", "Lightning strategy (deepspeed_* need CUDA)", STRATEGIES)
     grad_cp: bool = opt(False, "activation checkpointing per block: less memory, ~30 % slower")
     op: str = opt("auto", "WKV kernel: torch (chunked, any device), fla (GPU); cuda/triton mean fla", OPS)
+    compile: bool = opt(False, "torch.compile each block (inductor; the first steps pay the compile time)")
 
 
 @dataclass

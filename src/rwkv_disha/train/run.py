@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,6 +51,7 @@ def setup(cfg: Config, extra_callbacks: list | None = None) -> int:
         check_model_shape,
         check_proj_dir,
         trainable_shapes,
+        uses_gpu,
         validate,
     )
     from rwkv_disha.train.config import resolve_resume
@@ -57,6 +59,12 @@ def setup(cfg: Config, extra_callbacks: list | None = None) -> int:
 
     cfg = resolve_resume(cfg)
     validate(cfg)
+    if not uses_gpu(cfg):  # bf16 on a CPU without bf16 instructions would crawl: fp32, said once
+        from rwkv_disha.hardware import cpu_precision
+
+        cfg.engine.precision, notice = cpu_precision(cfg.engine.precision)
+        if notice and _first_process():
+            print(notice, file=sys.stderr)
     mcfg = check_model_shape(cfg)
     acfg = build_adapter_config(cfg)
     shapes = trainable_shapes(mcfg, acfg, cfg.engine.op)  # refuses an r the layers cannot take

@@ -1,0 +1,115 @@
+"""`rwkv-disha bench`: the training step on a tiny shape (JSON fields, FLOP count, sweep), the kernel
+timing with paired ratios, and the CPU bf16 fallback (detection monkeypatched). Timing values are never
+asserted: only that they exist and are positive."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import rwkv_disha.hardware as hardware
+from rwkv_disha.bench import Config, TrainStep, flops_per_token, interleaved_times, paired_median_ratio
+from rwkv_disha.cli import main
+
+TINY = ["--n_layer", "1", "--n_embd", "64", "--vocab_size", "64", "--ctx_len", "16", "--device", "cpu"]
+TINY += ["--steps", "2", "--warmup", "1", "--precision", "fp32", "--r", "16"]
+
+
+def test_step_prints_and_writes_the_result(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["bench", *TINY, "--json", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    written = json.loads(out.read_text())
+    assert printed == written
+    for key in ("tokens_per_s", "mfu", "peak_mem_bytes", "flops_per_token", "matmul_peak_flops"):
+        assert written[key] > 0, key
+    assert written["what"] == "step" and written["adapter"] == "bone r16" and len(written["step_s"]) == 2
+    assert written["peak_mem_kind"].startswith("peak RSS")
+
+
+def test_sweep_tries_doubling_micro_bsz_and_names_the_fastest(capsys):
+    assert main(["bench", *TINY, "--steps", "1", "--sweep", "micro_bsz", "--sweep_max", "2"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["micro_bsz"] for r in res["runs"]] == [1, 2]
+    assert res["best_micro_bsz"] in (1, 2) and res["stopped"] == "reached --sweep_max"
+
+
+def _step(adapter: str, **kw) -> TrainStep:
+    cfg = Config(
+        n_layer=2, n_embd=64, vocab_size=64, ctx_len=8, precision="fp32", adapter=adapter, r=16, **kw
+    )
+    return TrainStep(cfg, torch.device("cpu"), "fp32")
+
+
+def test_flops_count_adapters_honestly():
+    C, F, L, r, tokens = 64, 256, 2, 16, 8
+    frozen = flops_per_token(_step("none").model, tokens)
+    bone = flops_per_token(_step("bone").model, tokens)
+    bat = flops_per_token(_step("bat").model, tokens)
+    lora = flops_per_token(_step("lora").model, tokens)
+    full = flops_per_token(_step("full").model, tokens)
+    layers = [(C, C)] * 4 + [(C, F), (F, C)]  # (in, out) of the adapted Linears of one block
+    assert frozen["adapter"] == 0 and bone["base"] == frozen["base"]
+    assert bone["adapter"] == L * sum(6 * r * o + i for i, o in layers)
+    assert lora["adapter"] == L * sum(6 * r * (i + o) for i, o in layers)
+    assert bat["adapter"] == L * sum(2 * i * o + 4 * r * i * o / tokens for i, o in layers)
+    assert full["base"] == frozen["base"] * 6 / 4  # every matmul weight also gets its own gradient
+    assert frozen["total"] < bone["total"] < bat["total"]
+
+
+def test_frozen_baseline_trains_only_train_parts():
+    step = _step("none")
+    names = [n for n, p in step.model.named_parameters() if p.requires_grad]
+    assert names and all(".ln" in n or n.startswith("ln_out") for n in names)
+
+
+def test_kernel_rounds_are_interleaved_and_ratios_paired(capsys):
+    calls = []
+    steps = {name: (lambda n=name: calls.append(n)) for name in "abc"}
+    times = interleaved_times(steps, rounds=4, device="cpu")
+    timed = calls[3:]  # after one warm-up call each
+    firsts = [timed[i * 3] for i in range(4)]
+    assert len(set(firsts)) >= 2  # not always the same variant first
+    assert all(len(t) == 4 for t in times.values())
+    assert paired_median_ratio({"x": [2.0, 4.0, 9.0], "y": [1.0, 2.0, 3.0]}, "x", "y") == 2.0
+    assert main(["bench", "--what", "kernel", "--T", "16", "--H", "1", "--N", "16", "--repeat", "2"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["speedup_of_torch"]["loop"] > 0 and res["rounds"] == 2
+
+
+def test_cpu_without_native_bf16_trains_fp32_with_a_notice(monkeypatch, capsys):
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
+    assert hardware.cpu_precision("bf16")[0] == "fp32" and hardware.cpu_precision("fp32") == ("fp32", None)
+    assert main(["bench", *TINY, "--precision", "bf16", "--steps", "1", "--warmup", "0"]) == 0
+    cap = capsys.readouterr()
+    res = json.loads(cap.out.strip().splitlines()[-1])
+    assert (res["precision"], res["precision_asked"], res["matmul_dtype"]) == ("fp32", "bf16", "float32")
+    assert cap.err.count("notice: this CPU has no native bf16") == 1
+
+
+def test_cpu_with_native_bf16_keeps_bf16(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
+    assert hardware.cpu_precision("bf16") == ("bf16", None)
+
+
+def test_train_on_a_cpu_without_bf16_runs_fp32(monkeypatch, capsys, tmp_path, make_checkpoint):
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
+    base = make_checkpoint(1, 64, 64, style="pretrain", seed=3)
+    argv = [
+        "train", "--load_model", str(base), "--proj_dir", str(tmp_path / "p"), "--data_type", "dummy",
+        "--ctx_len", "16", "--micro_bsz", "1", "--epoch_steps", "2", "--epoch_count", "1",
+        "--accelerator", "cpu", "--precision", "bf16", "--progress_bar", "0",
+        "--disha_config", '{"mode":"bone","load":"","r":16}',
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert capsys.readouterr().err.count("notice: this CPU has no native bf16") == 1
+    saved = json.loads((tmp_path / "p" / "train_config.json").read_text())
+    assert saved["engine"]["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("argv", [["--adapter", "bat"], ["--adapter", "lora", "--grad_cp", "1"]])
+def test_other_adapters_and_grad_cp_run(argv, capsys):
+    assert main(["bench", *TINY, "--steps", "1", "--warmup", "0", *argv]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens_per_s"] > 0
