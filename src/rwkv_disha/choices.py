@@ -6,8 +6,8 @@ from __future__ import annotations
 MODEL_VERSIONS = ("x070", "x060", "x052")
 # --op: WKV kernel. cuda / triton are accepted as RWKV-PEFT spellings and mean fla.
 OPS = ("auto", "torch", "loop", "fla", "cuda", "triton")
-# --peft and the DiSHA modes
-PEFT_KINDS = ("disha", "lora", "none")
+# --peft and the DiSHA modes (state: only the initial WKV states train; rwkv_disha.adapters.registry)
+PEFT_KINDS = ("disha", "lora", "state", "none")
 DISHA_MODES = ("bone", "bat")
 # --quant: storage of the frozen base under an adapter
 QUANT_MODES = ("int8", "nf4", "fp4")
@@ -34,6 +34,8 @@ STRATEGIES = (
     "deepspeed_stage_3_offload",
 )
 LR_SCHEDULES = ("cos_decay", "wsd")
+# --train_type: how a ctx_len sample goes through the model (rwkv_disha.train.modes.TRAIN_TYPES)
+TRAIN_TYPES = ("none", "infctx")
 
 
 # rwkv-disha bench: what to measure, named model shapes (n_layer / n_embd in rwkv_disha.bench.SHAPES),

@@ -24,6 +24,7 @@ from rwkv_disha.errors import RWKVDishaError
 class Config:
     load_model: str = opt("", "base or merged model")
     peft_checkpoint: str = opt("", "adapter file to apply on the fly")
+    state: str = opt("", "state file (rwkv-N.pth of --peft state): every sample starts from its states")
     data_file: str = opt("", "data (binidx prefix or file)")
     data_type: str = opt("binidx", "format of data_file", DATA_TYPES)
     ctx_len: int = opt(512, "context length")
@@ -77,6 +78,8 @@ def validate(cfg: Config) -> None:
     check_input_file(cfg.load_model, "--load_model")
     if cfg.peft_checkpoint:
         check_input_file(cfg.peft_checkpoint, "--peft_checkpoint")
+    if cfg.state:
+        check_input_file(cfg.state, "--state")
     for path in cfg.compare:
         check_input_file(path, "--compare")
     if cfg.json:
@@ -116,8 +119,9 @@ def run(cfg: Config) -> int:
         shuffle=False,
     )
     rows = []
-    for name, kind, model_path, adapter_path in models_to_compare(cfg):
-        model = load_for_inference(model_path, adapter_path, cfg.op)
+    for i, (name, kind, model_path, adapter_path) in enumerate(models_to_compare(cfg)):
+        # --state goes with --load_model (and its --peft_checkpoint), not with the --compare models
+        model = load_for_inference(model_path, adapter_path, cfg.op, state=cfg.state if i == 0 else "")
         rows.append({"model": name, "kind": kind, **evaluate_loss(model, ds, cfg.micro_bsz, cfg.max_samples)})
         del model  # one model in memory at a time
     if cfg.json:

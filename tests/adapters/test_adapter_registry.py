@@ -38,7 +38,10 @@ from rwkv_disha.errors import RWKVDishaError
 
 
 def test_registry_agrees_with_the_flag_choices():
-    assert {cls.peft for cls in ADAPTER_KINDS.values()} | {"none"} == set(PEFT_KINDS)
+    from rwkv_disha.adapters.registry import MODEL_KINDS
+
+    pefts = {cls.peft for cls in (*ADAPTER_KINDS.values(), *MODEL_KINDS.values())}
+    assert pefts | {"none"} == set(PEFT_KINDS)
     assert tuple(k for k, cls in ADAPTER_KINDS.items() if cls.peft == "disha") == DISHA_MODES
     assert all(name == cls.kind for name, cls in ADAPTER_KINDS.items())
 
@@ -58,7 +61,7 @@ def test_adapter_class(peft, mode, expected):
 
 def test_adapter_class_refuses_unknown_names():
     with pytest.raises(
-        RWKVDishaError, match=r"unknown --peft 'bat': use disha, lora or none \(Bat is --peft disha"
+        RWKVDishaError, match=r"unknown --peft 'bat': use disha, lora, state or none \(Bat is --peft disha"
     ):
         adapter_class("bat")
     with pytest.raises(RWKVDishaError, match='--disha_config mode \'pissa\' is unknown: use "bone" or "bat"'):

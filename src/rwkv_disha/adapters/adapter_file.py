@@ -29,6 +29,7 @@ from rwkv_disha.adapters.config import DEFAULT_TARGETS, AdapterConfig
 from rwkv_disha.adapters.fingerprint import base_fingerprint, check_fingerprint, check_fingerprint_types
 from rwkv_disha.adapters.inject import adapter_parameters, train_part_parameters
 from rwkv_disha.adapters.registry import ADAPTER_KINDS
+from rwkv_disha.adapters.state import TimeState, is_state_key, time_state_parameters
 from rwkv_disha.choices import TRAIN_PARTS
 from rwkv_disha.errors import RWKVDishaError
 from rwkv_disha.fsio import atomic_write_json
@@ -67,6 +68,8 @@ def _saved_parameters(model: nn.Module, cfg: AdapterConfig) -> dict[str, nn.Para
     if cfg.peft == "none":
         return dict(model.named_parameters())
     wanted = {**adapter_parameters(model), **train_part_parameters(model, cfg.train_parts)}
+    if cfg.train_state:
+        wanted.update(time_state_parameters(model))
     return {name: p for name, p in model.named_parameters() if name in wanted}  # model order
 
 
@@ -135,6 +138,8 @@ def _check_setting_types(settings: Mapping[str, Any], side: Path) -> None:
     for key, value in settings.items():
         if key in _SETTING_TYPES:
             ok = isinstance(value, _SETTING_TYPES[key]) and not isinstance(value, bool)
+        elif key == "train_state":
+            ok = isinstance(value, bool)
         elif key in ("targets", "train_parts"):
             ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         else:
@@ -212,6 +217,14 @@ def infer_adapter_config(
     for key, t in tensors.items():
         if split := _split_adapter_key(key):
             layers.setdefault(split[0], {})[split[1]] = t
+    states = [k for k in tensors if is_state_key(k)]
+    if states and not layers:  # a state file (--peft state): the states and nothing else
+        others = [k for k in tensors if not is_state_key(k)]
+        if others:
+            raise RWKVDishaError(
+                f"{source} holds initial states and other tensors ({_list(others)}): it is not a state file"
+            )
+        return AdapterConfig(peft=TimeState.peft)
     if not layers:
         names = " or ".join(f"*.{s}" for s in adapter_suffixes())
         raise RWKVDishaError(
@@ -225,7 +238,7 @@ def infer_adapter_config(
         if target not in targets:
             targets.append(target)
     targets = [t for t in DEFAULT_TARGETS if t in targets] + [t for t in targets if t not in DEFAULT_TARGETS]
-    others = [k for k in tensors if not _split_adapter_key(k)]
+    others = [k for k in tensors if not _split_adapter_key(k) and not is_state_key(k)]
     unknown = [k for k in others if not any(part in k for part in TRAIN_PARTS)]
     if unknown:
         raise RWKVDishaError(
@@ -237,6 +250,7 @@ def infer_adapter_config(
         r=r,
         targets=targets,
         train_parts=[p for p in TRAIN_PARTS if any(p in k for k in others)],
+        train_state=bool(states),
         **kind.settings_without_sidecar(lora_alpha, source),
     )
 
@@ -323,7 +337,7 @@ def _check_same_settings(file: AdapterFile, cfg: AdapterConfig) -> None:
             f"{file.source} holds {file.cfg.describe()} but the config asks for {cfg.describe()}: "
             f"set the same peft / mode / r as in training"
         )
-    if file.meta is not None and cfg.peft != "none":  # without sidecar the settings came from cfg
+    if file.meta is not None and cfg.adapts_layers:  # without sidecar the settings came from cfg
         cfg.layer_class.check_file_settings(file.cfg, cfg, file.source)
 
 
@@ -335,6 +349,8 @@ def _check_keys(file: AdapterFile, expected: Mapping[str, Tensor], cfg: AdapterC
         fix = (
             "it adapts layers this config does not target: set the same targets as in training"
             if any(_split_adapter_key(k) for k in unexpected)
+            else "it holds initial states (trained with --train_state 1): set --train_state 1"
+            if any(is_state_key(k) for k in unexpected)
             else f"it holds base tensors outside --train_parts {' '.join(cfg.train_parts) or '(none)'}: "
             f"pass the --train_parts used in training ({parts})"
         )
@@ -367,7 +383,7 @@ def load_adapter_file(model: nn.Module, source: str | Path | AdapterFile, cfg: A
     kind / mode / r / LoRA alpha than ``cfg``, a sidecar whose base fingerprint differs from ``model``, and
     missing, unexpected or mis-shaped tensors.
     """
-    if cfg.peft != "none" and not any(True for _ in adapter_modules(model)):
+    if cfg.adapts_layers and not any(True for _ in adapter_modules(model)):
         raise RWKVDishaError("load_adapter_file: the model has no adapter layers; call inject_adapters first")
     file = source if isinstance(source, AdapterFile) else open_adapter_file(source, cfg.lora_alpha)
     _check_same_settings(file, cfg)

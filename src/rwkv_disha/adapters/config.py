@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from rwkv_disha.adapters.quant import check_quant_mode
-from rwkv_disha.adapters.registry import adapter_class, kinds_of
+from rwkv_disha.adapters.registry import MODEL_KINDS, adapter_class, kinds_of
 from rwkv_disha.choices import DEFAULT_TRAIN_PARTS, TRAIN_PARTS
 from rwkv_disha.errors import RWKVDishaError
 from rwkv_disha.model.registry import MODELS, RWKV7_TARGETS
@@ -86,10 +86,20 @@ class AdapterConfig:
     targets: list[str] = field(default_factory=list)  # [] = the model version's (inject_adapters)
     train_parts: list[str] = field(default_factory=lambda: list(DEFAULT_TRAIN_PARTS))
     quant: str = "none"  # frozen base storage: none, int8, nf4, fp4
+    train_state: bool = False  # also train each block's initial WKV state (adapters/state.py)
 
     def __post_init__(self) -> None:
         self.train_parts = parse_train_parts(self.train_parts)
         self.quant = check_quant_mode(self.quant)
+        if not isinstance(self.train_state, bool):
+            raise RWKVDishaError(f"train_state must be true or false, got {self.train_state!r}")
+        if self.peft in MODEL_KINDS:  # --peft state: the states and nothing else train
+            self.train_state, self.train_parts = True, []
+            if self.quant != "none":
+                raise RWKVDishaError(
+                    "--quant with --peft state is not supported: state tuning trains no adapter; drop --quant"
+                )
+            return
         if self.peft == "none":
             if self.quant != "none":
                 raise RWKVDishaError(
@@ -107,6 +117,11 @@ class AdapterConfig:
             raise RWKVDishaError(f"adapter targets must be module names like {' '.join(DEFAULT_TARGETS)}")
 
     @property
+    def adapts_layers(self) -> bool:
+        """Whether this config puts adapter layers into the model (not for ``state`` and ``none``)."""
+        return bool(kinds_of(self.peft))
+
+    @property
     def layer_class(self):
         """The adapter layer class (``BoneLinear``, ...) this config selects; not for ``peft none``."""
         return adapter_class(self.peft, self.mode)
@@ -120,6 +135,7 @@ class AdapterConfig:
         train_parts: str | Iterable[str] | None = None,
         quant: str = "none",
         targets: Iterable[str] | None = None,
+        train_state: bool = False,
     ) -> AdapterConfig:
         """From RWKV-PEFT's flags: ``--peft disha --disha_config '{"mode":"bone","load":"","r":64}'``.
 
@@ -128,9 +144,10 @@ class AdapterConfig:
         """
         peft = (peft or "none").strip().lower()
         common: dict[str, Any] = {"train_parts": parse_train_parts(train_parts), "quant": quant or "none"}
+        common["train_state"] = bool(train_state)
         if targets is not None:
             common["targets"] = list(targets)
-        if peft == "none":
+        if peft == "none" or peft in MODEL_KINDS:
             return cls(peft=peft, **common)
         first = (kinds_of(peft) or [adapter_class(peft)])[0]  # adapter_class refuses an unknown peft
         flag = first.cli_flag
@@ -163,13 +180,18 @@ class AdapterConfig:
         return cls(**{k: v for k, v in values.items() if k in names})
 
     def same_adapter(self, other: AdapterConfig) -> bool:
-        """Same kind and r: the tensors of one fit the layers of the other."""
-        if self.peft == "none" or other.peft == "none":
+        """Same kind and r, both with or without states: the tensors of one fit the model of the other."""
+        if self.train_state != other.train_state:
+            return False
+        if not (self.adapts_layers and other.adapts_layers):
             return self.peft == other.peft
         return self.layer_class is other.layer_class and self.r == other.r
 
     def describe(self) -> str:
+        if self.peft in MODEL_KINDS:
+            return MODEL_KINDS[self.peft].describe()
+        states = " + initial WKV states" if self.train_state else ""
         if self.peft == "none":
-            return "no adapter"
+            return f"no adapter{states}"
         q = f", base {self.quant}" if self.quant != "none" else ""
-        return f"{self.layer_class.describe(self)}{q}"
+        return f"{self.layer_class.describe(self)}{q}{states}"

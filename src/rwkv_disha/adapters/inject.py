@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from rwkv_disha.adapters.base import AdapterLinear, adapter_modules
 from rwkv_disha.adapters.config import DEFAULT_TARGETS, AdapterConfig
+from rwkv_disha.adapters.state import add_time_states, time_state_parameters
 from rwkv_disha.errors import RWKVDishaError
 from rwkv_disha.model.registry import adapter_targets
 
@@ -67,8 +68,8 @@ def find_targets(model: nn.Module, targets: Iterable[str]) -> dict[str, nn.Linea
 
 def make_adapter_layer(cfg: AdapterConfig, weight: Tensor) -> AdapterLinear:
     """The adapter layer ``cfg`` asks for, wrapping ``weight`` (out, in) without copying it."""
-    if cfg.peft == "none":
-        raise RWKVDishaError("no adapter layer for --peft none")
+    if not cfg.adapts_layers:
+        raise RWKVDishaError(f"no adapter layer for --peft {cfg.peft}")
     return cfg.layer_class.from_config(weight, cfg)
 
 
@@ -77,9 +78,12 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
 
     Base weights keep their names (``blocks.0.att.key.weight``); with ``cfg.quant`` they are stored
     quantized. All shapes are checked before the first layer is replaced. Loading ``cfg.load`` is left to
-    :func:`load_adapter_file` (after :func:`mark_trainable` or before: either order works).
+    :func:`load_adapter_file` (after :func:`mark_trainable` or before: either order works). With
+    ``cfg.train_state`` every block also gets its zero initial state ``att.time_state`` (adapters/state.py).
     """
-    if cfg.peft == "none":
+    if not cfg.adapts_layers:
+        if cfg.train_state:
+            add_time_states(model)
         return []
     if not cfg.targets:  # the model version's default layers; set here so the sidecar records them
         cfg.targets = list(adapter_targets(model))
@@ -90,6 +94,8 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
         if cfg.quant != "none":
             layer.quantize_base(cfg.quant)
         model.set_submodule(name, layer)
+    if cfg.train_state:
+        add_time_states(model)
     return list(linears)
 
 
@@ -97,9 +103,11 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
 # what trains
 # ---------------------------------------------------------------------------------------------------------
 def train_part_parameters(model: nn.Module, train_parts: Iterable[str]) -> dict[str, nn.Parameter]:
-    """Base parameters whose name contains a --train_parts substring (adapter layers' weights excluded)."""
+    """Base parameters whose name contains a --train_parts substring (adapter layers' weights and the
+    initial states excluded: "time" would otherwise match ``time_state``)."""
     parts = list(train_parts)
     in_adapters = {id(p) for _, m in adapter_modules(model) for p in m.parameters()}
+    in_adapters |= {id(p) for p in time_state_parameters(model).values()}
     return {
         name: p
         for name, p in model.named_parameters()
@@ -119,14 +127,20 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 def mark_trainable(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     """Freeze everything, then unfreeze the adapter parameters and the --train_parts tensors.
 
-    With ``peft == "none"`` (full fine-tuning) everything trains. Returns the trainable names.
+    With ``peft == "none"`` (full fine-tuning) everything trains. With ``cfg.train_state`` the initial
+    states train too (``peft state``: only they do). Returns the trainable names.
     """
     if cfg.peft == "none":
         model.requires_grad_(True)
         return [name for name, _ in model.named_parameters()]
     model.requires_grad_(False)
     trainable = {**adapter_parameters(model), **train_part_parameters(model, cfg.train_parts)}
-    if not any(True for _ in adapter_modules(model)):
+    if cfg.train_state:
+        states = time_state_parameters(model)
+        if not states:
+            raise RWKVDishaError("mark_trainable found no initial states: call inject_adapters(model, cfg) first")
+        trainable.update(states)
+    if cfg.adapts_layers and not any(True for _ in adapter_modules(model)):
         raise RWKVDishaError("mark_trainable found no adapter layers: call inject_adapters(model, cfg) first")
     for p in trainable.values():
         p.requires_grad_(True)

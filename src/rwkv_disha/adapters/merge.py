@@ -32,6 +32,7 @@ from rwkv_disha.adapters.adapter_file import (
 from rwkv_disha.adapters.base import adapter_modules
 from rwkv_disha.adapters.inject import inject_adapters
 from rwkv_disha.adapters.quant import check_quant_mode
+from rwkv_disha.adapters.state import TimeState, is_state_key, time_state_parameters
 from rwkv_disha.choices import QUANT_CHOICES
 from rwkv_disha.config import opt
 from rwkv_disha.errors import RWKVDishaError
@@ -44,6 +45,10 @@ Tensor = torch.Tensor
 class Config:
     base_model: str = opt("", "the base model .pth / .safetensors the adapter was trained on")
     peft_checkpoint: str = opt("", "the adapter checkpoint (rwkv-N.pth from train, or from RWKV-PEFT)")
+    state: str = opt(
+        "", "a state file (rwkv-N.pth of --peft state) to write into the base as blocks.N.att.time_state"
+    )
+    state_checkpoint: str = opt("", "the same as --state (the name RWKV-PEFT's merge_state.py uses)")
     output: str = opt("", "where to write the merged model (.pth, or .safetensors)")
     quant: str = opt(
         "",
@@ -69,7 +74,7 @@ def _check_paths(base_path: Path, adapter_path: Path, output: Path, overwrite: b
 
 def _reads(cfg, name: str) -> bool:
     """Whether the kind ``cfg`` selects reads config field ``name`` from its flag (--lora_alpha: LoRA)."""
-    return cfg.peft != "none" and any(field == name for field, _, _ in cfg.layer_class.cli_keys.values())
+    return cfg.adapts_layers and any(field == name for field, _, _ in cfg.layer_class.cli_keys.values())
 
 
 def _resolve_quant(file: AdapterFile, quant: str | None, log: Callable[[str], None]) -> str:
@@ -86,10 +91,10 @@ def adapted_base(base: dict[str, Tensor], file: AdapterFile, quant: str, model_c
     With ``quant``, each adapted base weight is first rounded to the dtype it had in training (the sidecar
     records it) and then quantized, so it dequantizes to exactly the base the training forward saw.
     """
-    from rwkv_disha.model.load import build_model, infer_config
+    from rwkv_disha.model.load import infer_config, model_from_state_dict
 
-    model = build_model(model_cfg or infer_config(base, source="the base model"), op="torch")
-    model.load_state_dict(base, strict=True, assign=True)  # the mmap'ed tensors themselves
+    # the mmap'ed tensors themselves; a base that already holds merged states keeps them unless replaced
+    model = model_from_state_dict(base, model_cfg or infer_config(base, source="the base model"), op="torch")
     check_base(file, model)  # another base: say so before any layer is touched
     cfg = replace(file.cfg, quant="none")
     inject_adapters(model, cfg)
@@ -104,13 +109,18 @@ def adapted_base(base: dict[str, Tensor], file: AdapterFile, quant: str, model_c
 
 def merged_state_dict(base: dict[str, Tensor], model) -> dict[str, Tensor]:
     """The base's keys in the base's order and dtypes: merged weights for adapted layers, the model's
-    (loaded --train_parts, or untouched memory-mapped) tensors for everything else."""
+    (loaded --train_parts, or untouched memory-mapped) tensors for everything else. Initial states
+    follow as ``blocks.N.att.time_state`` in fp32 (RWKV-PEFT's merge_state writes them so; the recurrence
+    runs in fp32)."""
     layers = dict(adapter_modules(model))
     tensors = model.state_dict()
     merged: dict[str, Tensor] = {}
     for key, t in base.items():
         layer = layers.get(key.removesuffix(".weight")) if key.endswith(".weight") else None
-        merged[key] = (layer.merged_weight() if layer is not None else tensors[key]).to(t.dtype)
+        dtype = torch.float32 if is_state_key(key) else t.dtype
+        merged[key] = (layer.merged_weight() if layer is not None else tensors[key]).to(dtype)
+    for key, p in time_state_parameters(model).items():
+        merged[key] = p.detach().float()
     return merged
 
 
@@ -158,7 +168,8 @@ def merge_adapter_file(
     return {
         "adapter": described if quant == file.cfg.quant else f"{described} (merged with --quant {quant})",
         "layers": sum(1 for _ in adapter_modules(model)),
-        "replaced": sum(1 for k in file.tensors if k in base),
+        "replaced": sum(1 for k in file.tensors if k in base and not is_state_key(k)),
+        "states": sum(1 for k in file.tensors if is_state_key(k)),
         "keys": len(merged),
         "dtype": str(next(iter(base.values())).dtype).replace("torch.", ""),
         "quant": quant,
@@ -166,7 +177,29 @@ def merge_adapter_file(
     }
 
 
+def _one_input(cfg: Config) -> str:
+    """The file to merge: --peft_checkpoint (any adapter file) or --state / --state_checkpoint (states)."""
+    given = [f for f in ("peft_checkpoint", "state", "state_checkpoint") if getattr(cfg, f)]
+    if len(given) > 1:
+        raise RWKVDishaError(
+            f"give one of --{' / --'.join(given)}: an adapter trained with --train_state 1 holds its states "
+            f"(give it as --peft_checkpoint); merge a separate state file into the merged model afterwards"
+        )
+    if given and given[0] != "peft_checkpoint":
+        from rwkv_disha.adapters.adapter_file import open_adapter_file
+
+        path = getattr(cfg, given[0])
+        file = open_adapter_file(path)
+        if file.cfg.peft != TimeState.peft:
+            raise RWKVDishaError(
+                f"--{given[0]} {path} holds {file.cfg.describe()}, not only initial states: "
+                f"give it as --peft_checkpoint"
+            )
+    return getattr(cfg, given[0]) if given else ""
+
+
 def run(cfg: Config) -> int:
+    cfg.peft_checkpoint = _one_input(cfg)
     for flag in ("base_model", "peft_checkpoint", "output"):
         if not getattr(cfg, flag):
             raise RWKVDishaError(
@@ -184,8 +217,9 @@ def run(cfg: Config) -> int:
         log=print,
         overwrite=cfg.overwrite,
     )
+    states = f", {info['states']} initial states" if info["states"] else ""
     print(
-        f"merged {info['adapter']}: {info['layers']} layers, {info['replaced']} train_parts tensors -> "
-        f"{info['output']} ({info['keys']} tensors, {info['dtype']})"
+        f"merged {info['adapter']}: {info['layers']} layers, {info['replaced']} train_parts tensors{states} "
+        f"-> {info['output']} ({info['keys']} tensors, {info['dtype']})"
     )
     return 0

@@ -11,6 +11,7 @@ from rwkv_disha.adapters.base import AdapterLinear
 from rwkv_disha.adapters.bat import BatLinear
 from rwkv_disha.adapters.bone import BoneLinear
 from rwkv_disha.adapters.lora import LoRALinear
+from rwkv_disha.adapters.state import TimeState
 from rwkv_disha.errors import RWKVDishaError
 
 ADAPTER_KINDS: dict[str, type[AdapterLinear]] = {
@@ -18,6 +19,10 @@ ADAPTER_KINDS: dict[str, type[AdapterLinear]] = {
     "bat": BatLinear,
     "lora": LoRALinear,
 }
+
+# kinds that add tensors to the model itself instead of wrapping a Linear: --peft state trains only the
+# initial WKV states; any --peft adds them with --train_state 1 (AdapterConfig.train_state)
+MODEL_KINDS: dict[str, type] = {"state": TimeState}
 
 
 def kinds_of(peft: str) -> list[type[AdapterLinear]]:
@@ -31,7 +36,7 @@ def adapter_class(peft: str, mode: str | None = None) -> type[AdapterLinear]:
     if not kinds:
         named = ADAPTER_KINDS.get(str(peft))
         hint = f' ({named.title} is --peft {named.peft} with "mode":"{named.kind}")' if named else ""
-        pefts = ", ".join(dict.fromkeys(cls.peft for cls in ADAPTER_KINDS.values()))
+        pefts = ", ".join(dict.fromkeys(c.peft for c in (*ADAPTER_KINDS.values(), *MODEL_KINDS.values())))
         raise RWKVDishaError(f"unknown --peft {peft!r}: use {pefts} or none{hint}")
     if len(kinds) == 1:
         return kinds[0]

@@ -349,6 +349,13 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tenso
     Masked positions are dropped before the softmax, so they get exactly zero gradient even if their
     logits are inf / NaN, and a batch whose mask is all zero gives loss 0 with zero gradients, never NaN.
     """
+    total = masked_ce_sum(logits, labels, mask)
+    return total / mask.sum().to(total.dtype).clamp(min=1.0)
+
+
+def masked_ce_sum(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``sum(CE * mask)`` over logits (B, T, V), labels and mask (B, T): the numerator of
+    :func:`masked_lm_loss` (infctx adds it up chunk by chunk); 0 when every position is masked."""
     V = logits.shape[-1]
     flat, lab, m = logits.reshape(-1, V), labels.reshape(-1), mask.reshape(-1)
     keep = m > 0
@@ -359,4 +366,4 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tenso
         flat = flat.float()
     m = m.to(flat.dtype)
     ce = torch.nn.functional.cross_entropy(flat, lab.long(), reduction="none")
-    return (ce * m).sum() / m.sum().clamp(min=1.0)
+    return (ce * m).sum()

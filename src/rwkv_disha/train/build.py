@@ -15,7 +15,9 @@ def build_adapter_config(cfg: Config):
     from rwkv_disha.adapters import AdapterConfig
 
     a = cfg.adapter
-    return AdapterConfig.from_cli(a.peft, a.disha_config, a.lora_config, a.train_parts, a.quant)
+    return AdapterConfig.from_cli(
+        a.peft, a.disha_config, a.lora_config, a.train_parts, a.quant, train_state=a.train_state
+    )
 
 
 def build_dataset(cfg: Config, vocab_size: int):

@@ -36,6 +36,10 @@ def validate(cfg: Config) -> None:
     for name in ("devices", "num_nodes"):
         if getattr(cfg.engine, name) <= 0:
             raise RWKVDishaError(f"--{name} must be positive, got {getattr(cfg.engine, name)}")
+    if cfg.engine.train_type == "infctx" and cfg.engine.chunk_ctx <= 0:
+        raise RWKVDishaError(f"--chunk_ctx must be positive (tokens per infctx chunk), got {cfg.engine.chunk_ctx}")
+    if cfg.adapter.state_lr_scale <= 0:
+        raise RWKVDishaError(f"--state_lr_scale must be > 0, got {cfg.adapter.state_lr_scale}")
     if d.dataload == "only" and d.micro_bsz != 1:
         raise RWKVDishaError(
             f"--dataload only takes one document per step: use --micro_bsz 1 (got {d.micro_bsz})"
@@ -139,8 +143,7 @@ def trainable_shapes(mcfg, acfg, op: str) -> dict[str, tuple[int, ...]]:
 
     model = build_model(mcfg, op=op, device="meta")
     plain = AdapterConfig.from_dict({**acfg.to_dict(), "quant": "none", "load": ""})  # same shapes
-    if plain.peft != "none":
-        inject_adapters(model, plain)
+    inject_adapters(model, plain)
     mark_trainable(model, plain)
     return {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
 

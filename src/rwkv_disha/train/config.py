@@ -23,6 +23,7 @@ from rwkv_disha.choices import (
     PRECISIONS,
     QUANT_CHOICES,
     STRATEGIES,
+    TRAIN_TYPES,
 )
 from rwkv_disha.config import flat_dict, from_mapping, given_options, group, opt, option_fields
 from rwkv_disha.errors import RWKVDishaError
@@ -105,6 +106,13 @@ class EngineArgs:
     strategy: str = opt("auto", "Lightning strategy (deepspeed_* need CUDA)", STRATEGIES)
     grad_cp: bool = opt(False, "activation checkpointing per block: less memory, ~30 % slower")
     op: str = opt("auto", "WKV kernel: torch (chunked, any device), fla (GPU); cuda/triton mean fla", OPS)
+    train_type: str = opt(
+        "none",
+        "none: each ctx_len sample in one pass; infctx: in chunks of --chunk_ctx tokens carrying the "
+        "recurrent state (memory grows with chunk_ctx, not ctx_len)",
+        TRAIN_TYPES,
+    )
+    chunk_ctx: int = opt(512, "infctx: tokens per chunk (the last chunk of a sample may be shorter)")
     compile: bool = opt(False, "torch.compile each block (inductor; the first steps pay the compile time)")
 
 
@@ -112,13 +120,24 @@ class EngineArgs:
 class AdapterArgs:
     """adapter"""
 
-    peft: str = opt("disha", "disha (Bone/Bat), lora, or none (full fine-tuning)", PEFT_KINDS)
+    peft: str = opt(
+        "disha", "disha (Bone/Bat), lora, state (only the initial WKV states), or none (full fine-tuning)",
+        PEFT_KINDS,
+    )
     disha_config: str = opt(
         '{"mode":"bone","load":"","r":64}', "DiSHA JSON: mode bone|bat, load (adapter file to start from), r"
     )
     lora_config: str = opt('{"lora_load":"","lora_r":8,"lora_alpha":32,"lora_dropout":0.01}', "LoRA JSON")
     train_parts: list[str] = opt(["time", "ln"], "base tensors to train too: time ln emb head")
     quant: str = opt("none", "store the frozen base of adapted layers quantized", QUANT_CHOICES)
+    train_state: bool = opt(
+        False, "also train each block's initial WKV state (saved in the same adapter file); --peft state: only it"
+    )
+    state_lr_scale: float = opt(
+        1e4,
+        "with --train_state 1 next to an adapter: the states' learning rate is --lr_init/--lr_final times this "
+        "(states want ~1e-2..1, adapters ~2e-5); --peft state uses --lr_init as given",
+    )
 
 
 @dataclass

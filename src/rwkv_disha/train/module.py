@@ -13,9 +13,10 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from rwkv_disha.data.dataset import collate, masked_lm_loss
+from rwkv_disha.data.dataset import collate
 from rwkv_disha.errors import RWKVDishaError
 from rwkv_disha.train.config import Config
+from rwkv_disha.train.modes import sample_loss
 from rwkv_disha.train.resume import KEY
 from rwkv_disha.train.schedule import lr_at
 
@@ -54,8 +55,7 @@ class DishaModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self.cfg.logging.log_samples:
             self._log_samples(batch["input_ids"])
-        logits = self.model(batch["input_ids"])
-        loss = masked_lm_loss(logits, batch["labels"], batch["mask"])
+        loss = sample_loss(self.cfg.engine.train_type, self.model, batch, self.cfg.engine.chunk_ctx)
         self._stop_if_not_finite(loss)
         now = time.perf_counter()
         n_tok = int(batch["input_ids"].numel()) * self.trainer.world_size
@@ -95,8 +95,9 @@ class DishaModule(L.LightningModule):
         if not params:
             raise RWKVDishaError("nothing to train: no adapter or train_parts parameter requires grad")
         opt = torch.optim.AdamW(
-            params, lr=o.lr_init, betas=(o.beta1, o.beta2), eps=o.adam_eps, weight_decay=o.weight_decay
-        )
+            self._param_groups(params), lr=o.lr_init, betas=(o.beta1, o.beta2), eps=o.adam_eps,
+            weight_decay=o.weight_decay,
+        )  # fmt: skip
         total = self.steps_per_epoch * (o.epoch_begin + o.epoch_count)
         # epoch_begin shifts the schedule: continuing at epoch N starts at step N * steps_per_epoch
         offset = self.steps_per_epoch * o.epoch_begin
@@ -109,6 +110,19 @@ class DishaModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def _param_groups(self, params: list[torch.nn.Parameter]) -> list[dict]:
+        """One group at --lr_init; with --train_state next to other trained tensors, the initial states
+        form a second group at lr_init * --state_lr_scale (LambdaLR scales both by the same schedule)."""
+        from rwkv_disha.adapters.state import time_state_parameters
+
+        states = {id(p) for p in time_state_parameters(self.model).values()}
+        rest = [p for p in params if id(p) not in states]
+        mine = [p for p in params if id(p) in states]
+        if not (rest and mine):
+            return [{"params": params}]
+        lr = self.cfg.optim.lr_init * self.cfg.adapter.state_lr_scale
+        return [{"params": rest}, {"params": mine, "lr": lr, "weight_decay": 0.0}]
 
     # -- keep checkpoints small: only what trains ------------------------------------------------------
     def _trainable_keys(self) -> set[str]:

@@ -68,6 +68,10 @@ def setup(cfg: Config, extra_callbacks: list | None = None) -> int:
     mcfg = check_model_shape(cfg)
     acfg = build_adapter_config(cfg)
     shapes = trainable_shapes(mcfg, acfg, cfg.engine.op)  # refuses an r the layers cannot take
+    if uses_gpu(cfg) and (acfg.train_state or cfg.engine.train_type == "infctx"):
+        from rwkv_disha.train.modes import check_state_gradients
+
+        check_state_gradients(cfg.engine.op, torch.device("cuda"))  # both need the initial state's gradient
     if acfg.load:  # the adapter to start from: a missing, damaged or NaN file is refused before any write
         from rwkv_disha.adapters import open_adapter_file
 
