@@ -39,7 +39,7 @@ def train(base, data, proj, mode, *extra):
 
 
 @pytest.mark.parametrize("version", ["x060", "x052"])
-def test_init_prepare_train_merge(tmp_path, corpus, rwkv_oracle, version):
+def test_init_prepare_train_merge(tmp_path, corpus, rwkv_oracle, capsys, version):
     base = tmp_path / "base.pth"
     argv = ["init", "--version", version, "--output", str(base), "--n_layer", str(N_LAYER), "--n_embd", "64"]
     assert main([*argv, "--head_size", "32", "--vocab_size", "65536", "--style", "random"]) == 0
@@ -73,6 +73,14 @@ def test_init_prepare_train_merge(tmp_path, corpus, rwkv_oracle, version):
             theirs = rwkv_oracle(merged, tokens, version=version)
             torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
             assert not torch.allclose(theirs, rwkv_oracle(base, tokens, version=version), atol=1e-3)
+            # generate (stateful, token by token) and eval run on the adapter / merged model
+            capsys.readouterr()
+            gen = ["generate", "--load_model", str(base), "--peft_checkpoint", str(adapter), "--prompt", "Hi"]
+            assert main([*gen, "--max_tokens", "4", "--temperature", "0"]) == 0
+            ev = ["eval", "--load_model", str(merged), "--data_file", corpus, "--ctx_len", "24"]
+            ev += ["--micro_bsz", "2", "--max_samples", "4", "--json", str(tmp_path / "e.json")]
+            assert main(ev) == 0
+            assert capsys.readouterr().out and json.loads((tmp_path / "e.json").read_text())
 
 
 @pytest.mark.parametrize("version,flag", [("x070", "x060"), ("x060", "x070"), ("x052", "x060")])
