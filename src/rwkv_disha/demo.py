@@ -1,7 +1,7 @@
 """`rwkv-disha demo`: the whole pipeline on CPU in a few minutes, from nothing.
 
 1. write a small chat corpus (templated Q&A about invented creatures; generated, no third-party text)
-2. `init` a tiny RWKV-7 base with the 65536-token World vocabulary
+2. `init` a tiny base with the 65536-token World vocabulary (RWKV-7; ``--version x060`` / ``x052``: 6 / 5.2)
 3. `prepare` it into binidx (+ the answer mask for --loss_mask qa)
 4. `train` Bone adapters for a few epochs
 5. `merge` the last adapter into a plain .pth
@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rwkv_disha.choices import MODEL_VERSIONS
 from rwkv_disha.config import opt
 from rwkv_disha.errors import RWKVDishaError
 from rwkv_disha.fsio import atomic_write_text, check_output_path
@@ -53,6 +54,9 @@ def make_corpus(n_creatures: int = 40, seed: int = 0) -> list[dict]:
 @dataclass
 class Config:
     out: str = opt("demo_out", "folder for every file the demo writes (an earlier demo's files are replaced)")
+    version: str = opt(
+        "x070", "version of the tiny base: x070 (RWKV-7), x060 (RWKV-6), x052 (RWKV-5.2)", MODEL_VERSIONS
+    )
     n_layer: int = opt(2, "blocks of the tiny base model")
     n_embd: int = opt(128, "width of the tiny base model (a multiple of 64, the head size)")
     epochs: int = opt(5, "training epochs")
@@ -67,6 +71,8 @@ HEAD_SIZE = 64
 
 def validate(cfg: Config) -> dict[str, Path]:
     """Every option and output path checked before anything is written; returns the demo's paths."""
+    if cfg.version not in MODEL_VERSIONS:
+        raise RWKVDishaError(f"--version must be one of {', '.join(MODEL_VERSIONS)}, got {cfg.version!r}")
     for name in ("n_layer", "epochs", "epoch_steps"):
         if getattr(cfg, name) < 1:
             raise RWKVDishaError(f"--{name} must be positive, got {getattr(cfg, name)}")
@@ -173,7 +179,7 @@ def _report(cfg: Config, paths: dict[str, Path], res: dict, seconds: float) -> s
         f"    binidx data       {data}.bin / .idx (+ answer mask {data}.mask.bin / .idx)",
         f"    adapters          {proj}/rwkv-0.pth ... rwkv-{cfg.epochs - 1}.pth (+ .json sidecars)",
         f"    logs              {proj}/train_log.txt, metrics.csv, loss.png",
-        f"    merged model      {paths['merged']}  (plain RWKV-7 .pth: RWKV Runner / rwkv / Ai00 converter)",
+        f"    merged model      {paths['merged']}  (plain .pth: RWKV Runner / rwkv / Ai00 converter)",
         "",
         "  with a real model, e.g. RWKV-x070-World-0.4B (24 layers, 1024 wide) on a GPU:",
         "    rwkv-disha prepare --input my.jsonl --output data/my",
@@ -198,7 +204,7 @@ def run(cfg: Config) -> int:
     print(f"wrote {paths['corpus']}: {len(rows)} records", file=sys.stderr)
 
     _step("2/6 init a tiny base model")
-    init = ["init", "--output", str(paths["base"]), "--n_layer", str(cfg.n_layer),
+    init = ["init", "--version", cfg.version, "--output", str(paths["base"]), "--n_layer", str(cfg.n_layer),
             "--n_embd", str(cfg.n_embd), "--vocab_size", "65536", "--seed", str(cfg.seed)]  # fmt: skip
     _cli(init)
 
