@@ -7,7 +7,9 @@ MODEL_VERSIONS = ("x070", "x060", "x052")
 # --op: WKV kernel. cuda / triton are accepted as RWKV-PEFT spellings and mean fla.
 OPS = ("auto", "torch", "loop", "fla", "cuda", "triton")
 # --peft and the DiSHA modes (state: only the initial WKV states train; rwkv_disha.adapters.registry)
-PEFT_KINDS = ("disha", "lora", "state", "none")
+PEFT_KINDS = ("disha", "lora", "miss", "pissa", "state", "none")
+# RWKV-PEFT spellings that are no kind of their own: --peft bone is Bone / Bat (adapters/dialects.py)
+PEFT_ALIASES = ("bone",)
 DISHA_MODES = ("bone", "bat")
 # --quant: storage of the frozen base under an adapter
 QUANT_MODES = ("int8", "nf4", "fp4")
@@ -36,7 +38,6 @@ STRATEGIES = (
 LR_SCHEDULES = ("cos_decay", "wsd")
 # --train_type: how a ctx_len sample goes through the model (rwkv_disha.train.modes.TRAIN_TYPES)
 TRAIN_TYPES = ("none", "infctx")
-
 
 # rwkv-disha bench: what to measure, named model shapes (n_layer / n_embd in rwkv_disha.bench.SHAPES),
 # adapters (none: frozen base, only --train_parts train; full: every tensor trains), --sweep

@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("rwkv_disha.data.prepare", "tokenize jsonl / text into binidx (.bin/.idx)"),
     "train": ("rwkv_disha.train.run", "fine-tune with Bone / Bat / LoRA (RWKV-PEFT flags)"),
     "merge": ("rwkv_disha.adapters.merge", "merge an adapter checkpoint into a plain RWKV .pth"),
+    "export": ("rwkv_disha.export", "write an adapter as a peft folder, PiSSA as plain LoRA, or our .pth"),
     "generate": ("rwkv_disha.generate", "sample text from a base (+ adapter) or merged model"),
     "eval": ("rwkv_disha.evaluate", "loss / perplexity of a model on binidx or jsonl data"),
     "bench": ("rwkv_disha.bench", "time a training step (tokens/s, MFU, memory) or the WKV kernels"),

@@ -62,10 +62,10 @@ BAD_CONFIGS = [
     (("lora", "", '{"lora_r":8,"lora_dropout":1.5}'), "lora_dropout must be in [0, 1)"),
     (("lora", "", '{"r":8}'), "unknown key(s) r: known keys are lora_load, lora_r"),
     (
-        ("bone", '{"mode":"bone","r":64}'),
-        "unknown --peft 'bone': use disha, lora or none (Bone is --peft disha",
+        ("bat", '{"mode":"bat","r":64}'),
+        "unknown --peft 'bat': use disha, lora, miss, pissa, state or none (Bat is --peft disha",
     ),
-    (("pissa",), "unknown --peft 'pissa'"),
+    (("dora",), "unknown --peft 'dora'"),
 ]
 
 

@@ -61,7 +61,8 @@ def test_adapter_class(peft, mode, expected):
 
 def test_adapter_class_refuses_unknown_names():
     with pytest.raises(
-        RWKVDishaError, match=r"unknown --peft 'bat': use disha, lora, state or none \(Bat is --peft disha"
+        RWKVDishaError,
+        match=r"unknown --peft 'bat': use disha, lora, miss, pissa, state or none \(Bat is --peft disha",
     ):
         adapter_class("bat")
     with pytest.raises(RWKVDishaError, match='--disha_config mode \'pissa\' is unknown: use "bone" or "bat"'):

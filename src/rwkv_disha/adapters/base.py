@@ -50,6 +50,7 @@ class AdapterLinear(nn.Module):
     title: ClassVar[str] = ""  # how messages name it: "Bone"
     peft: ClassVar[str] = ""  # the --peft value that selects it: "disha" or "lora"
     adapter_names: ClassVar[tuple[str, ...]] = ()  # parameter names = key suffixes in adapter files
+    frozen_adapter_names: ClassVar[tuple[str, ...]] = ()  # of those, saved but never trained (PiSSA's A0, B0)
     tensor_layout: ClassVar[str] = ""  # for messages: "disha (r, out)"
     cli_flag: ClassVar[str] = ""  # RWKV-PEFT's JSON flag: "--disha_config"
     cli_keys: ClassVar[dict[str, tuple[str, type, Any]]] = {}  # JSON key -> (config field, type, default)

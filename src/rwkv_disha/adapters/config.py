@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from rwkv_disha.adapters.dialects import dialect_values, find_dialect
 from rwkv_disha.adapters.quant import check_quant_mode
 from rwkv_disha.adapters.registry import MODEL_KINDS, adapter_class, kinds_of
 from rwkv_disha.choices import DEFAULT_TRAIN_PARTS, TRAIN_PARTS
@@ -83,6 +84,9 @@ class AdapterConfig:
     load: str = ""  # adapter file to start from ("" = fresh zero-init adapter)
     lora_alpha: float = 32.0
     lora_dropout: float = 0.01
+    mini_r: int = 1  # MiSS mini: width of the block repeated along out
+    svd_niter: int = 4  # PiSSA: randomized SVD iterations
+    pissa_init: str = ""  # PiSSA: RWKV-PEFT's init file (refused: ours holds the init)
     targets: list[str] = field(default_factory=list)  # [] = the model version's (inject_adapters)
     train_parts: list[str] = field(default_factory=lambda: list(DEFAULT_TRAIN_PARTS))
     quant: str = "none"  # frozen base storage: none, int8, nf4, fp4
@@ -136,6 +140,9 @@ class AdapterConfig:
         quant: str = "none",
         targets: Iterable[str] | None = None,
         train_state: bool = False,
+        peft_config: str | Mapping | None = "",
+        bone_config: str | Mapping | None = "",
+        pissa_config: str | Mapping | None = "",
     ) -> AdapterConfig:
         """From RWKV-PEFT's flags: ``--peft disha --disha_config '{"mode":"bone","load":"","r":64}'``.
 
@@ -149,9 +156,15 @@ class AdapterConfig:
             common["targets"] = list(targets)
         if peft == "none" or peft in MODEL_KINDS:
             return cls(peft=peft, **common)
+        texts = {"--disha_config": disha_config, "--lora_config": lora_config, "--peft_config": peft_config}
+        texts.update({"--bone_config": bone_config, "--pissa_config": pissa_config})
+        dialect = find_dialect(peft, texts)  # RWKV-PEFT's other spellings (dialects.py)
+        if dialect is not None:
+            opts = _parse_json_option(f"--peft {peft} {dialect.flag}", texts[dialect.flag], dialect.example)
+            return cls(**{**common, **dialect_values(dialect, opts, KNOWN_TARGETS)})
         first = (kinds_of(peft) or [adapter_class(peft)])[0]  # adapter_class refuses an unknown peft
         flag = first.cli_flag
-        text = {"--disha_config": disha_config, "--lora_config": lora_config}[flag]
+        text = texts[flag]
         opts = _parse_json_option(flag, text, first.cli_example)
         mode = None
         if "mode" in first.cli_keys:  # the JSON key that picks one of several kinds
@@ -187,7 +200,10 @@ class AdapterConfig:
             return self.peft == other.peft
         return self.layer_class is other.layer_class and self.r == other.r
 
-    def describe(self) -> str:
+    def describe(self, layers: bool = False) -> str:
+        """One line naming the adapter; with ``layers`` also the adapted layers (the run's summary)."""
+        if layers and self.adapts_layers:
+            return f"{self.describe()} on {' '.join(self.targets)} (every block)"
         if self.peft in MODEL_KINDS:
             return MODEL_KINDS[self.peft].describe()
         states = " + initial WKV states" if self.train_state else ""

@@ -9,7 +9,8 @@ by :meth:`AdapterConfig.from_cli` from the kind classes themselves. A dialect on
 a kind; the kinds, files and formulas are the same whichever dialect chose them.
 
 ``target_modules`` follows peft's rule: a name without a dot adapts every Linear whose last name is that
-word, so RWKV-PEFT's ``["receptance", "key", "value", "output"]`` adapts ``ffn.key`` and ``ffn.value`` too.
+word, so RWKV-PEFT's ``["receptance", "key", "value", "output"]`` adapts ``ffn.key`` and ``ffn.value`` too:
+on RWKV-7 that is our default six layers, which is what a dialect adapts when target_modules is absent.
 """
 
 from __future__ import annotations
@@ -107,24 +108,21 @@ def _given(text: Any) -> bool:
     return bool(text) and not (isinstance(text, str) and not text.strip())
 
 
-def resolve_targets(names: list[Any], flag: str, known: tuple[str, ...]) -> list[str]:
-    """peft's target_modules -> our targets: ``key`` -> every known Linear named ``*.key``; a dotted name
-    (``att.key``, ``blocks.3.att.key``) is kept as it is."""
-    if not names or not all(isinstance(n, str) and n for n in names):
+def check_targets(names: Any, flag: str, known: tuple[str, ...]) -> list[str]:
+    """peft's target_modules, checked: bare names (``key``: every Linear whose last name is ``key``, matched
+    at injection) must be the last name of a known Linear; dotted names (``att.key``) are kept as they are."""
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
         raise RWKVDishaError(
             f"{flag} target_modules must be a list of layer names like {list(PEFT_TARGET_MODULES)}"
         )
-    out: list[str] = []
+    words = sorted({t.rsplit(".", 1)[-1] for t in known})
     for name in names:
-        hits = [name] if "." in name else [t for t in known if t.rsplit(".", 1)[-1] == name]
-        if not hits:
-            words = sorted({t.rsplit(".", 1)[-1] for t in known})
+        if "." not in name and name not in words:
             raise RWKVDishaError(
-                f"{flag} target_modules {name!r} names no RWKV-7 Linear: use some of {', '.join(words)} "
+                f"{flag} target_modules {name!r} names no RWKV Linear: use some of {', '.join(words)} "
                 f"or a dotted name such as att.key"
             )
-        out += [h for h in hits if h not in out]
-    return [t for t in known if t in out] + [t for t in out if t not in known]
+    return list(dict.fromkeys(names))
 
 
 def dialect_values(d: Dialect, opts: Mapping[str, Any], known_targets: tuple[str, ...]) -> dict[str, Any]:
@@ -138,6 +136,8 @@ def dialect_values(d: Dialect, opts: Mapping[str, Any], known_targets: tuple[str
         )
     values: dict[str, Any] = {}
     for key, (name, default) in d.keys.items():
+        if key == "target_modules" and key not in opts:
+            continue  # the model version's layers (inject_adapters), as peft's suffix rule finds them
         value = opts.get(key, default)
         types = d.types.get(key, (type(default),))
         ok = isinstance(value, types) and (bool in types or not isinstance(value, bool))
@@ -146,7 +146,7 @@ def dialect_values(d: Dialect, opts: Mapping[str, Any], known_targets: tuple[str
                 f"--peft {d.peft} {d.flag} {key} has the wrong type: got {value!r} (e.g. '{d.example}')"
             )
         if name == "targets":
-            value = resolve_targets(value, d.flag, known_targets)
+            value = check_targets(value, d.flag, known_targets)
         elif isinstance(default, float):
             value = float(value)
         if name:

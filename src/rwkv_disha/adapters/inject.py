@@ -31,6 +31,8 @@ Tensor = torch.Tensor
 def _target_pattern(target: str) -> re.Pattern:
     if target.startswith("blocks."):  # a full module name: exactly that layer
         return re.compile(rf"(^|\.){re.escape(target)}$")
+    if "." not in target:  # peft's rule: a bare name adapts every Linear whose last name it is
+        return re.compile(rf"(^|\.)blocks\.\d+\.(.+\.)?{re.escape(target)}$")
     return re.compile(rf"(^|\.)blocks\.\d+\.{re.escape(target)}$")
 
 
@@ -80,6 +82,7 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     quantized. All shapes are checked before the first layer is replaced. Loading ``cfg.load`` is left to
     :func:`load_adapter_file` (after :func:`mark_trainable` or before: either order works). With
     ``cfg.train_state`` every block also gets its zero initial state ``att.time_state`` (adapters/state.py).
+    Empty ``cfg.targets`` are set to the model version's default layers (so the sidecar records them).
     """
     if not cfg.adapts_layers:
         if cfg.train_state:
@@ -88,6 +91,8 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     if not cfg.targets:  # the model version's default layers; set here so the sidecar records them
         cfg.targets = list(adapter_targets(model))
     linears = find_targets(model, cfg.targets)
+    if any("." not in t for t in cfg.targets):  # peft's bare names: record the layers they matched
+        cfg.targets = list(dict.fromkeys(re.sub(r"^.*?blocks\.\d+\.", "", n) for n in linears))
     cfg.layer_class.check_shapes(cfg.r, {name: tuple(m.weight.shape) for name, m in linears.items()})
     for name, linear in linears.items():
         layer = make_adapter_layer(cfg, linear.weight.data)
@@ -142,6 +147,9 @@ def mark_trainable(model: nn.Module, cfg: AdapterConfig) -> list[str]:
         trainable.update(states)
     if cfg.adapts_layers and not any(True for _ in adapter_modules(model)):
         raise RWKVDishaError("mark_trainable found no adapter layers: call inject_adapters(model, cfg) first")
+    # saved with the adapter but never trained (PiSSA's initial factors)
+    frozen = {id(getattr(m, n)) for _, m in adapter_modules(model) for n in m.frozen_adapter_names}
+    trainable = {name: p for name, p in trainable.items() if id(p) not in frozen}
     for p in trainable.values():
         p.requires_grad_(True)
     return list(trainable)

@@ -11,6 +11,8 @@ from rwkv_disha.adapters.base import AdapterLinear
 from rwkv_disha.adapters.bat import BatLinear
 from rwkv_disha.adapters.bone import BoneLinear
 from rwkv_disha.adapters.lora import LoRALinear
+from rwkv_disha.adapters.miss import MissBatLinear, MissMiniLinear
+from rwkv_disha.adapters.pissa import PissaLinear
 from rwkv_disha.adapters.state import TimeState
 from rwkv_disha.errors import RWKVDishaError
 
@@ -18,6 +20,9 @@ ADAPTER_KINDS: dict[str, type[AdapterLinear]] = {
     "bone": BoneLinear,  # first DiSHA kind: the default "mode"
     "bat": BatLinear,
     "lora": LoRALinear,
+    "miss_bat": MissBatLinear,  # MiSS balance is Bone; --peft miss picks these by init_weights
+    "miss_mini": MissMiniLinear,
+    "pissa": PissaLinear,
 }
 
 # kinds that add tensors to the model itself instead of wrapping a Linear: --peft state trains only the

@@ -19,6 +19,7 @@ from rwkv_disha.choices import (
     LOSS_MASKS,
     LR_SCHEDULES,
     OPS,
+    PEFT_ALIASES,
     PEFT_KINDS,
     PRECISIONS,
     QUANT_CHOICES,
@@ -122,12 +123,19 @@ class AdapterArgs:
 
     peft: str = opt(
         "disha", "disha (Bone/Bat), lora, state (only the initial WKV states), or none (full fine-tuning)",
-        PEFT_KINDS,
+        (*PEFT_KINDS, *PEFT_ALIASES),
     )
     disha_config: str = opt(
         '{"mode":"bone","load":"","r":64}', "DiSHA JSON: mode bone|bat, load (adapter file to start from), r"
     )
     lora_config: str = opt('{"lora_load":"","lora_r":8,"lora_alpha":32,"lora_dropout":0.01}', "LoRA JSON")
+    peft_config: str = opt(
+        "",
+        'RWKV-PEFT\'s peft JSON: --peft miss \'{"r":8,"init_weights":true|"bat"|"mini"}\', --peft lora '
+        '\'{"r":8,"lora_alpha":32,"lora_dropout":0.05}\' (docs/MIGRATING.md)',
+    )
+    bone_config: str = opt("", "RWKV-PEFT's older --peft bone JSON: bone_mode bone|bat, bone_load, bone_r")
+    pissa_config: str = opt("", "PiSSA JSON: pissa_load, pissa_init, pissa_r, svd_niter")
     train_parts: list[str] = opt(["time", "ln"], "base tensors to train too: time ln emb head")
     quant: str = opt("none", "store the frozen base of adapted layers quantized", QUANT_CHOICES)
     train_state: bool = opt(

@@ -113,7 +113,7 @@ def main(cfg: Config, acfg, dataset, checkpoint: dict | None, extra_callbacks: l
     callbacks = [
         SeedBatches(cfg),
         SaveAdapters(cfg, acfg, saved_names, fingerprint),
-        TrainLog(cfg, n_train=n_train, n_total=n_total, describe=acfg.describe()),
+        TrainLog(cfg, n_train=n_train, n_total=n_total, describe=acfg.describe(layers=True)),
         StopOnSignal(cfg),  # after SaveAdapters: at an epoch's end, resume.ckpt is written first
         *extra_callbacks,
     ]
