@@ -169,6 +169,9 @@ class Config:
         "", "continue the run saved in this proj_dir (adapter, optimizer, schedule, data position)"
     )
     overwrite: bool = opt(False, "allow a new run into a proj_dir that holds an earlier run's adapters")
+    dry_run: bool = opt(
+        False, "check everything and report layers, trainable params, memory, speed and schedule; no training"
+    )
     model: ModelArgs = group(ModelArgs)
     data: DataArgs = group(DataArgs)
     optim: OptimArgs = group(OptimArgs)

@@ -82,6 +82,10 @@ def setup(cfg: Config, extra_callbacks: list | None = None) -> int:
         checkpoint = read_resume_checkpoint(path)
         check_resume_checkpoint(checkpoint, shapes, str(path))
     dataset = build_dataset(cfg, mcfg.vocab_size)  # once per run: tokenised / scanned here only
+    if cfg.dry_run:  # checked above; report instead of training, before anything is created or locked
+        from rwkv_disha.train.dry_run import dry_run
+
+        return dry_run(cfg, mcfg, acfg, dataset)
     check_proj_dir(cfg)
     first = _first_process()
     lock = folder_lock(cfg.proj_dir, "train") if first else contextlib.nullcontext()

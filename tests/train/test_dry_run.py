@@ -1,0 +1,97 @@
+"""`train --dry_run 1`: the report (layers, trainable params, schedule, memory) and that nothing is written;
+its memory estimate against the peak RSS of a real training step on the demo model."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from rwkv_disha.cli import main
+from rwkv_disha.demo import make_corpus
+
+
+def _mib(text: str, label: str) -> float:
+    return float(re.search(rf"^  {label}\s+([\d.]+) MiB", text, re.M).group(1))
+
+
+def test_report_and_nothing_written(base_path, count_data, train_args, tmp_path, capsys):
+    proj = tmp_path / "new" / "proj"  # neither folder exists
+    argv = train_args(base_path, count_data, proj, "--dry_run", "1", "--warmup_steps", "3", epochs=3, steps=8)
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert not (tmp_path / "new").exists()  # no proj_dir created, no lock, no log
+    # Bone r=16, (r, out) per layer, 2 blocks 64 wide with ffn 256: 4 x 16 x 64 (att) + 16 x 256 (ffn.key)
+    # + 16 x 64 (ffn.value) = 9,216 per block
+    assert (
+        "adapted 12 layers: att.receptance att.key att.value att.output ffn.key ffn.value in blocks 0-1"
+        in out
+    )
+    assert re.search(r"adapters 18,432, train_parts [\d,]+", out)
+    assert "3 epochs x 8 micro-batches = 24 optimizer steps (accumulate 1); 1,536 token positions" in out
+    assert "warmup 3 steps" in out and "0.0001 at the first step, 0.01 after warmup" in out
+    weights, optimizer, logits = _mib(out, "weights"), _mib(out, "optimizer"), _mib(out, "logits")
+    assert logits == 0  # 2 x 32 x 256 x 4 bytes rounds to 0 MiB
+    assert weights >= 0 and optimizer >= 0
+    assert re.search(r"total\s+\d+ MiB  \(grad_cp 0\); grad_cp 0: \d+ MiB, grad_cp 1: \d+ MiB", out)
+    assert re.search(r"throughput   [\d.e+-]+ s per micro-batch, [\d,]+ tokens/s", out)
+
+
+def test_existing_folder_is_left_as_it_was(base_path, count_data, train_args, tmp_path, capsys):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "notes.txt").write_text("mine")
+    assert main(train_args(base_path, count_data, proj, "--dry_run", "1", epochs=1, steps=2)) == 0
+    assert sorted(p.name for p in proj.iterdir()) == ["notes.txt"]  # no lock file, nothing else
+
+
+_PEAK = (
+    "import json, resource, sys\n"
+    "from rwkv_disha.cli import main\n"
+    "rc = main(sys.argv[1:])\n"
+    "print(json.dumps({'rc': rc, 'peak_kib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))\n"
+)
+
+
+@pytest.mark.slow
+def test_memory_estimate_is_within_25_percent_of_a_real_step(make_checkpoint, tmp_path):
+    """The demo's model and data (2 x 128, World vocabulary, chat corpus, ctx 64, micro_bsz 8, qa mask)."""
+    base = make_checkpoint(2, 128, 65536, seed=0)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in make_corpus(seed=0)))
+    data = tmp_path / "data"
+    assert (
+        main(["prepare", "--input", str(corpus), "--output", str(data), "--workers", "1", "--progress", "0"])
+        == 0
+    )
+    common = [
+        "train", "--load_model", str(base), "--data_file", str(data), "--loss_mask", "qa", "--ctx_len", "64",
+        "--micro_bsz", "8", "--epoch_steps", "1", "--epoch_count", "1", "--lr_init", "1e-3",
+        "--lr_final", "1e-3", "--accelerator", "cpu", "--precision", "fp32", "--progress_bar", "0",
+        "--disha_config", '{"mode":"bone","load":"","r":32}',
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    real = subprocess.Popen(  # each in its own process: RSS includes the runtime, as for a user
+        [sys.executable, "-c", _PEAK, *common, "--proj_dir", str(tmp_path / "real")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    dry = subprocess.run(
+        [sys.executable, "-m", "rwkv_disha.cli", *common, "--proj_dir", str(tmp_path / "dry"),
+         "--dry_run", "1"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    out, err = real.communicate(timeout=600)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["rc"] == 0, err[-2000:]
+    measured = res["peak_kib"] / 1024
+    estimate = _mib(dry.stdout, "total")
+    assert abs(estimate - measured) <= 0.25 * measured, (estimate, measured, dry.stdout)
+    assert not (tmp_path / "dry").exists()
+    # the parts add up, and the logits term is exactly micro_bsz x ctx_len x vocab x 4 bytes
+    parts = sum(_mib(dry.stdout, k) for k in ("runtime", "weights", "optimizer", "activations", "logits"))
+    assert parts == pytest.approx(estimate, abs=3)
+    assert _mib(dry.stdout, "logits") == 8 * 64 * 65536 * 4 / 2**20
