@@ -163,6 +163,70 @@ CASES: list[tuple[str, list[str], str]] = [
     ("merge-bad-quant", [*MERGE, "--quant", "int3"], "quant"),
     ("merge-lora_alpha-nan", [*MERGE, "--lora_alpha", "nan"], "lora_alpha"),
     ("merge-no-arguments", ["merge"], "base_model"),
+    # --- RWKV-PEFT's other dialects (adapters/dialects.py) and PiSSA
+    ("train-peft-miss-unknown-key", [*TRAIN, "--peft", "miss", "--peft_config", '{"rr":8}'], "rr"),
+    (
+        "train-peft-miss-bad-init",
+        [*TRAIN, "--peft", "miss", "--peft_config", '{"init_weights":"x"}'],
+        "init_weights",
+    ),
+    (
+        "train-peft-miss-dropout",
+        [*TRAIN, "--peft", "miss", "--peft_config", '{"miss_dropout":0.1}'],
+        "miss_dropout",
+    ),
+    (
+        "train-peft-miss-bad-target",
+        [*TRAIN, "--peft", "miss", "--peft_config", '{"target_modules":["gate_proj"]}'],
+        "gate_proj",
+    ),
+    (
+        "train-peft-miss-mini_r-not-dividing",
+        [*TRAIN, "--peft", "miss", "--peft_config", '{"r":8,"init_weights":"mini","mini_r":7}'],
+        "mini_r",
+    ),
+    (
+        "train-peft-miss-bat-r",
+        [*TRAIN, "--peft", "miss", "--peft_config", '{"r":48,"init_weights":"bat"}'],
+        "r=48",
+    ),
+    (
+        "train-bone-config-our-key",
+        [*TRAIN, "--peft", "bone", "--bone_config", '{"mode":"bone"}'],
+        "bone_mode",
+    ),
+    ("train-peft-lora-old-key", [*TRAIN, "--peft", "lora", "--peft_config", '{"lora_r":8}'], "lora_r"),
+    (
+        "train-pissa-init-file",
+        [*TRAIN, "--peft", "pissa", "--pissa_config", '{"pissa_init":"i.pth"}'],
+        "pissa_init",
+    ),
+    ("train-pissa-r-too-big", [*TRAIN, "--peft", "pissa", "--pissa_config", '{"pissa_r":1000}'], "pissa_r"),
+    (
+        "train-pissa-niter-negative",
+        [*TRAIN, "--peft", "pissa", "--pissa_config", '{"svd_niter":-1}'],
+        "svd_niter",
+    ),
+    # --- export
+    ("export-no-arguments", ["export"], "peft_checkpoint"),
+    (
+        "export-bad-format",
+        ["export", "--peft_checkpoint", "@adapter", "--output", "@work/p", "--format", "onnx"],
+        "format",
+    ),
+    ("export-output-is-input", ["export", "--peft_checkpoint", "@adapter", "--output", "@adapter"], "input"),
+    ("export-peft-onto-file", ["export", "--peft_checkpoint", "@adapter", "--output", "@afile"], "is a file"),
+    (
+        "export-pth-exists",
+        ["export", "--peft_checkpoint", "@adapter", "--format", "pth", "--output", "@base"],
+        "exists",
+    ),
+    ("export-not-peft-folder", ["export", "--peft_checkpoint", "@adir", "--output", "@work/p"], "directory"),
+    (
+        "export-lora-of-bone",
+        ["export", "--peft_checkpoint", "@adapter", "--format", "lora", "--output", "@work/l.pth"],
+        "pissa",
+    ),
     # --- generate
     ("generate-temperature-negative", [*GEN, "--temperature", "-1"], "temperature"),
     ("generate-temperature-nan", [*GEN, "--temperature", "nan"], "temperature"),
