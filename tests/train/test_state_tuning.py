@@ -273,3 +273,21 @@ def test_state_bad_inputs(steer_path, count_data, train_args, tmp_path, capsys):
 def test_unknown_train_type_is_one_line(steer_path, count_data, train_args, tmp_path, capsys):
     _refused([*train_args(steer_path, count_data, tmp_path / "never"), "--train_type", "state"], capsys,
              tmp_path, "invalid choice: 'state' (choose from 'none', 'infctx')")  # fmt: skip
+
+
+@pytest.mark.parametrize("version", ["x060", "x052"])
+def test_rwkv6_and_5_merged_states_equal_the_rwkv_package(version, make_checkpoint, rwkv_oracle, tmp_path):
+    """The rwkv package reads blocks.N.att.time_state from an RWKV-6 / 5.2 file itself (transposing it to its
+    own (key, value) state): the merged file's logits there equal ours, from the file and from --state."""
+    path = make_checkpoint(2, 96, 200, seed=4, head_size=32, version=version)
+    state = _saved(path, AdapterConfig.from_cli("state"), tmp_path / "state.pth", seed=2)
+    merged = tmp_path / "merged.pth"
+    assert main(["merge", "--base_model", str(path), "--state", str(state), "--output", str(merged)]) == 0
+    tokens = torch.randint(0, 200, (20,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = load_model(merged)(tokens[None])[0]
+        from_file = load_model(path, state=state)(tokens[None])[0]
+        plain = load_model(path)(tokens[None])[0]
+    torch.testing.assert_close(from_file, ours, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours, rwkv_oracle(merged, tokens.tolist(), version=version), atol=1e-4, rtol=0)
+    assert (ours - plain).abs().max() > 1e-2
