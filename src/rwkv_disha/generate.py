@@ -24,7 +24,11 @@ from rwkv_disha.errors import RWKVDishaError
 
 def check_input_file(path: str, flag: str) -> None:
     """One line for an input path that is missing or a directory (before anything loads)."""
+    from rwkv_disha.adapters.peft_folder import is_peft_folder
+
     p = Path(path)
+    if flag != "--load_model" and is_peft_folder(p):  # a peft adapter folder is an adapter input
+        return
     if p.is_dir():
         raise RWKVDishaError(f"{flag} {path} is a directory; give the .pth file inside it")
     if not p.is_file():

@@ -129,3 +129,33 @@ def test_train_continues_from_a_peft_folder(base, tmp_path):
     idx = tokens(300)
     with torch.no_grad():
         assert rel_err(logits(ours.eval(), idx), pm(idx).float()) <= 1e-5
+
+
+def test_generate_and_eval_take_a_peft_folder(base, tmp_path, capsys):
+    import numpy as np
+
+    from rwkv_disha.data.binidx import write_binidx
+
+    pm = _peft_model(base, PEFT_CONFIGS["miss-bat"]())
+    pm.save_pretrained(tmp_path / "adapter")
+    write_binidx(tmp_path / "data", [np.arange(1, 40, dtype=np.int32) for _ in range(3)])
+    merge_adapter_file(base, tmp_path / "adapter", tmp_path / "merged.pth")
+    gen = ["generate", "--load_model", str(base), "--prompt", "a", "--max_tokens", "2"]
+    assert main([*gen, "--peft_checkpoint", str(tmp_path / "adapter")]) == 0
+    losses = []
+    for extra in (["--load_model", str(base), "--peft_checkpoint", str(tmp_path / "adapter")],
+                  ["--load_model", str(tmp_path / "merged.pth")]):  # fmt: skip
+        capsys.readouterr()
+        argv = [
+            "eval",
+            "--data_file",
+            str(tmp_path / "data"),
+            "--ctx_len",
+            "16",
+            "--max_samples",
+            "2",
+            *extra,
+        ]
+        assert main(argv) == 0
+        losses.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
