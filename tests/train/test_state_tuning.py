@@ -291,3 +291,28 @@ def test_rwkv6_and_5_merged_states_equal_the_rwkv_package(version, make_checkpoi
     torch.testing.assert_close(from_file, ours, atol=1e-6, rtol=0)
     torch.testing.assert_close(ours, rwkv_oracle(merged, tokens.tolist(), version=version), atol=1e-4, rtol=0)
     assert (ours - plain).abs().max() > 1e-2
+
+
+def state_tuning_sh(base, data, proj, hardware: str) -> list[str]:
+    """RWKV-PEFT's scripts/state tuning.sh after `python train.py` -> `rwkv-disha train`, paths and sizes
+    swapped for the tiny model, plus its README's infctx flags; ``hardware`` replaces its GPU flags."""
+    n_layer, n_embd, micro_bsz, epoch_save, epoch_steps, ctx_len = 2, 64, 2, 1, 2, 32
+    return (
+        f"train --load_model {base} --proj_dir {proj} --data_file {data} --vocab_size 256 --data_type binidx "
+        f"--n_layer {n_layer} --n_embd {n_embd} --ctx_len {ctx_len} --micro_bsz {micro_bsz} "
+        f"--epoch_steps {epoch_steps} --epoch_count 1 --epoch_save {epoch_save} "
+        "--lr_init 1e-5 --lr_final 1e-5 "
+        f"{hardware} --my_testing x070 --peft state --train_type infctx --chunk_ctx 16 --progress_bar 0"
+    ).split()
+
+
+def test_rwkv_peft_state_tuning_script_runs_unchanged(steer_path, count_data, tmp_path, capsys):
+    gpu = "--accelerator gpu --precision bf16 --devices 1 --strategy deepspeed_stage_1 --grad_cp 1 --op fla"
+    if not torch.cuda.is_available():  # every flag is accepted; only the missing GPU is reported
+        _refused(
+            state_tuning_sh(steer_path, count_data, tmp_path / "gpu", gpu), capsys, tmp_path, "no CUDA GPU"
+        )
+    cpu = "--accelerator cpu --precision bf16 --devices 1 --strategy auto --grad_cp 1 --op torch"
+    assert main(state_tuning_sh(steer_path, count_data, tmp_path / "cpu", cpu)) == 0
+    tensors = torch.load(tmp_path / "cpu" / "rwkv-0.pth", weights_only=True)
+    assert sorted(tensors) == ["blocks.0.att.time_state", "blocks.1.att.time_state"]
