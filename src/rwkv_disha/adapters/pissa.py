@@ -35,7 +35,12 @@ Tensor = torch.Tensor
 
 def pissa_init(weight: Tensor, r: int, niter: int) -> tuple[Tensor, Tensor]:
     """(A0 (r, in), B0 (out, r)) with B0 @ A0 = U_r S_r V_r^T from a randomized SVD of W (fp32)."""
-    u, s, v = torch.svd_lowrank(weight.float(), q=r, niter=niter)  # u (out, r), s (r,), v (in, r)
+    w = weight.float()
+    # its own seed: the same W gives the same start in every run (a --resume rebuilds A0, B0 this way)
+    # and the run's random stream is left as it was
+    with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
+        torch.manual_seed(0)
+        u, s, v = torch.svd_lowrank(w, q=r, niter=niter)  # u (out, r), s (r,), v (in, r)
     root = s.sqrt()
     return (v * root).t().contiguous(), (u * root).contiguous()
 
