@@ -150,7 +150,9 @@ class Block(nn.Module):
         x = x + att
         xf = self.ln2(x)
         x = x + self.ffn(xf, None if state is None else state.ffn_x)
-        return x, v_first, LayerState(xa[:, -1], wkv, xf[:, -1])
+        # copies, not views: a view of the last token would keep all T tokens of xa / xf alive (under
+        # grad_cp, two (B, T, C) tensors per block until the forward pass ends)
+        return x, v_first, LayerState(xa[:, -1].clone(), wkv, xf[:, -1].clone())
 
 
 class RWKV7(nn.Module):

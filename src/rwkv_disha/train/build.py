@@ -85,11 +85,11 @@ def adapt_model(model: torch.nn.Module, cfg: Config, acfg, on_gpu: bool) -> torc
     return model
 
 
-def compile_blocks(model: torch.nn.Module) -> None:
+def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> None:
     """torch.compile each block in place (one graph per block, reused by every block of the same shape;
     grad_cp's checkpoint wraps the compiled block). Compiles lazily, at the first step."""
     for block in model.blocks:
-        block.compile()
+        block.compile(backend=backend)
 
 
 def build_loggers(cfg: Config) -> list:
