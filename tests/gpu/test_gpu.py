@@ -45,6 +45,26 @@ def test_fla_equals_chunked_torch_forward_and_backward(T, with_state):
         assert rel(a, b) < 2e-2
 
 
+@needs_fla
+def test_fla_takes_bf16_inputs_as_bf16_and_matches_fp32():
+    """A bf16 run feeds fla bf16 tensors (no fp32 copies); fwd + grads stay within bf16 tolerance."""
+    from rwkv_disha.kernels.fla import wkv7_fla
+
+    xs = inputs(2, 200, 4, 64, seed=3)
+    results = []
+    for dt in (torch.float32, torch.bfloat16):
+        leaves = [x.to(dt).requires_grad_() for x in xs]
+        y, sT = wkv7_fla(*leaves)
+        assert y.dtype == dt
+        (y.float() * torch.cos(y.detach().float())).sum().backward()
+        results.append((y.detach().float(), sT.detach().float(), [x.grad.float() for x in leaves]))
+    (y0, s0, g0), (y1, s1, g1) = results
+    rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
+    assert rel(y1, y0) < 3e-2 and rel(s1, s0) < 3e-2
+    for a, b in zip(g1, g0):
+        assert rel(a, b) < 6e-2
+
+
 def test_model_on_cuda_matches_cpu(make_checkpoint):
     from rwkv_disha import load_model
 

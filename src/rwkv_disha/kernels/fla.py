@@ -23,15 +23,19 @@ def wkv7_fla(r, w, k, v, a, b, state=None):
     from fla.ops.rwkv7 import chunk_rwkv7
 
     out_dtype = r.dtype
+    # bf16 inputs (a bf16 run on the GPU) go in as bf16: fla accumulates its chunk products and the state
+    # in fp32 itself, and six fp32 (B, T, H, N) copies would double the kernel's memory traffic. Anything
+    # else (fp32, fp16: the recurrence can overflow fp16) runs in fp32.
+    dt = torch.bfloat16 if r.dtype == torch.bfloat16 else torch.float32
     init = None if state is None else state.float().transpose(-1, -2).contiguous()
     with torch.autocast(device_type="cuda", enabled=False):
         y, final = chunk_rwkv7(
-            r=r.float(),
-            w=w.float(),
-            k=k.float(),
-            v=v.float(),
-            a=a.float(),
-            b=b.float(),
+            r=r.to(dt),
+            w=w.to(dt),
+            k=k.to(dt),
+            v=v.to(dt),
+            a=a.to(dt),
+            b=b.to(dt),
             scale=1.0,
             initial_state=init,
             output_final_state=True,
