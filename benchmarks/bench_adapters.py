@@ -120,14 +120,19 @@ def race(
     steps: dict[str, Callable[[], None]], reps: int, warmup: int, device: torch.device
 ) -> dict[str, tuple[float, float]]:
     """Per variant: (best seconds per step, median over rounds of its time / the first variant's time in
-    the same round). Variants run interleaved round-robin; other processes only ever add time, so the best
-    of N is the least distorted single time, and the paired ratio cancels slow drifts of the machine load."""
+    the same round). Variants run interleaved, the order rotating and reversing every round (the variant
+    that always ran first - the frozen one - used to meet a different machine state than the rest, which
+    gave impossible ratios < 1); other processes only ever add time, so the best of N is the least
+    distorted single time, and the paired ratio cancels slow drifts of the machine load."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(reps):
-        for name, step in steps.items():
+    names = list(steps)
+    for i in range(reps):
+        order = names[i % len(names) :] + names[: i % len(names)]
+        for name in order if i % 2 == 0 else order[::-1]:
+            step = steps[name]
             sync(device)
             t = time.perf_counter()
             step()

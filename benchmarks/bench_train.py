@@ -85,10 +85,11 @@ def main() -> int:
     save_state_dict(init_state_dict(args.n_layer, args.n_embd, args.vocab, style="pretrain"), base)
     fl = flops_per_token(args.n_layer, args.n_embd, args.vocab, args.r, 4 * args.n_embd)
     n = 8192 if device == "cuda" else 2048
-    peaks = {
-        "fp32": matmul_peak_flops(torch.float32, n=n, device=device),
-        "bf16": matmul_peak_flops(torch.bfloat16, n=n, device=device),
-    }
+    # only the dtypes the asked precisions run their matmuls in: a bf16 peak on a CPU without bf16
+    # instructions takes minutes and is not needed for --precisions fp32
+    kinds = {"bf16" if p in ("bf16", "fp16") else "fp32" for p in args.precisions}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    peaks = {k: matmul_peak_flops(dtypes[k], n=n, device=device) for k in sorted(kinds)}
     results = {
         "shape": f"L{args.n_layer} C{args.n_embd} V{args.vocab} ctx{args.ctx_len} bsz1 Bone r{args.r}",
         "device": torch.cuda.get_device_name()
