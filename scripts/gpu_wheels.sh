@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build .whl/ here for scripts/gpu_check.sh: the GPU machine (Python 3.12, torch 2.11, no network) lacks
-# flash-linear-attention, bitsandbytes, deepspeed and pyrwkv-tokenizer. ~50 MB; .whl/ is git-ignored
-# (add `/.whl/` to .git/info/exclude so the device tool carries it: carry=[".whl"]).
+# flash-linear-attention, bitsandbytes, deepspeed and pyrwkv-tokenizer. ~50 MB; .whl/ (and .triton/, the Triton
+# cache gpu_check.sh packs into triton_cache.tgz) are git-ignored: carry=[".whl", ".triton"].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl
