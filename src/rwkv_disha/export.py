@@ -7,6 +7,9 @@
         PiSSA -> the plain LoRA of rank 2r with the same ΔW (merges onto the released base)
     rwkv-disha export --peft_checkpoint peft-folder --format pth --output out/rwkv-0.pth
         any adapter we read (a peft folder too) -> our .pth + .json sidecar (RWKV-PEFT's merge reads the .pth)
+    rwkv-disha export --load_model merged.pth --format hf --output out/hf-model
+        an RWKV-7 model (base or merged) -> fla's Hugging Face layout: config.json + model.safetensors
+        (rwkv_disha/hf_layout.py; `rwkv-disha import` turns it back into the same .pth)
 
 The input is read by the same reader as merge / generate / eval / train, so it accepts and refuses the same
 files. RWKV-PEFT's Bat has no peft form: one line says so.
@@ -20,14 +23,19 @@ from pathlib import Path
 from rwkv_disha.config import opt
 from rwkv_disha.errors import RWKVDishaError
 
-FORMATS = ("peft", "lora", "pth")
+FORMATS = ("peft", "lora", "pth", "hf")
 
 
 @dataclass
 class Config:
     peft_checkpoint: str = opt("", "the adapter: rwkv-N.pth (ours or RWKV-PEFT's) or a peft adapter folder")
-    format: str = opt("peft", "peft: a peft folder; lora: PiSSA as plain LoRA .pth; pth: our .pth", FORMATS)
-    output: str = opt("", "where to write: a folder for --format peft, a .pth file otherwise")
+    load_model: str = opt("", "--format hf: the RWKV-7 model (.pth / .safetensors, base or merged)")
+    format: str = opt(
+        "peft",
+        "peft: a peft folder; lora: PiSSA as plain LoRA .pth; pth: our .pth; hf: a model for HF",
+        FORMATS,
+    )
+    output: str = opt("", "where to write: a folder for --format peft / hf, a .pth file otherwise")
     lora_alpha: float = opt(0.0, "LoRA alpha, needed only for a LoRA file without its .json sidecar")
     overwrite: bool = opt(False, "replace an existing --output")
 
@@ -38,9 +46,9 @@ def _check_output(cfg: Config, inputs: list[Path]) -> Path:
     out = Path(cfg.output)
     if any(out.resolve() == p.resolve() for p in inputs):
         raise RWKVDishaError(f"--output {out} is the input: choose another name")
-    if cfg.format == "peft":
+    if cfg.format in ("peft", "hf"):
         if out.exists() and not out.is_dir():
-            raise RWKVDishaError(f"--output {out} is a file: --format peft writes a folder")
+            raise RWKVDishaError(f"--output {out} is a file: --format {cfg.format} writes a folder")
         if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
             raise RWKVDishaError(
                 f"--output {out} is a folder that is not empty: choose another or --overwrite 1"
@@ -60,6 +68,8 @@ def run(cfg: Config) -> int:
     from rwkv_disha.adapters.peft_folder import write_peft_folder
     from rwkv_disha.adapters.pissa import pissa_as_lora
 
+    if cfg.format == "hf":
+        return export_hf(cfg)
     for flag in ("peft_checkpoint", "output"):
         if not getattr(cfg, flag):
             raise RWKVDishaError(
@@ -97,4 +107,36 @@ def run(cfg: Config) -> int:
         written = AdapterConfig.from_dict({**values, "lora_alpha": float(2 * acfg.r), "lora_dropout": 0.0})
     write_adapter_file(out, tensors, _sidecar(file, written))
     print(f"exported {acfg.describe()} -> {written.describe()} {out} (+ .json sidecar)")
+    return 0
+
+
+def export_hf(cfg: Config) -> int:
+    """--format hf: config.json + model.safetensors in fla's RWKV-7 layout (hf_layout.py)."""
+    from safetensors.torch import save_file
+
+    from rwkv_disha.fsio import atomic_write, atomic_write_json
+    from rwkv_disha.hf_layout import UNUSED, hf_config, to_hf
+    from rwkv_disha.model.load import load_state_dict
+
+    if not cfg.load_model or not cfg.output:
+        raise RWKVDishaError(
+            "--load_model and --output are required: rwkv-disha export --format hf --load_model model.pth "
+            "--output FOLDER"
+        )
+    if cfg.peft_checkpoint:
+        raise RWKVDishaError(
+            "--format hf converts a model: merge the adapter first (rwkv-disha merge), then export"
+        )
+    src = Path(cfg.load_model)
+    out = _check_output(cfg, [src])
+    sd = load_state_dict(src, what="model")
+    if "blocks.0.att.r_k" not in sd or "emb.weight" not in sd:
+        raise RWKVDishaError(f"{src} is not an RWKV-7 (x070) model: --format hf converts RWKV-7 only")
+    conf = hf_config(sd)
+    hf = to_hf(sd)
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(hf, str(tmp), {"format": "pt"}), "HF model")
+    atomic_write_json(out / "config.json", conf, what="HF config")
+    dropped = [k for k in sd if k in UNUSED]
+    note = f" (dropped the unused {', '.join(dropped)})" if dropped else ""
+    print(f"exported {src} -> {out}: config.json + model.safetensors, {len(hf)} tensors{note}")
     return 0
