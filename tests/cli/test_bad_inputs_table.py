@@ -134,6 +134,9 @@ CASES: list[tuple[str, list[str], str]] = [
     # --- train: folders and resume
     ("train-into-used-proj_dir", [*TRAIN, "--proj_dir", "@run"], "overwrite"),
     ("train-proj_dir-under-file", [*TRAIN, "--proj_dir", "@afile/out"], "afile"),
+    ("train-dry_run-proj_dir-under-file", [*TRAIN, "--dry_run", "1", "--proj_dir", "@afile/out"], "afile"),
+    ("train-dry_run-into-used-proj_dir", [*TRAIN, "--dry_run", "1", "--proj_dir", "@run"], "overwrite"),
+    ("train-dry_run-beta1-1", [*TRAIN, "--dry_run", "1", "--beta1", "1"], "beta1"),
     (
         "train-load-nan-adapter",
         [*TRAIN, "--disha_config", '{"mode":"bone","load":"@nan_adapter","r":16}'],

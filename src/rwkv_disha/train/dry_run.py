@@ -75,11 +75,11 @@ def saved_activation_bytes(model, batch: dict, loss_fn) -> int:
 
 
 def _loss_fn(cfg: Config):
-    """The loss training computes for a batch."""
-    from rwkv_disha.data.dataset import masked_lm_loss
+    """The loss training computes for a batch (--train_type: one pass, or infctx chunks)."""
+    from rwkv_disha.train.modes import sample_loss
 
     def loss(model, batch):
-        return masked_lm_loss(model(batch["input_ids"]), batch["labels"], batch["mask"])
+        return sample_loss(cfg.engine.train_type, model, batch, cfg.engine.chunk_ctx)
 
     return loss
 
@@ -138,7 +138,8 @@ def plan(cfg: Config, mcfg, acfg, dataset) -> dict:
     loss_fn = _loss_fn(cfg)
     batches = _batches(cfg, dataset, 1 + TIMED_STEPS, device)
     T = batches[0]["input_ids"].shape[1]
-    logits_bytes = cfg.data.micro_bsz * T * mcfg.vocab_size * 4
+    T_logits = min(T, cfg.engine.chunk_ctx) if cfg.engine.train_type == "infctx" else T  # one chunk's
+    logits_bytes = cfg.data.micro_bsz * T_logits * mcfg.vocab_size * 4
 
     activations = {}
     with _autocast(cfg, device):
@@ -206,6 +207,7 @@ def plan(cfg: Config, mcfg, acfg, dataset) -> dict:
             "seconds": seconds * o.epoch_steps * o.epoch_count,
         },
         "T": T,
+        "T_logits": T_logits,
     }
 
 
@@ -255,8 +257,8 @@ def format_report(cfg: Config, mcfg, acfg, dataset, p: dict) -> str:
         f"  activations{_human(m['activations']):>9}  saved for backward at {d.micro_bsz} x {p['T']} tokens "
         f"(grad_cp {cp}); grad_cp 0: {_human(m['activations_no_grad_cp'])}, "
         f"grad_cp 1: {_human(m['activations_grad_cp'])}",
-        f"  logits     {_human(m['logits']):>9}  {d.micro_bsz} x {p['T']} x {mcfg.vocab_size} x 4 bytes, "
-        "next to the loss",
+        f"  logits     {_human(m['logits']):>9}  {d.micro_bsz} x {p['T_logits']} x {mcfg.vocab_size} "
+        "x 4 bytes, next to the loss",
         f"  total      {_human(m['total']):>9}  (grad_cp {cp}); grad_cp 0: {_human(m['total_no_grad_cp'])}, "
         f"grad_cp 1: {_human(m['total_grad_cp'])}",
         f"throughput   {p['seconds_per_step']:.3g} s per micro-batch, {p['tokens_per_second']:,.0f} tokens/s "
