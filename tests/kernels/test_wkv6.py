@@ -34,12 +34,14 @@ def test_loop_is_the_recurrence():
 @pytest.mark.parametrize("T", [1, 9, 64, 150])
 @pytest.mark.parametrize("decay", ["slow", "fast", "mixed"])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_chunked_equals_loop_forward_and_backward(T, decay, with_state):
+@pytest.mark.parametrize("path", ["auto", "exact"])  # exact: every channel through the two-level form
+def test_chunked_equals_loop_forward_and_backward(T, decay, with_state, path):
     B, H, N = 2, 2, 8
     xs = [t.requires_grad_() for t in make_inputs(B, T, H, N, decay, seed=T)]
     s0 = torch.randn(B, H, N, N, dtype=torch.float64, requires_grad=True) if with_state else None
+    limit = 0.0 if path == "exact" else None
     results = []
-    for fn in (wkv6_loop, lambda *a, state: wkv6_chunked(*a, state=state, chunk=32, sub=8)):
+    for fn in (wkv6_loop, lambda *a, state: wkv6_chunked(*a, state=state, chunk=32, sub=8, limit=limit)):
         y, sT = fn(*xs, state=s0)
         gy = torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y)
         gs = torch.sin(torch.arange(sT.numel(), dtype=y.dtype)).view_as(sT)
@@ -53,23 +55,24 @@ def test_chunked_equals_loop_forward_and_backward(T, decay, with_state):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"d{name}")
 
 
-def test_extreme_decays_stay_finite_and_accurate_in_fp32():
-    """Per-step decays down to exp(-e^6) ~ 0: the split exponents never overflow, and fp32 stays close
-    to the fp64 loop (the one-level split exp(p_t) * exp(-c_j) gives inf / NaN here)."""
-    xs = make_inputs(1, 96, 2, 16, "fast", seed=3)
-    xs[1] = xs[1] * 50  # some steps with log-decay below -1000
+@pytest.mark.parametrize("decay", ["slow", "fast", "mixed"])
+def test_fp32_stays_close_to_the_fp64_loop_at_any_decay(decay):
+    """Per-step decays down to exp(-e^9) ~ 0: nothing overflows (the matrix-product form alone gives
+    inf / NaN there), and no exponent loses digits to cancellation (one huge step next to tiny ones)."""
+    xs = make_inputs(1, 96, 2, 16, decay, seed=3)
+    xs[1][:, ::7] *= 50  # every 7th step 50x stronger: log-decays below -1000 among small ones
     ref, ref_s = wkv6_loop(*xs)
     y, s = wkv6_chunked(*(t.float() for t in xs))
     assert torch.isfinite(y).all() and torch.isfinite(s).all()
-    assert (y.double() - ref).abs().max() / ref.abs().max() < 1e-5
-    assert (s.double() - ref_s).abs().max() / ref_s.abs().max() < 1e-5
+    assert (y.double() - ref).abs().max() / ref.abs().max() < 2e-6
+    assert (s.double() - ref_s).abs().max() / ref_s.abs().max() < 2e-6
 
 
 def test_chunk_sizes_and_padding_agree():
     xs = make_inputs(1, 45, 3, 4, seed=5)
     want, want_s = wkv6_loop(*xs)
-    for chunk, sub in ((16, 4), (32, 8), (64, 16), (45, 8)):  # 45 with sub 8: one level
-        y, s = wkv6_chunked(*xs, chunk=chunk, sub=sub)
+    for chunk, sub, limit in ((16, 4, None), (32, 8, 0.0), (64, 16, 0.0), (45, 8, 0.0)):  # 45/8: one level
+        y, s = wkv6_chunked(*xs, chunk=chunk, sub=sub, limit=limit)
         torch.testing.assert_close(y, want, rtol=1e-11, atol=1e-11)
         torch.testing.assert_close(s, want_s, rtol=1e-11, atol=1e-11)
 
@@ -77,7 +80,9 @@ def test_chunk_sizes_and_padding_agree():
 def test_gradcheck_chunked():
     xs = [t.requires_grad_() for t in make_inputs(1, 11, 1, 3, seed=9)]
     s0 = torch.randn(1, 1, 3, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: wkv6_chunked(*a[:5], state=a[5], chunk=8, sub=4), (*xs, s0))
+    for limit in (None, 0.0):
+        fn = lambda *a, lim=limit: wkv6_chunked(*a[:5], state=a[5], chunk=8, sub=4, limit=lim)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (*xs, s0))
 
 
 def test_bf16_inputs_run_in_fp32_and_return_bf16():
