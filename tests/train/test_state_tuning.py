@@ -257,6 +257,19 @@ def test_state_bad_inputs(steer_path, count_data, train_args, tmp_path, capsys):
         str(steer_path),
     ]
     _refused(both, capsys, tmp_path, "give one of")
+    _refused(
+        [*gen[:-2], str(steer_path), "--state", str(tmp_path / "nope.pth")], capsys, tmp_path, "not found"
+    )
+    ev = ["eval", "--data_file", count_data, "--load_model", str(wider), "--state", str(state)]
+    _refused(ev, capsys, tmp_path, "trained on a")
+    # a base file carrying states of the wrong shape, or for some blocks only
+    base_sd = load_state_dict(steer_path)
+    for extra, message in [
+        ({f"blocks.{i}.att.time_state": torch.zeros(1, 32, 64) for i in range(2)}, "wrong shape"),
+        ({"blocks.1.att.time_state": torch.zeros(1, 64, 64)}, "holds initial states for blocks [1]"),
+    ]:
+        bad = save_state_dict({**base_sd, **extra}, files / "bad-base.pth")
+        _refused([*gen[:-3], "--load_model", str(bad)], capsys, tmp_path, message)
     # training flags
     train = train_args(steer_path, count_data, tmp_path / "never", "--peft", "state")
     _refused([*train, "--quant", "int8"], capsys, tmp_path, "--quant with --peft state")
