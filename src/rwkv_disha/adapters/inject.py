@@ -143,7 +143,7 @@ def mark_trainable(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     if cfg.train_state:
         states = time_state_parameters(model)
         if not states:
-            raise RWKVDishaError("mark_trainable found no initial states: call inject_adapters(model, cfg) first")
+            raise RWKVDishaError("mark_trainable found no initial states: call inject_adapters first")
         trainable.update(states)
     if cfg.adapts_layers and not any(True for _ in adapter_modules(model)):
         raise RWKVDishaError("mark_trainable found no adapter layers: call inject_adapters(model, cfg) first")

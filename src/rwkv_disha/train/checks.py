@@ -37,7 +37,7 @@ def validate(cfg: Config) -> None:
         if getattr(cfg.engine, name) <= 0:
             raise RWKVDishaError(f"--{name} must be positive, got {getattr(cfg.engine, name)}")
     if cfg.engine.train_type == "infctx" and cfg.engine.chunk_ctx <= 0:
-        raise RWKVDishaError(f"--chunk_ctx must be positive (tokens per infctx chunk), got {cfg.engine.chunk_ctx}")
+        raise RWKVDishaError(f"--chunk_ctx must be positive (tokens per chunk), got {cfg.engine.chunk_ctx}")
     if cfg.adapter.state_lr_scale <= 0:
         raise RWKVDishaError(f"--state_lr_scale must be > 0, got {cfg.adapter.state_lr_scale}")
     if d.dataload == "only" and d.micro_bsz != 1:

@@ -122,7 +122,8 @@ class AdapterArgs:
     """adapter"""
 
     peft: str = opt(
-        "disha", "disha (Bone/Bat), lora, state (only the initial WKV states), or none (full fine-tuning)",
+        "disha",
+        "disha (Bone/Bat), lora, state (only the initial WKV states), or none (full fine-tuning)",
         (*PEFT_KINDS, *PEFT_ALIASES),
     )
     disha_config: str = opt(
@@ -139,12 +140,12 @@ class AdapterArgs:
     train_parts: list[str] = opt(["time", "ln"], "base tensors to train too: time ln emb head")
     quant: str = opt("none", "store the frozen base of adapted layers quantized", QUANT_CHOICES)
     train_state: bool = opt(
-        False, "also train each block's initial WKV state (saved in the same adapter file); --peft state: only it"
+        False, "also train each block's initial WKV state (saved in the adapter file); --peft state: only it"
     )
     state_lr_scale: float = opt(
         1e4,
-        "with --train_state 1 next to an adapter: the states' learning rate is --lr_init/--lr_final times this "
-        "(states want ~1e-2..1, adapters ~2e-5); --peft state uses --lr_init as given",
+        "with --train_state 1 next to an adapter: the states' learning rate is --lr_init/--lr_final times "
+        "this (states want ~1e-2..1, adapters ~2e-5); --peft state uses --lr_init as given",
     )
 
 
