@@ -30,8 +30,7 @@ _KEY = re.compile(r"^blocks\.(\d+)\.att\." + SUFFIX + r"$")
 class TimeState:
     """The state kind: what ``--peft state`` selects, described for the registry and for messages."""
 
-    kind, title, peft = "state", "state", "state"
-    tensor_layout = "blocks.N.att.time_state (H, N, N) fp32, (value, key)"
+    kind, peft = "state", "state"  # registry name, --peft value
 
     @staticmethod
     def describe() -> str:
@@ -50,7 +49,7 @@ def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     if not found or len(found) != len(blocks):
         raise RWKVDishaError(
             f"state tuning needs a model whose attention takes an initial state; "
-            f"{type(model).__name__} does not (supported: RWKV-7)"
+            f"{type(model).__name__} does not (RWKV-7, RWKV-6 and RWKV-5.2 do)"
         )
     return found
 
