@@ -4,7 +4,7 @@ loop and a chunked pure-PyTorch form.
 Shapes: r, w, k, v are (B, T, H, N); ``w`` is the LOG-decay per key channel (``-exp(time_decay + ...)``,
 any value <= 0: RWKV-6's decays are not bounded away from 0 as RWKV-7's are); ``u`` (``time_faaaa``) is
 the per-channel bonus (H, N) of the current token. The state S is (B, H, N, N) laid out (value, key),
-like RWKV-7's (docs/MODEL.md, "WKV-6 / WKV-5 kernels"):
+like RWKV-7's (docs/MODEL.md, "WKV kernels"):
 
     y_t = (S_{t-1} + v_t (u * k_t)^T) r_t,        S_t = S_{t-1} diag(exp(w_t)) + v_t k_t^T
 
