@@ -47,6 +47,8 @@ def test_refuses_an_existing_file_without_overwrite(tmp_path, capsys):
         (["--n_embd", "96", "--head_size", "64"], "n_embd 96 must be a multiple of head_size 64"),
         (["--seed", "-1"], "--seed must be in [0, 2**64), got -1"),
         (["--n_layer", "4000", "--n_embd", "65536"], "GiB of memory to write"),
+        (["--version", "x099"], "--version: invalid choice: 'x099' (choose from 'x070', 'x060', 'x052')"),
+        (["--version", "x060", "--n_embd", "96"], "n_embd 96 must be a multiple of head_size 64"),
     ],
 )
 def test_nonsense_shapes_are_one_line_and_write_nothing(tmp_path, capsys, args, text):
@@ -98,3 +100,14 @@ def test_parameter_count_matches_the_written_model(tmp_path, capsys):
     assert rc == 0
     n = sum(p.numel() for p in load_model(out).parameters())
     assert n == parameter_count(make_config(3, 64, 70))
+
+
+@pytest.mark.parametrize("version,name", [("x060", "RWKV-6"), ("x052", "RWKV-5.2")])
+def test_version_flag_writes_that_version(tmp_path, capsys, version, name):
+    out = tmp_path / "m.pth"
+    assert main(["init", "--version", version, "--output", str(out), "--n_layer", "2", "--n_embd", "64"]) == 0
+    assert f"{name} L2 C64" in capsys.readouterr().out
+    model = load_model(out)
+    assert model.config.version == version
+    n = sum(p.numel() for p in model.parameters())
+    assert n == parameter_count(make_config(2, 64, 65536, 64, version))

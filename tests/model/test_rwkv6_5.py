@@ -107,3 +107,36 @@ def test_my_testing_must_match_the_file(make_checkpoint, version, flag, other):
     with pytest.raises(RWKVDishaError, match=match):
         load_model(path, my_testing=flag)
     assert load_model(path, my_testing=version.upper()).config.version == version
+
+
+@pytest.mark.parametrize("version,n_targets", [("x070", 6), ("x060", 8), ("x052", 8)])
+def test_default_adapter_targets_come_from_the_version(make_checkpoint, version, n_targets):
+    """Bone / Bat / LoRA (+ int8 base) on every default layer; randomised adapters change the logits and
+    the merged weights give the same logits as the adapter layers."""
+    from rwkv_disha.adapters import AdapterConfig, adapter_modules, inject_adapters
+
+    path = make_checkpoint(1, 64, 50, head_size=32, version=version)
+    idx = torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(4))
+    for peft, disha, lora, quant in (
+        ("disha", '{"mode":"bone","r":16}', "", "none"),
+        ("disha", '{"mode":"bat","r":16}', "", "none"),
+        ("lora", "", '{"lora_r":4,"lora_alpha":8}', "int8"),
+    ):
+        model = load_model(path).eval()
+        base = model(idx)
+        cfg = AdapterConfig.from_cli(peft, disha, lora, quant=quant)
+        names = inject_adapters(model, cfg)
+        model.eval()  # the new layers too (LoRA's dropout)
+        assert cfg.targets == list(get_version(version).adapter_targets) and len(names) == n_targets
+        with torch.no_grad():
+            for _, layer in adapter_modules(model):
+                for p in layer.adapter_parameters().values():
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+            adapted = model(idx)
+            for name, layer in adapter_modules(model):
+                merged = torch.nn.Linear(layer.weight.shape[1], layer.weight.shape[0], bias=False)
+                merged.weight.copy_(layer.merged_weight())
+                model.set_submodule(name, merged)
+            from_merged = model(idx)
+        assert not torch.allclose(adapted, base, atol=1e-3)
+        torch.testing.assert_close(from_merged, adapted, atol=1e-4, rtol=1e-4)
