@@ -3,11 +3,11 @@
     .venv/bin/python benchmarks/bench_memory.py                        # 0.1B, fp32, ctx 512 1024 2048
     .venv/bin/python benchmarks/bench_memory.py --ctx 256 512 --n_layer 4 --precision bf16
 
-Each (ctx_len, grad_cp) runs `bench`'s TrainStep (the step of `train`) in its own process: one warm-up
-step, then one step under torch.profiler with profile_memory, whose allocation records give the bytes
-the step allocates above what lived before it (allocator-independent: glibc keeps freed heap in RSS).
-The process's peak RSS (VmHWM) is reported next to it. Bytes per token are the slope of a least-squares
-line over the ctx_lens; "grad_cp saves" compares the slopes. The grad_cp 0 / 1 runs of each ctx_len
+Each (ctx_len, grad_cp) runs `bench`'s TrainStep (the step of `train`) in its own process with glibc
+told to return freed blocks above 64 KiB to the OS (MALLOC_MMAP_THRESHOLD_), so RSS follows the live
+tensors: one warm-up step, then the peak RSS (VmHWM, reset before it) of one more step above the RSS
+before it ("step peak"; "peak RSS" is that peak itself). Bytes per token are the slope of a least-squares
+line over the ctx_lens; "grad_cp_keeps" compares the slopes. The grad_cp 0 / 1 runs of each ctx_len
 start in alternating order.
 """
 
@@ -15,31 +15,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
 CHILD = r"""
 import json, sys, torch
-from rwkv_disha.bench import Config, TrainStep, _peak_rss_bytes
-from torch.profiler import ProfilerActivity, profile
+from rwkv_disha.bench import Config, TrainStep, _peak_rss_bytes, _reset_peak_rss, _rss_bytes
 kw = json.loads(sys.argv[1])
 cfg = Config(**kw)
 step = TrainStep(cfg, torch.device("cpu"), cfg.precision)
 batch = step.batch(cfg.micro_bsz)
 step.step(batch)  # warm-up: optimizer state, allocator
-with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-    step.step(batch)
-points = []  # allocations outside ops are "[memory]" events; an op's own net bytes are its self usage
-for e in prof.events():
-    nbytes = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
-    if nbytes:
-        points.append((e.time_range.start, nbytes))
-live = peak = 0
-for _, nbytes in sorted(points):
-    live += nbytes
-    peak = max(peak, live)
-print("RESULT " + json.dumps({"step_peak_bytes": peak, "peak_rss_bytes": _peak_rss_bytes()}))
+before = _rss_bytes()
+_reset_peak_rss()
+step.step(batch)
+peak = _peak_rss_bytes()
+res = {"step_peak_bytes": peak - before, "peak_rss_bytes": peak, "rss_before_step": before}
+print("RESULT " + json.dumps(res))
 """
+
+
+# glibc returns blocks above this size to the OS on free (the default threshold adapts upwards and keeps
+# freed activations in the heap), so the process's RSS follows the live tensors
+ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def fit_slope(xs: list[float], ys: list[float]) -> float:

@@ -1,0 +1,82 @@
+"""The LM head + cross-entropy alone: plain (full logits + masked_lm_loss) vs chunked (train/loss.py).
+
+    .venv/bin/python benchmarks/bench_loss.py                  # T=512, C=768, V=65536, fp32, CPU
+
+Forward + backward of the head matmul and the loss (head frozen, as under an adapter), interleaved rounds
+(order alternating), paired median ratio; peak bytes each allocates above its inputs, from the profiler's
+allocation records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from rwkv_disha.bench import interleaved_times
+from rwkv_disha.data.dataset import masked_lm_loss
+from rwkv_disha.train.loss import head_cross_entropy
+
+
+def step_peak_bytes(fn) -> int:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    points = []  # "[memory]" events are allocations outside ops; an op's net bytes are its self usage
+    for e in prof.events():
+        nbytes = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        if nbytes:
+            points.append((e.time_range.start, nbytes))
+    live = peak = 0
+    for _, nbytes in sorted(points):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--T", type=int, default=512)
+    ap.add_argument("--C", type=int, default=768)
+    ap.add_argument("--V", type=int, default=65536)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument(
+        "--rows", type=int, nargs="*", default=[], help="chunk sizes to try (default: the loss's own)"
+    )
+    args = ap.parse_args()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, args.T, args.C, generator=g).requires_grad_()
+    w = torch.randn(args.V, args.C, generator=g) / args.C**0.5
+    labels = torch.randint(0, args.V, (1, args.T), generator=g)
+    mask = torch.ones(1, args.T)
+
+    def plain():
+        x.grad = None
+        masked_lm_loss(x @ w.t(), labels, mask).backward()
+
+    def chunked(rows=None):
+        x.grad = None
+        head_cross_entropy(x, w, labels, mask, rows=rows).backward()
+
+    fns = {"plain": plain, "chunked": chunked}
+    fns.update({f"chunked rows={r}": (lambda r=r: chunked(r)) for r in args.rows})
+    times = interleaved_times(fns, args.rounds, "cpu")
+    out = {
+        "shape": dict(T=args.T, C=args.C, V=args.V),
+        "threads": torch.get_num_threads(),
+        "rounds": args.rounds,
+        "ms_median": {k: round(statistics.median(v) * 1e3, 1) for k, v in times.items()},
+        "time_over_plain_paired_median": {
+            k: round(statistics.median(c / p for c, p in zip(v, times["plain"])), 3) for k, v in times.items()
+        },
+        "step_peak_mib": {k: round(step_peak_bytes(f) / 2**20, 1) for k, f in fns.items()},
+    }
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
