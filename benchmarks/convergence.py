@@ -13,7 +13,7 @@ The texts are read at run time and never written outside --out (a scratch folder
 the rwkv-disha commands (init, train, merge) and the eval code, so this measures the tool as users run it.
 
     .venv/bin/python benchmarks/convergence.py                  # the full study (~60 min on 2 quiet cores)
-    .venv/bin/python benchmarks/convergence.py --quick          # a <= 10 min version
+    .venv/bin/python benchmarks/convergence.py --quick          # a <= 10 min version (tiny: a smoke run)
 """
 
 from __future__ import annotations
@@ -166,8 +166,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     if a.quick:
-        a.n_layer, a.pretrain_steps, a.steps, a.eval_every, a.eval_samples = 2, 150, 48, 12, 16
-        a.lrs = "3e-3,1e-2"
+        a.n_layer, a.n_embd, a.ctx, a.pretrain_steps, a.steps, a.eval_every = 2, 64, 64, 90, 30, 10
+        a.lrs, a.eval_samples = "3e-3,1e-2", 16
     lrs = [float(x) for x in a.lrs.split(",")]
     t_all = time.perf_counter()
     with contextlib.ExitStack() as stack:
