@@ -94,3 +94,28 @@ def test_miss_modes_and_pissa_train(
         a0 = tensors["blocks.0.att.output.pissa_A0"]
         assert not torch.equal(a0, tensors["blocks.0.att.output.lora_A"])
         assert side["peft"] == "pissa"
+
+
+def test_train_continues_from_a_peft_folder(tmp_path, make_checkpoint, count_data, train_args):
+    """`load` in --peft_config takes a Hugging Face peft folder (RWKV-PEFT's output without --merge 1)."""
+    peft = pytest.importorskip("peft")
+    from rwkv_disha import load_model
+
+    base = make_checkpoint(2, 64, 256, style="random", seed=3)
+    pm = peft.get_peft_model(load_model(base, op="torch"), peft.MissConfig(r=16, target_modules=["key"]))
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape) * 0.05)
+    pm.save_pretrained(tmp_path / "adapter")
+    argv = train_args(base, count_data, tmp_path / "run", epochs=1, steps=2, lr="1e-12")
+    i = argv.index("--disha_config")
+    del argv[i : i + 2]
+    text = json.dumps({"r": 16, "target_modules": ["key"], "load": str(tmp_path / "adapter")})
+    assert main([*argv, "--peft", "miss", "--peft_config", text, "--train_parts"]) == 0
+    saved = load_state_dict(tmp_path / "run" / "rwkv-0.pth")
+    block = load_state_dict(tmp_path / "adapter" / "adapter_model.safetensors")[
+        "base_model.model.blocks.1.ffn.key.miss_block"
+    ]
+    torch.testing.assert_close(saved["blocks.1.ffn.key.disha"], block, rtol=0, atol=1e-8)  # lr 1e-12
+    assert set(saved) == {f"blocks.{i}.{t}.disha" for i in range(2) for t in ("att.key", "ffn.key")}
