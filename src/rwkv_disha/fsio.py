@@ -58,7 +58,8 @@ def _is_write_error(e: BaseException) -> bool:
     )
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a temp file of a dead one is stale)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -153,7 +154,7 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
         return removed
     for entry in entries:
         m = _TEMP.match(entry.name)
-        if m and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+        if m and int(m["pid"]) != os.getpid() and not pid_alive(int(m["pid"])):
             try:
                 entry.unlink()
                 removed.append(entry)

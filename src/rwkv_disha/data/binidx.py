@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from rwkv_disha.errors import RWKVDishaError
-from rwkv_disha.fsio import clean_stale_temps, os_error_cause, temp_path
+from rwkv_disha.fsio import clean_stale_temps, os_error_cause, pid_alive, temp_path
 
 MAGIC = b"MMIDIDX\x00\x00"
 MASK_SUFFIX = ".mask"  # answer masks of PREFIX live in PREFIX.mask.bin / .idx (uint8, same documents)
@@ -79,16 +79,6 @@ def _remove(path: str | os.PathLike) -> None:
         os.remove(path)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale_binidx_temps(folder: str | os.PathLike) -> None:
     """Remove temporaries of killed writers in ``folder``: ``.x.bin.<pid>.<random>.tmp`` (via
     :func:`rwkv_disha.fsio.clean_stale_temps`) and the ``x.bin.tmp-<pid>`` names older versions used."""
@@ -96,7 +86,7 @@ def clean_stale_binidx_temps(folder: str | os.PathLike) -> None:
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder):
             m = _OLD_TEMP.match(entry.name)
-            if m and m["name"].endswith((".bin", ".idx")) and not _pid_alive(int(m["pid"])):
+            if m and m["name"].endswith((".bin", ".idx")) and not pid_alive(int(m["pid"])):
                 with contextlib.suppress(OSError):
                     os.remove(entry.path)
 
