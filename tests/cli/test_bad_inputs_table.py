@@ -342,18 +342,6 @@ CASES: list[tuple[str, list[str], str]] = [
     ("demo-lr-nan", [*DEMO, "--lr", "nan"], "--lr"),
     ("demo-seed-negative", [*DEMO, "--seed", "-3"], "seed"),
     ("demo-out-is-file", [*DEMO, "--out", "@afile"], "is a file"),
-    # --- demo: everything refused before the corpus, the base or the data is written
-    ("demo-epochs-0", [*DEMO, "--epochs", "0"], "epochs"),
-    ("demo-epoch_steps-0", [*DEMO, "--epoch_steps", "0"], "epoch_steps"),
-    ("demo-n_embd-not-multiple", [*DEMO, "--n_embd", "100"], "n_embd"),
-    ("demo-n_embd-0", [*DEMO, "--n_embd", "0"], "n_embd"),
-    ("demo-n_layer-0", [*DEMO, "--n_layer", "0"], "n_layer"),
-    ("demo-r-0", [*DEMO, "--r", "0"], "--r"),
-    ("demo-r-wider-than-model", [*DEMO, "--r", "1000"], "--r"),
-    ("demo-lr-0", [*DEMO, "--lr", "0"], "--lr"),
-    ("demo-lr-nan", [*DEMO, "--lr", "nan"], "--lr"),
-    ("demo-seed-negative", [*DEMO, "--seed", "-3"], "seed"),
-    ("demo-out-is-file", [*DEMO, "--out", "@afile"], "is a file"),
 ]
 if not CUDA:  # these refuse a GPU-only setting on a machine without one
     CASES += [

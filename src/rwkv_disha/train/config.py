@@ -107,6 +107,7 @@ class EngineArgs:
     strategy: str = opt("auto", "Lightning strategy (deepspeed_* need CUDA)", STRATEGIES)
     grad_cp: bool = opt(False, "activation checkpointing per block: less memory, ~30 % slower")
     op: str = opt("auto", "WKV kernel: torch (chunked, any device), fla (GPU); cuda/triton mean fla", OPS)
+    compile: bool = opt(False, "torch.compile each block (inductor; the first steps pay the compile time)")
     train_type: str = opt(
         "none",
         "none: each ctx_len sample in one pass; infctx: in chunks of --chunk_ctx tokens carrying the "
@@ -114,7 +115,6 @@ class EngineArgs:
         TRAIN_TYPES,
     )
     chunk_ctx: int = opt(512, "infctx: tokens per chunk (the last chunk of a sample may be shorter)")
-    compile: bool = opt(False, "torch.compile each block (inductor; the first steps pay the compile time)")
 
 
 @dataclass
