@@ -119,6 +119,33 @@ def _layers_line(model) -> str:
     return f"{len(names)} layers: {' '.join(targets)} in {where}"
 
 
+def _time_steps(cfg: Config, model, trainable, loss_fn, batches, device) -> tuple[float, int]:
+    """(seconds per timed step, peak CUDA bytes or 0): one untimed step, then the rest timed."""
+    on_gpu = device.type == "cuda"
+    opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr_init, betas=(cfg.optim.beta1, cfg.optim.beta2))
+
+    def step(batch) -> None:
+        with _autocast(cfg, device):
+            loss = loss_fn(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    step(batches[0])  # untimed: the first step allocates the optimizer state and warms the kernels
+    if on_gpu:
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for batch in batches[1:]:
+        step(batch)
+    if on_gpu:
+        torch.cuda.synchronize(device)
+    seconds = (time.perf_counter() - t0) / TIMED_STEPS
+    measured = torch.cuda.max_memory_allocated(device) if on_gpu else 0
+    return seconds, measured
+
+
 def plan(cfg: Config, mcfg, acfg, dataset) -> dict:
     """Build the model as training would, measure memory and speed on real batches, count the schedule."""
     from rwkv_disha.adapters import adapter_parameters
@@ -151,27 +178,7 @@ def plan(cfg: Config, mcfg, acfg, dataset) -> dict:
     activations[True] += max(activations[False] - activations[True], 0) // max(mcfg.n_layer, 1)
 
     model.grad_cp = bool(cfg.engine.grad_cp)
-    opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr_init, betas=(cfg.optim.beta1, cfg.optim.beta2))
-
-    def step(batch) -> None:
-        with _autocast(cfg, device):
-            loss = loss_fn(model, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats(device)
-    step(batches[0])  # untimed: the first step allocates the optimizer state and warms the kernels
-    if on_gpu:
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for batch in batches[1:]:
-        step(batch)
-    if on_gpu:
-        torch.cuda.synchronize(device)
-    seconds = (time.perf_counter() - t0) / TIMED_STEPS
-    measured = torch.cuda.max_memory_allocated(device) if on_gpu else 0
+    seconds, measured = _time_steps(cfg, model, trainable, loss_fn, batches, device)
 
     def total(cp: bool) -> int:
         return runtime + weights + optimizer_bytes + activations[cp] + logits_bytes
