@@ -56,24 +56,44 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--long", type=int, default=8192, help="infctx ctx_len")
     args = ap.parse_args()
-    kw = {"shape": args.shape, "n_layer": args.n_layer, "n_embd": args.n_embd, "adapter": args.adapter, "precision": args.precision, "op": "torch",
-          "ctx_len": args.chunk, "micro_bsz": 1}  # fmt: skip
+    kw = {
+        "shape": args.shape,
+        "n_layer": args.n_layer,
+        "n_embd": args.n_embd,
+        "adapter": args.adapter,
+        "precision": args.precision,
+        "op": "torch",
+        "ctx_len": args.chunk,
+        "micro_bsz": 1,
+    }
     cases = [("none", args.chunk, args.chunk), ("infctx", args.chunk, args.long)]
     rows = []
     for train_type, chunk, ctx in cases:
         r = run_case(kw, train_type, chunk, ctx)
-        rows.append({"train_type": train_type, "ctx_len": ctx, "chunk_ctx": chunk if train_type == "infctx" else None,
-                     "peak_rss_mib": round(r["peak"] / 2**20), "step_peak_mib": round((r["peak"] - r["before"]) / 2**20),
-                     "step_s": round(r["s"], 1), "loss": round(r["loss"], 3)})  # fmt: skip
+        rows.append(
+            {
+                "train_type": train_type,
+                "ctx_len": ctx,
+                "chunk_ctx": chunk if train_type == "infctx" else None,
+                "peak_rss_mib": round(r["peak"] / 2**20),
+                "step_peak_mib": round((r["peak"] - r["before"]) / 2**20),
+                "step_s": round(r["s"], 1),
+                "loss": round(r["loss"], 3),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     ratio = rows[1]["peak_rss_mib"] / rows[0]["peak_rss_mib"]
-    print(f"\n{args.shape} {args.adapter} {args.precision}: peak RSS infctx ctx {args.long} / plain ctx {args.chunk}"
-          f" = {ratio:.2f}x (target <= 1.5x)")  # fmt: skip
+    print(
+        f"\n{args.shape} {args.adapter} {args.precision}: peak RSS infctx ctx {args.long} / plain ctx {args.chunk}"
+        f" = {ratio:.2f}x (target <= 1.5x)"
+    )
     print("| train_type | ctx_len | chunk_ctx | peak RSS MiB | step peak MiB | step s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['train_type']} | {r['ctx_len']} | {r['chunk_ctx'] or '-'} | {r['peak_rss_mib']} "
-              f"| {r['step_peak_mib']} | {r['step_s']} |")  # fmt: skip
+        print(
+            f"| {r['train_type']} | {r['ctx_len']} | {r['chunk_ctx'] or '-'} | {r['peak_rss_mib']} "
+            f"| {r['step_peak_mib']} | {r['step_s']} |"
+        )
 
 
 if __name__ == "__main__":
