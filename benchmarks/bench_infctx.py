@@ -84,8 +84,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     ratio = rows[1]["peak_rss_mib"] / rows[0]["peak_rss_mib"]
     print(
-        f"\n{args.shape} {args.adapter} {args.precision}: peak RSS infctx ctx {args.long} / plain ctx {args.chunk}"
-        f" = {ratio:.2f}x (target <= 1.5x)"
+        f"\n{args.shape} {args.adapter} {args.precision}: peak RSS infctx ctx {args.long}"
+        f" / plain ctx {args.chunk} = {ratio:.2f}x (target <= 1.5x)"
     )
     print("| train_type | ctx_len | chunk_ctx | peak RSS MiB | step peak MiB | step s |")
     print("|---|---|---|---|---|---|")
