@@ -194,26 +194,17 @@ def test_write_errors_are_one_line_and_leave_no_temp_file(base, work, capsys, mo
 
 
 @pytest.mark.parametrize(
-    "options,message",
-    [("size=1m", "no space left on the device"), ("size=1m,ro", "is not writable")],
+    "read_only,message",
+    [(False, "no space left on the device"), (True, "is not writable")],
     ids=["full", "read-only"],
 )
-def test_small_or_read_only_disk_for_real(base, work, capsys, options, message):
+def test_small_or_read_only_disk_for_real(base, work, capsys, small_fs, read_only, message):
     """On a 1 MB tmpfs (where this machine lets us mount one; root is refused by a read-only mount too):
     one line, and the disk is left empty."""
-    import subprocess
-
     root, adapter, _ = work
-    disk = root / "disk"
-    disk.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(disk)], capture_output=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip() or 'not permitted'})")
-    try:
-        merge_refused(argv_for(base, adapter, disk / "m.pth"), capsys, root, str(disk), message)
-        assert list(disk.iterdir()) == []
-    finally:
-        subprocess.run(["umount", str(disk)], capture_output=True)
+    disk = small_fs("1m", read_only=read_only)
+    merge_refused(argv_for(base, adapter, disk / "m.pth"), capsys, root, str(disk), message)
+    assert list(disk.iterdir()) == []
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
