@@ -177,11 +177,7 @@ def flops_per_token(model: torch.nn.Module, tokens_per_step: int) -> dict[str, f
         inside.update(id(p) for p in m.parameters())
         size = m.in_features * m.out_features
         base += 4 * size
-        trained = sum(p.numel() for p in m.adapter_parameters().values() if p.requires_grad)
-        if m.kind == "bat":
-            adapter += 2 * size + 4 * m.r * size / tokens_per_step
-        else:
-            adapter += 6 * trained + (m.in_features if m.kind == "bone" else 0)
+        adapter += m.train_flops_per_token(tokens_per_step)
     for name, p in model.named_parameters():
         if (
             id(p) in inside

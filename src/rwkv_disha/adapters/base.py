@@ -146,6 +146,11 @@ class AdapterLinear(nn.Module):
         """ΔW (out, in) in fp32, such that this layer computes x @ (W + ΔW)^T."""
         raise NotImplementedError
 
+    def train_flops_per_token(self, tokens_per_step: int) -> float:
+        """Training FLOPs per token the adapter adds to the frozen layer (forward, input gradient and its
+        own gradient: 6 per trained element); kinds that do more per step say so."""
+        return 6.0 * sum(p.numel() for p in self.adapter_parameters().values() if p.requires_grad)
+
     def reset_adapter(self) -> None:
         """Back to the initial adapter (the layer then equals the base layer)."""
         raise NotImplementedError

@@ -89,6 +89,12 @@ class BatLinear(AdapterLinear):
         """W' (out, in) in fp32, from the same function as the forward."""
         return bat_merged_weight(dense_weight(self.weight, torch.float32), self.disha.detach().float())
 
+    def train_flops_per_token(self, tokens_per_step: int) -> float:
+        # W' = W + W_b @ disha_b + disha_b is built every step (2 r in out, as much again backward, shared by
+        # the step's tokens), and W' needs its full (out, in) gradient
+        size = self.in_features * self.out_features
+        return 2.0 * size + 4.0 * self.r * size / tokens_per_step
+
     def delta_weight(self) -> Tensor:
         """ΔW = W' - W (fp32)."""
         return self.merged_weight() - dense_weight(self.weight, torch.float32)

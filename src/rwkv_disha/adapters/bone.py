@@ -120,5 +120,8 @@ class BoneLinear(AdapterLinear):
     def forward(self, x: Tensor) -> Tensor:
         return _BoneLinearFn.apply(x, self.disha, self.weight, self.r)
 
+    def train_flops_per_token(self, tokens_per_step: int) -> float:
+        return super().train_flops_per_token(tokens_per_step) + self.in_features  # + the fold of x
+
     def delta_weight(self) -> Tensor:
         return bone_delta(self.disha.detach().float(), self.in_features)
