@@ -39,6 +39,23 @@ DISHA_KEYS: dict[str, tuple[str, type, Any]] = {
 }
 
 
+def whole_blocks_problem(r: int, out_f: int, in_f: int, name: str) -> str | None:
+    """The rule of kinds that cut W into whole r x r blocks (Bat, MiSS bat): r divides both sides."""
+    if r > 0 and (in_f % r or out_f % r):
+        return f"must divide both sides of every adapted layer, but {name} is {out_f}x{in_f} (out x in)"
+    return None
+
+
+def folded_input_problem(r: int, in_f: int, name: str) -> str | None:
+    """The rule of kinds that fold the input into r columns (Bone, MiSS mini): r no wider than the input."""
+    return f"exceeds the input width {in_f} of {name}" if r > in_f else None
+
+
+def narrowest_input(shapes: Mapping[str, tuple[int, int]]) -> int:
+    """The smallest input width among the targets' (out, in) shapes."""
+    return min(in_f for _, in_f in shapes.values())
+
+
 class AdapterLinear(nn.Module):
     """A bias-free Linear with a frozen base ``weight`` and a small trainable adapter of rank ``r``.
 

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from rwkv_disha.adapters.base import DISHA_FLAG, DISHA_KEYS, AdapterLinear
+from rwkv_disha.adapters.base import DISHA_FLAG, DISHA_KEYS, AdapterLinear, whole_blocks_problem
 from rwkv_disha.adapters.quant import dense_weight
 
 Tensor = torch.Tensor
@@ -55,9 +55,7 @@ class BatLinear(AdapterLinear):
 
     @classmethod
     def shape_problem(cls, r: int, out_f: int, in_f: int, name: str) -> str | None:
-        if r > 0 and (in_f % r or out_f % r):  # W is cut into whole r x r blocks
-            return f"must divide both sides of every adapted layer, but {name} is {out_f}x{in_f} (out x in)"
-        return super().shape_problem(r, out_f, in_f, name)
+        return whole_blocks_problem(r, out_f, in_f, name) or super().shape_problem(r, out_f, in_f, name)
 
     @classmethod
     def shape_fix(cls, r: int, shapes: Mapping[str, tuple[int, int]]) -> str:

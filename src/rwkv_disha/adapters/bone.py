@@ -18,7 +18,13 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from rwkv_disha.adapters.base import DISHA_FLAG, DISHA_KEYS, AdapterLinear
+from rwkv_disha.adapters.base import (
+    DISHA_FLAG,
+    DISHA_KEYS,
+    AdapterLinear,
+    folded_input_problem,
+    narrowest_input,
+)
 from rwkv_disha.adapters.quant import compute_dtype, dense_weight
 
 Tensor = torch.Tensor
@@ -100,13 +106,11 @@ class BoneLinear(AdapterLinear):
 
     @classmethod
     def shape_problem(cls, r: int, out_f: int, in_f: int, name: str) -> str | None:
-        if r > in_f:  # the input is folded into r columns: r wider than the input folds nothing
-            return f"exceeds the input width {in_f} of {name}"
-        return super().shape_problem(r, out_f, in_f, name)
+        return folded_input_problem(r, in_f, name) or super().shape_problem(r, out_f, in_f, name)
 
     @classmethod
     def shape_fix(cls, r: int, shapes: Mapping[str, tuple[int, int]]) -> str:
-        return f"choose r <= {min(in_f for _, in_f in shapes.values())} in {cls.cli_flag}"
+        return f"choose r <= {narrowest_input(shapes)} in {cls.cli_flag}"
 
     @classmethod
     def rank_from_tensors(cls, tensors: Mapping[str, Tensor]) -> int | None:

@@ -23,7 +23,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from rwkv_disha.adapters.base import AdapterLinear
+from rwkv_disha.adapters.base import (
+    AdapterLinear,
+    folded_input_problem,
+    narrowest_input,
+    whole_blocks_problem,
+)
 from rwkv_disha.adapters.bone import _BoneLinearFn, bone_delta
 from rwkv_disha.adapters.quant import compute_dtype, dense_weight
 from rwkv_disha.errors import RWKVDishaError
@@ -74,9 +79,7 @@ class MissBatLinear(AdapterLinear):
 
     @classmethod
     def shape_problem(cls, r: int, out_f: int, in_f: int, name: str) -> str | None:
-        if r > 0 and (in_f % r or out_f % r):  # W is cut into whole r x r blocks
-            return f"must divide both sides of every adapted layer, but {name} is {out_f}x{in_f} (out x in)"
-        return super().shape_problem(r, out_f, in_f, name)
+        return whole_blocks_problem(r, out_f, in_f, name) or super().shape_problem(r, out_f, in_f, name)
 
     @classmethod
     def shape_fix(cls, r: int, shapes: Mapping[str, tuple[int, int]]) -> str:
@@ -129,13 +132,11 @@ class MissMiniLinear(AdapterLinear):
 
     @classmethod
     def shape_problem(cls, r: int, out_f: int, in_f: int, name: str) -> str | None:
-        if r > in_f:  # as Bone: the input is folded into r columns
-            return f"exceeds the input width {in_f} of {name}"
-        return super().shape_problem(r, out_f, in_f, name)
+        return folded_input_problem(r, in_f, name) or super().shape_problem(r, out_f, in_f, name)
 
     @classmethod
     def shape_fix(cls, r: int, shapes: Mapping[str, tuple[int, int]]) -> str:
-        return f"choose r <= {min(in_f for _, in_f in shapes.values())} in {cls.cli_flag}"
+        return f"choose r <= {narrowest_input(shapes)} in {cls.cli_flag}"
 
     @classmethod
     def rank_from_tensors(cls, tensors: Mapping[str, Tensor]) -> int | None:
