@@ -165,6 +165,13 @@ class RWKV6(nn.Module):
         self, idx: Tensor, state: list[LayerState] | None = None, return_state: bool = False
     ) -> Tensor | tuple[Tensor, list[LayerState]]:
         """idx (B, T) -> logits (B, T, V) [, new state]."""
+        x, new_state = self.hidden(idx, state)
+        logits = self.head(x)
+        return (logits, new_state) if return_state else logits
+
+    def hidden(self, idx: Tensor, state: list[LayerState] | None = None) -> tuple[Tensor, list[LayerState]]:
+        """idx (B, T) -> (ln_out(x) (B, T, C), the head's input; new state), so the training loss can
+        apply the head a chunk at a time (rwkv_disha.train.loss), as for RWKV-7."""
         x = self.emb(idx)
         new_state: list[LayerState] = []
         for i, block in enumerate(self.blocks):
@@ -174,8 +181,7 @@ class RWKV6(nn.Module):
             else:
                 x, s = block(x, layer_state)
             new_state.append(s)
-        logits = self.head(self.ln_out(x))
-        return (logits, new_state) if return_state else logits
+        return self.ln_out(x), new_state
 
 
 # --- the checkpoint layout ------------------------------------------------------------------------------
