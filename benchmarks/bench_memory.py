@@ -61,7 +61,7 @@ def main() -> int:
             kw = dict(n_layer=args.n_layer, n_embd=args.n_embd, ctx_len=ctx, grad_cp=bool(cp), device="cpu",
                       precision=args.precision, adapter=args.adapter)  # fmt: skip
             proc = subprocess.run(
-                [sys.executable, "-c", CHILD, json.dumps(kw)], capture_output=True, text=True
+                [sys.executable, "-c", CHILD, json.dumps(kw)], capture_output=True, text=True, env=ENV
             )
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode or line is None:

@@ -82,3 +82,13 @@ def test_lm_loss_uses_the_model_head_and_matches_logits(tiny_model):
     plain = masked_lm_loss(model(idx), labels, mask)
     chunked = lm_loss(model, idx, labels, mask)
     torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
+def test_loss_workspace_is_one_chunk_of_rows():
+    """The dry run's logits term: one chunk of fp32 rows (2**24 elements on a CPU), never B x T x V."""
+    from rwkv_disha.train.loss import chunk_rows, loss_workspace_bytes
+
+    cpu = torch.device("cpu")
+    assert chunk_rows(65536, cpu) == 256
+    assert loss_workspace_bytes(8 * 512, 65536, cpu, False) == 256 * 65536 * 4
+    assert loss_workspace_bytes(100, 65536, cpu, False) == 100 * 65536 * 4  # fewer rows than a chunk
+    assert loss_workspace_bytes(8 * 512, 65536, cpu, True) == 256 * 65536 * 8  # + bf16 output and grad
+    assert chunk_rows(65536, torch.device("cuda")) == 1024

@@ -68,7 +68,9 @@ def save_resume_checkpoint(trainer, module: DishaModule, cfg: Config, epoch_batc
     name = f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp" if trainer.is_global_zero else ""
     tmp = final.with_name(trainer.strategy.broadcast(name, src=0))
     try:
-        trainer.save_checkpoint(tmp)
+        # weights_only here is what to SAVE: False keeps optimizer, scheduler and loops (reading it back is
+        # always weights_only=True, resume.py); said explicitly so Lightning does not log a scary default
+        trainer.save_checkpoint(tmp, weights_only=False)
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             if tmp.is_dir() and final.is_dir():

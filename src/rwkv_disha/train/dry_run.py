@@ -13,7 +13,9 @@ Memory model (per device), each term measured or counted, not guessed:
     activations  the bytes autograd saves for backward in one forward pass of a real batch (counted with
                  saved-tensor hooks, shared storage once, weights left out); with grad_cp: the block inputs
                  it keeps plus one block's activations, recomputed during backward
-    logits       micro_bsz x T x vocab x 4 bytes: the output that lives next to the loss, and its gradient
+    logits       the chunked head + cross-entropy's working set: at most one chunk of rows (256 at V = 65536
+                 on a CPU, 1024 on a GPU) x vocab fp32 logits, reused for the softmax and its gradient
+                 (train/loss.py), never micro_bsz x T x vocab
 """
 
 from __future__ import annotations
@@ -151,6 +153,7 @@ def plan(cfg: Config, mcfg, acfg, dataset) -> dict:
     from rwkv_disha.adapters import adapter_parameters
     from rwkv_disha.train.build import build_model
     from rwkv_disha.train.checks import uses_gpu
+    from rwkv_disha.train.loss import chunk_rows, loss_workspace_bytes
 
     on_gpu = uses_gpu(cfg)
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -166,7 +169,9 @@ def plan(cfg: Config, mcfg, acfg, dataset) -> dict:
     batches = _batches(cfg, dataset, 1 + TIMED_STEPS, device)
     T = batches[0]["input_ids"].shape[1]
     T_logits = min(T, cfg.engine.chunk_ctx) if cfg.engine.train_type == "infctx" else T  # one chunk's
-    logits_bytes = cfg.data.micro_bsz * T_logits * mcfg.vocab_size * 4
+    low = cfg.engine.precision in ("bf16", "fp16")  # the autocast _autocast() opens
+    logits_rows = min(cfg.data.micro_bsz * T_logits, chunk_rows(mcfg.vocab_size, device))
+    logits_bytes = loss_workspace_bytes(logits_rows, mcfg.vocab_size, device, low)
 
     activations = {}
     with _autocast(cfg, device):
@@ -215,6 +220,7 @@ def plan(cfg: Config, mcfg, acfg, dataset) -> dict:
         },
         "T": T,
         "T_logits": T_logits,
+        "logits_rows": logits_rows,
     }
 
 
@@ -264,8 +270,8 @@ def format_report(cfg: Config, mcfg, acfg, dataset, p: dict) -> str:
         f"  activations{_human(m['activations']):>9}  saved for backward at {d.micro_bsz} x {p['T']} tokens "
         f"(grad_cp {cp}); grad_cp 0: {_human(m['activations_no_grad_cp'])}, "
         f"grad_cp 1: {_human(m['activations_grad_cp'])}",
-        f"  logits     {_human(m['logits']):>9}  {d.micro_bsz} x {p['T_logits']} x {mcfg.vocab_size} "
-        "x 4 bytes, next to the loss",
+        f"  logits     {_human(m['logits']):>9}  one chunk of the head + loss: {p['logits_rows']} of "
+        f"{d.micro_bsz} x {p['T_logits']} rows x {mcfg.vocab_size} at a time",
         f"  total      {_human(m['total']):>9}  (grad_cp {cp}); grad_cp 0: {_human(m['total_no_grad_cp'])}, "
         f"grad_cp 1: {_human(m['total_grad_cp'])}",
         f"throughput   {p['seconds_per_step']:.3g} s per micro-batch, {p['tokens_per_second']:,.0f} tokens/s "

@@ -24,8 +24,17 @@ Tensor = torch.Tensor
 _CHUNK_ELEMENTS = {"cpu": 2**24, "cuda": 2**26}
 
 
-def _chunk_rows(vocab: int, device: torch.device) -> int:
+def chunk_rows(vocab: int, device: torch.device) -> int:
+    """Rows of logits one chunk of the head + CE holds (2**24 elements on a CPU, 2**26 on a GPU)."""
     return max(1, _CHUNK_ELEMENTS.get(device.type, 2**26) // vocab)
+
+
+def loss_workspace_bytes(n_rows: int, vocab: int, device: torch.device, low_precision: bool) -> int:
+    """Bytes the chunked head + CE holds at once for ``n_rows`` counted tokens: one chunk of fp32 logits
+    (reused in place for the log-softmax and its gradient), plus, under bf16 / fp16 autocast, the chunk's
+    matmul output and its gradient in that dtype. The dry run's logits term."""
+    rows = min(n_rows, chunk_rows(vocab, device))
+    return rows * vocab * (4 + (2 + 2 if low_precision else 0))
 
 
 class _HeadCE(torch.autograd.Function):
@@ -88,7 +97,7 @@ def head_cross_entropy(
         dt = torch.get_autocast_dtype(dev)
     else:
         dt = torch.promote_types(x.dtype, weight.dtype)
-    rows = rows or _chunk_rows(weight.shape[0], x.device)
+    rows = rows or chunk_rows(weight.shape[0], x.device)
     with torch.autocast(dev, enabled=False):
         acc = torch.promote_types(dt, torch.float32)
         return _HeadCE.apply(flat.to(dt), weight.to(dt), lab.long(), m.to(acc), rows)
