@@ -96,7 +96,7 @@ class DishaModule(L.LightningModule):
             raise RWKVDishaError("nothing to train: no adapter or train_parts parameter requires grad")
         opt = torch.optim.AdamW(
             self._param_groups(params), lr=o.lr_init, betas=(o.beta1, o.beta2), eps=o.adam_eps,
-            weight_decay=o.weight_decay,
+            weight_decay=o.weight_decay, **self._adamw_kernel(params),
         )  # fmt: skip
         total = self.steps_per_epoch * (o.epoch_begin + o.epoch_count)
         # epoch_begin shifts the schedule: continuing at epoch N starts at step N * steps_per_epoch
@@ -110,6 +110,24 @@ class DishaModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def _adamw_kernel(self, params: list[torch.nn.Parameter]) -> dict[str, bool]:
+        """AdamW's fused kernel (one pass over all tensors) on CPU and CUDA where Lightning allows it.
+        torch's default on CPU is a Python loop of ~10 ops per tensor: 0.15-0.25 s per step for Bone's 72
+        tensors + the 0.1B model's time / ln tensors, 5-10 % of a 2.7 s CPU step (docs/BENCHMARKS.md).
+        Lightning refuses gradient clipping with a fused optimizer under its mixed-precision plugin
+        (bf16 / fp16), so those take the multi-tensor (foreach) kernel; DeepSpeed keeps torch's default."""
+        from rwkv_disha.choices import PRECISIONS
+
+        e = self.cfg.engine
+        if e.strategy.startswith("deepspeed"):
+            return {}
+        if not (
+            {p.device.type for p in params} <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
+        ):
+            return {}
+        mixed = PRECISIONS[e.precision].endswith("-mixed")
+        return {"foreach": True} if mixed and self.cfg.optim.grad_clip > 0 else {"fused": True}
 
     def _param_groups(self, params: list[torch.nn.Parameter]) -> list[dict]:
         """One group at --lr_init; with --train_state next to other trained tensors, the initial states
