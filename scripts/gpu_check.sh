@@ -38,7 +38,7 @@ torch.cuda.synchronize(); print(f"fla warm-up {time.time() - t0:.0f} s")
 EOF
 
 part "tests: tests/gpu + CUDA adapters"
-timeout $(( $(left) > 200 ? 200 : $(left) )) python3 -m pytest tests/gpu tests/adapters/test_cuda.py -q -x -p no:cacheprovider \
+timeout $(( $(left) > 200 ? 200 : $(left) )) python3 -m pytest tests/gpu tests/adapters/test_cuda.py -q -p no:cacheprovider \
   -o addopts="" --durations=8 2>&1 | tee "$OUT/gpu_tests.log" | grep -v "Warning\|If you want\|return fn" | tail -25
 
 # target 1: 0.1B, ctx 512, micro_bsz 16, grad_cp 1, bf16, Bone r64 >= 43k tokens/s

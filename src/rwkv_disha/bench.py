@@ -176,9 +176,16 @@ class TrainStep:
         if cfg.adapter == "none":  # the frozen baseline: only --train_parts train
             from rwkv_disha.adapters.inject import train_part_parameters
 
+            from rwkv_disha.train.build import base_dtype_for
+
             model.requires_grad_(False)
             for p in train_part_parameters(model, cfg.train_parts).values():
                 p.requires_grad_(True)
+            # built as a full fine-tune (all fp32); frozen, the base takes the dtype train gives a frozen base
+            frozen = base_dtype_for(precision, torch.float32, device.type == "cuda")
+            for p in model.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(frozen)
         self.model = model.to(device).train()
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:

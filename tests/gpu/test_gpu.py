@@ -98,8 +98,10 @@ def _train(tmp_path, base, data, *extra):
         ["--precision", "bf16", "--grad_cp", "1"],
         ["--precision", "bf16", "--strategy", "deepspeed_stage_1"],
         ["--precision", "bf16", "--strategy", "deepspeed_stage_2"],
+        ["--precision", "bf16", "--strategy", "ddp"],  # DDP on one GPU
+        ["--precision", "bf16", "--strategy", "deepspeed_stage_2_offload"],
     ],  # fmt: skip
-    ids=["bf16", "fp16", "nf4", "int8", "grad_cp", "ds1", "ds2"],
+    ids=["bf16", "fp16", "nf4", "int8", "grad_cp", "ds1", "ds2", "ddp1", "ds2_offload"],
 )
 def test_train_on_gpu(tmp_path, make_checkpoint, extra):
     if "--quant" in extra:

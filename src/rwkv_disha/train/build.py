@@ -42,13 +42,15 @@ def build_dataset(cfg: Config, vocab_size: int):
 
 def base_dtype_for(precision: str, file_dtype: torch.dtype, on_gpu: bool) -> torch.dtype:
     """dtype of the frozen base: fp32 for fp32/tf32; for bf16/fp16 the file's dtype when it already is
-    16-bit, else bf16/fp16 on GPU (half the memory) and fp32 on CPU (faster there, same result)."""
+    16-bit, else bf16/fp16 on GPU (half the memory) and bf16 on CPU (a CPU trains bf16 only when it has
+    native bf16, hardware.cpu_precision; an fp32 base there costs a cast of every weight each step under
+    autocast: 10 % of a 0.1B step), fp16 on CPU stays fp32 (few CPUs have fp16 matmuls)."""
     if precision in ("fp32", "tf32"):
         return torch.float32
     low = torch.bfloat16 if precision == "bf16" else torch.float16
-    if file_dtype in (torch.bfloat16, torch.float16):
+    if file_dtype in (torch.bfloat16, torch.float16) or on_gpu or precision == "bf16":
         return low
-    return low if on_gpu else torch.float32
+    return torch.float32
 
 
 def build_model(cfg: Config, acfg, on_gpu: bool):
