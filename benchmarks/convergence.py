@@ -1,10 +1,11 @@
-"""Convergence study (issue 14): Bone, Bat and LoRA at equal trainable parameters on real text.
+"""Convergence study (issue 14): Bone, Bat, MiSS bat, LoRA and PiSSA at equal trainable parameters, real text.
 
 1. pretrain a small RWKV-7 (`--peft none`, byte-level vocabulary of 256) on the Python standard library's
    sources found on this machine;
 2. fine-tune it on a different real corpus, the machine's English man pages (troff markup stripped),
-   with Bone, Bat and LoRA at equal trainable parameters (Bone / Bat r on every default target layer
-   hold 9 x n_embd x r tensors per block, LoRA r/2 holds the same), the same steps, a small lr grid;
+   with Bone, Bat, MiSS bat, LoRA and PiSSA at equal trainable parameters (Bone / Bat / MiSS bat r on
+   every default target layer hold 9 x n_embd x r values per block, LoRA / PiSSA r/2 hold the same), the
+   same steps, a small lr grid;
 3. held-out loss every --eval_every steps (a held-out slice of the man pages), one PNG of the curves,
    the steps each method needs to reach LoRA's final held-out loss, wall time per step, and the merged
    model's held-out loss against the adapter applied on the fly.
@@ -35,7 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = ("bone", "bat", "lora")
+METHODS = ("bone", "bat", "miss_bat", "lora", "pissa")
+# MiSS's default ("balance") mode is Bone itself, so it is not run twice; MiSS mini trains (r, mini_r)
+# per layer and cannot hold Bone's parameter count without becoming Bone (mini_r = out), so it is left out.
 _TROFF_ESCAPES = re.compile(r"\\f[BIRP]|\\f\(..|\\\(..|\\[-&|^e]|\\s[-+]?\d")
 
 
@@ -107,9 +110,15 @@ def heldout_loss(base: Path, adapter: Path | None, data: Path, ctx: int, samples
 
 
 def adapter_flags(method: str, r: int) -> list[str]:
+    """The train flags of one method; LoRA and PiSSA at r/2 hold as many trained values as Bone at r."""
     if method == "lora":  # r/2 x (in + out) per layer = Bone's r x out summed over the block's targets
         cfg = {"lora_load": "", "lora_r": r // 2, "lora_alpha": r, "lora_dropout": 0.0}
         return ["--peft", "lora", "--lora_config", json.dumps(cfg)]
+    if method == "pissa":
+        cfg = {"pissa_load": "", "pissa_init": "", "pissa_r": r // 2, "svd_niter": 4}
+        return ["--peft", "pissa", "--pissa_config", json.dumps(cfg)]
+    if method == "miss_bat":  # (out/r, r, r) per layer: Bone's count, one r x r block per output block
+        return ["--peft", "miss", "--peft_config", json.dumps({"r": r, "init_weights": "bat"})]
     return ["--peft", "disha", "--disha_config", json.dumps({"mode": method, "load": "", "r": r})]
 
 
@@ -127,7 +136,8 @@ def train(base: Path, data: Path, proj: Path, steps: int, every: int, lr: float,
     return float(np.median(np.diff(times))) if len(times) > 1 else float("nan")
 
 
-def plot(curves: dict, path: Path, lora_final: float) -> None:
+def plot(curves: dict, best: dict, path: Path, lora_final: float) -> None:
+    """Held-out loss curves: each method's best lr bold, its other lrs thin and dotted, in its colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,9 +145,14 @@ def plot(curves: dict, path: Path, lora_final: float) -> None:
 
     from rwkv_disha.fsio import atomic_write
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    colours = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for (method, lr), pts in sorted(curves.items()):
-        ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o", ms=3, label=f"{method} lr {lr:g}")
+        xs, ys = [s for s, _ in pts], [v for _, v in pts]
+        if lr == best[method]:
+            ax.plot(xs, ys, color=colours[method], marker="o", ms=3, label=f"{method} lr {lr:g} (best)")
+        else:
+            ax.plot(xs, ys, color=colours[method], lw=0.7, ls=":", label=f"{method} lr {lr:g}")
     ax.axhline(lora_final, color="grey", lw=0.8, ls="--", label="LoRA's final (best lr)")
     ax.set_xlabel("fine-tuning step (micro-batches)")
     ax.set_ylabel("held-out loss (nats / byte)")
@@ -232,9 +247,10 @@ def main() -> int:
         counts = {}  # trainable parameters = what the adapter file holds (no --train_parts here)
         for m in METHODS:
             sd = load_state_dict(out / f"{m}-{best[m]:g}" / f"rwkv-{last}.pth")
-            counts[m] = int(sum(t.numel() for t in sd.values()))
+            # PiSSA's file also holds its frozen starting factors (pissa_A0 / pissa_B0)
+            counts[m] = int(sum(t.numel() for k, t in sd.items() if not k.endswith(("_A0", "_B0"))))
         png = Path(a.png)
-        plot(curves, png, lora_final)
+        plot(curves, best, png, lora_final)
         result = {
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "settings": {
