@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from rwkv_disha.adapters import AdapterConfig, inject_adapters, mark_trainable
 from rwkv_disha.adapters.base import adapter_modules
 from rwkv_disha.adapters.inject import make_adapter_layer
+from rwkv_disha.measure import interleaved_times, paired_median_ratio, step_peak_bytes
 
 MiB = 2**20
 
@@ -64,31 +64,6 @@ def variants(quant: bool) -> list[tuple[str, AdapterConfig | None]]:
 # ---------------------------------------------------------------------------------------------------------
 # measuring
 # ---------------------------------------------------------------------------------------------------------
-def step_peak_bytes(step: Callable[[], None], device: torch.device) -> int:
-    """Peak bytes allocated during ``step()`` above what was allocated before it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    points = []
-    for e in prof.events():
-        nbytes = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
-        if nbytes:
-            points.append((e.time_range.start, nbytes))
-    live = peak = 0
-    for _, nbytes in sorted(points):
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
 def matmul_flops(step: Callable[[], None]) -> int:
     with FlopCounterMode(display=False) as counter:
         step()
@@ -111,35 +86,31 @@ def trainable_params(module: nn.Module, only_adapters: bool = True) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def measure_variants(
+    modules: dict[str, nn.Module], steps: dict[str, Callable[[], None]], reps: int, warmup: int, device
+) -> list[dict]:
+    """One row per variant (the first is the frozen one): trainable adapter parameters, best seconds per
+    step, median over rounds of its time / the first variant's time in the same round, matmul FLOPs,
+    resident and step-peak bytes.
 
-
-def race(
-    steps: dict[str, Callable[[], None]], reps: int, warmup: int, device: torch.device
-) -> dict[str, tuple[float, float]]:
-    """Per variant: (best seconds per step, median over rounds of its time / the first variant's time in
-    the same round). Variants run interleaved, the order rotating and reversing every round (the variant
-    that always ran first - the frozen one - used to meet a different machine state than the rest, which
-    gave impossible ratios < 1); other processes only ever add time, so the best of N is the least
-    distorted single time, and the paired ratio cancels slow drifts of the machine load."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    names = list(steps)
-    for i in range(reps):
-        order = names[i % len(names) :] + names[: i % len(names)]
-        for name in order if i % 2 == 0 else order[::-1]:
-            step = steps[name]
-            sync(device)
-            t = time.perf_counter()
-            step()
-            sync(device)
-            times[name].append(time.perf_counter() - t)
-    first = times[next(iter(times))]
-    return {k: (min(v), statistics.median(a / b for a, b in zip(v, first))) for k, v in times.items()}
+    Variants run interleaved, the order rotating and reversing every round (the variant that always ran
+    first - the frozen one - used to meet a different machine state than the rest, which gave impossible
+    ratios < 1); other processes only ever add time, so the best of N is the least distorted single time,
+    and the paired ratio cancels slow drifts of the machine load."""
+    times = interleaved_times(steps, reps, device, warmup=warmup)
+    first = next(iter(times))
+    return [
+        {
+            "variant": name,
+            "trainable": trainable_params(module),  # 0 for the frozen one: it has no adapter layers
+            "seconds": min(times[name]),
+            "paired": paired_median_ratio(times, name, first),
+            "flops": matmul_flops(steps[name]),
+            "resident": resident_bytes(module),
+            "peak": step_peak_bytes(steps[name], device),
+        }
+        for name, module in modules.items()
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -183,21 +154,7 @@ def bench_layer(args, device: torch.device) -> list[dict]:
         return step
 
     steps = {k: make_step(m) for k, m in layers.items()}
-    secs = race(steps, args.layer_reps, 3, device)
-    rows = []
-    for name, layer in layers.items():
-        rows.append(
-            {
-                "variant": name,
-                "trainable": trainable_params(layer) if name != "frozen (no adapter)" else 0,
-                "seconds": secs[name][0],
-                "paired": secs[name][1],
-                "flops": matmul_flops(steps[name]),
-                "resident": resident_bytes(layer),
-                "peak": step_peak_bytes(steps[name], device),
-            }
-        )
-    return rows
+    return measure_variants(layers, steps, args.layer_reps, 3, device)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -244,21 +201,7 @@ def bench_model(args, device: torch.device) -> list[dict]:
         return step
 
     steps = {k: make_step(m) for k, m in models.items()}
-    secs = race(steps, args.model_reps, 1, device)
-    rows = []
-    for name, model in models.items():
-        rows.append(
-            {
-                "variant": name,
-                "trainable": trainable_params(model),
-                "seconds": secs[name][0],
-                "paired": secs[name][1],
-                "flops": matmul_flops(steps[name]),
-                "resident": resident_bytes(model),
-                "peak": step_peak_bytes(steps[name], device),
-            }
-        )
-    return rows
+    return measure_variants(models, steps, args.model_reps, 1, device)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -15,26 +15,10 @@ import statistics
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-from rwkv_disha.bench import interleaved_times
 from rwkv_disha.data.dataset import masked_lm_loss
+from rwkv_disha.measure import interleaved_times, paired_median_ratio, step_peak_bytes
 from rwkv_disha.train.loss import head_cross_entropy
-
-
-def step_peak_bytes(fn) -> int:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    points = []  # "[memory]" events are allocations outside ops; an op's net bytes are its self usage
-    for e in prof.events():
-        nbytes = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
-        if nbytes:
-            points.append((e.time_range.start, nbytes))
-    live = peak = 0
-    for _, nbytes in sorted(points):
-        live += nbytes
-        peak = max(peak, live)
-    return peak
 
 
 def main() -> int:
@@ -69,9 +53,7 @@ def main() -> int:
         "threads": torch.get_num_threads(),
         "rounds": args.rounds,
         "ms_median": {k: round(statistics.median(v) * 1e3, 1) for k, v in times.items()},
-        "time_over_plain_paired_median": {
-            k: round(statistics.median(c / p for c, p in zip(v, times["plain"])), 3) for k, v in times.items()
-        },
+        "time_over_plain_paired_median": {k: round(paired_median_ratio(times, k, "plain"), 3) for k in times},
         "step_peak_mib": {k: round(step_peak_bytes(f) / 2**20, 1) for k, f in fns.items()},
     }
     print(json.dumps(out, indent=1))

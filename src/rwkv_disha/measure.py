@@ -1,5 +1,6 @@
-"""Measuring tools shared by ``rwkv-disha bench`` and benchmarks/: timers, the matmul peak, peak RSS,
-WKV kernel inputs, paired medians over interleaved rounds, random-weight models and training FLOPs."""
+"""Measuring tools shared by ``rwkv-disha bench`` and benchmarks/: timers, the matmul peak, peak RSS, a
+step's peak allocation, WKV kernel inputs, paired medians over interleaved rounds, random-weight models and
+training FLOPs."""
 
 from __future__ import annotations
 
@@ -88,6 +89,35 @@ def _available_bytes() -> int | None:
     return None
 
 
+def step_peak_bytes(step, device: torch.device | str = "cpu") -> int:
+    """Peak bytes allocated during ``step()`` above what was allocated before it.
+
+    CUDA: the caching allocator's peak statistic. CPU: replayed from the profiler's allocation records,
+    because RSS also counts freed blocks the allocator keeps and pages the step never touched."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    points = []  # "[memory]" events are allocations outside ops; an op's net bytes are its self usage
+    for e in prof.events():
+        nbytes = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        if nbytes:
+            points.append((e.time_range.start, nbytes))
+    live = peak = 0
+    for _, nbytes in sorted(points):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
 # --- --what kernel -----------------------------------------------------------------------------------
 def wkv_inputs(B: int, T: int, H: int, N: int, device: str = "cpu", seed: int = 0):
     g = torch.Generator().manual_seed(seed)
@@ -115,13 +145,14 @@ def time_kernel(op: str, B: int, T: int, H: int, N: int, device: str = "cpu", re
     return best_time(kernel_step(op, B, T, H, N, device), repeat=repeat, device=device)
 
 
-def interleaved_times(steps: dict, rounds: int, device) -> dict[str, list[float]]:
-    """Seconds of each step per round; the order rotates every round, so no variant always runs first
-    (or right after the slowest one) on a machine whose load drifts."""
+def interleaved_times(steps: dict, rounds: int, device, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each step per round, after ``warmup`` untimed calls of each; the order rotates every
+    round, so no variant always runs first (or right after the slowest one) on a machine whose load drifts."""
     names = list(steps)
     times: dict[str, list[float]] = {n: [] for n in names}
-    for name in names:  # warm-up, untimed
-        steps[name]()
+    for name in names:
+        for _ in range(warmup):
+            steps[name]()
     for i in range(rounds):
         order = names[i % len(names) :] + names[: i % len(names)]
         for name in order if i % 2 == 0 else reversed(order):

@@ -15,6 +15,7 @@ r from a saved tensor, and its one-line description. ``adapters/registry.py`` li
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -56,11 +57,18 @@ def narrowest_input(shapes: Mapping[str, tuple[int, int]]) -> int:
     return min(in_f for _, in_f in shapes.values())
 
 
+def common_block_side(shapes: Mapping[str, tuple[int, int]]) -> int:
+    """The largest r dividing both sides of every target's (out, in) shape: gcd of all of them."""
+    return math.gcd(*[d for shape in shapes.values() for d in shape])
+
+
 class AdapterLinear(nn.Module):
     """A bias-free Linear with a frozen base ``weight`` and a small trainable adapter of rank ``r``.
 
     Subclasses set the class attributes below and define ``delta_weight()``, ``reset_adapter()``,
-    ``forward()``, ``shape_problem()``, ``rank_from_tensors()`` and ``from_config()``.
+    ``forward()``, ``shape_problem()``, ``rank_from_tensors()`` and ``from_config()``. A kind of one of
+    the two block shapes subclasses :class:`WholeBlocksLinear` or :class:`FoldedInputLinear` instead,
+    which bring the shape rule, the fix, reading r back and the zero reset.
     """
 
     kind: ClassVar[str] = ""  # registry name; for DiSHA kinds also the JSON "mode"
@@ -185,6 +193,53 @@ class AdapterLinear(nn.Module):
     def extra_repr(self) -> str:
         q = f", quant={self.weight.mode}" if self.is_quantized else ""
         return f"in={self.in_features}, out={self.out_features}, r={self.r}{q}"
+
+
+class ZeroStartLinear(AdapterLinear):
+    """A kind whose adapter tensors all start at zero, so that the layer starts equal to its base."""
+
+    def reset_adapter(self) -> None:
+        with torch.no_grad():
+            for p in self.adapter_parameters().values():
+                p.zero_()
+
+
+class WholeBlocksLinear(ZeroStartLinear):
+    """A kind that cuts W (out, in) into whole r x r blocks and trains one (n, r, r) tensor, the one named
+    ``adapter_names[0]``: an r x r matrix per block of one side (Bat: n = in/r; MiSS bat: n = out/r)."""
+
+    @classmethod
+    def shape_problem(cls, r: int, out_f: int, in_f: int, name: str) -> str | None:
+        return whole_blocks_problem(r, out_f, in_f, name) or super().shape_problem(r, out_f, in_f, name)
+
+    @classmethod
+    def shape_fix(cls, r: int, shapes: Mapping[str, tuple[int, int]]) -> str:
+        return f"choose r dividing {common_block_side(shapes)} in {cls.cli_flag}"
+
+    @classmethod
+    def rank_from_tensors(cls, tensors: Mapping[str, Tensor]) -> int | None:
+        blocks = tensors.get(cls.adapter_names[0])
+        if blocks is None or blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2]:
+            return None
+        return int(blocks.shape[1])
+
+
+class FoldedInputLinear(ZeroStartLinear):
+    """A kind that folds the input (..., in) into r columns and trains one (r, m) tensor, the one named
+    ``adapter_names[0]`` (Bone: m = out; MiSS mini: m = mini_r)."""
+
+    @classmethod
+    def shape_problem(cls, r: int, out_f: int, in_f: int, name: str) -> str | None:
+        return folded_input_problem(r, in_f, name) or super().shape_problem(r, out_f, in_f, name)
+
+    @classmethod
+    def shape_fix(cls, r: int, shapes: Mapping[str, tuple[int, int]]) -> str:
+        return f"choose r <= {narrowest_input(shapes)} in {cls.cli_flag}"
+
+    @classmethod
+    def rank_from_tensors(cls, tensors: Mapping[str, Tensor]) -> int | None:
+        rows = tensors.get(cls.adapter_names[0])
+        return int(rows.shape[0]) if rows is not None and rows.dim() == 2 else None
 
 
 def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:

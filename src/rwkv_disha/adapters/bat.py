@@ -13,13 +13,12 @@ the (in/r, r, r) gradient of disha. Needs in % r == 0 and out % r == 0 (docs/ADA
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 
-from rwkv_disha.adapters.base import DISHA_FLAG, DISHA_KEYS, AdapterLinear, whole_blocks_problem
+from rwkv_disha.adapters.base import DISHA_FLAG, DISHA_KEYS, WholeBlocksLinear, common_block_side
 from rwkv_disha.adapters.quant import dense_weight
 
 Tensor = torch.Tensor
@@ -40,7 +39,7 @@ def bat_merged_weight(weight: Tensor, disha: Tensor) -> Tensor:
     return merged.view(n_in_blocks, out_f, r).transpose(0, 1).reshape(out_f, n_in_blocks * r)
 
 
-class BatLinear(AdapterLinear):
+class BatLinear(WholeBlocksLinear):
     """Frozen ``weight`` (out, in) + Bat ``disha`` (in/r, r, r); r divides both in and out."""
 
     kind, title, peft = "bat", "Bat", "disha"
@@ -54,25 +53,11 @@ class BatLinear(AdapterLinear):
         self.disha = self._param_like(self.in_features // r, r, r)  # (in/r, r, r)
 
     @classmethod
-    def shape_problem(cls, r: int, out_f: int, in_f: int, name: str) -> str | None:
-        return whole_blocks_problem(r, out_f, in_f, name) or super().shape_problem(r, out_f, in_f, name)
-
-    @classmethod
     def shape_fix(cls, r: int, shapes: Mapping[str, tuple[int, int]]) -> str:
-        g = math.gcd(*[d for shape in shapes.values() for d in shape])
+        # DiSHA has a mode without the block rule, so name it, and the nearest r that would fit
+        g = common_block_side(shapes)
         best = max(d for d in range(1, max(1, min(g, r)) + 1) if g % d == 0)
         return f'choose r dividing {g}, e.g. r={best}, or use "mode":"bone"'
-
-    @classmethod
-    def rank_from_tensors(cls, tensors: Mapping[str, Tensor]) -> int | None:
-        disha = tensors.get("disha")
-        if disha is None or disha.dim() != 3 or disha.shape[1] != disha.shape[2]:
-            return None
-        return int(disha.shape[1])
-
-    def reset_adapter(self) -> None:
-        with torch.no_grad():
-            self.disha.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
         w = dense_weight(self.weight)  # dense (dequantized) base, no grad

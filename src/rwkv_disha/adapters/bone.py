@@ -13,18 +13,10 @@ forward and its gradients against x @ (W + delta_weight())^T (docs/ADAPTERS.md, 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 import torch.nn.functional as F
 
-from rwkv_disha.adapters.base import (
-    DISHA_FLAG,
-    DISHA_KEYS,
-    AdapterLinear,
-    folded_input_problem,
-    narrowest_input,
-)
+from rwkv_disha.adapters.base import DISHA_FLAG, DISHA_KEYS, FoldedInputLinear
 from rwkv_disha.adapters.quant import compute_dtype, dense_weight
 
 Tensor = torch.Tensor
@@ -91,7 +83,7 @@ class _BoneLinearFn(torch.autograd.Function):
         return grad_x, grad_disha, None, None
 
 
-class BoneLinear(AdapterLinear):
+class BoneLinear(FoldedInputLinear):
     """Frozen ``weight`` (out, in) + Bone ``disha`` (r, out); r <= in, any in / out."""
 
     kind, title, peft = "bone", "Bone", "disha"
@@ -103,23 +95,6 @@ class BoneLinear(AdapterLinear):
     def __init__(self, weight: Tensor, r: int):
         super().__init__(weight, r)
         self.disha = self._param_like(r, self.out_features)  # (r, out)
-
-    @classmethod
-    def shape_problem(cls, r: int, out_f: int, in_f: int, name: str) -> str | None:
-        return folded_input_problem(r, in_f, name) or super().shape_problem(r, out_f, in_f, name)
-
-    @classmethod
-    def shape_fix(cls, r: int, shapes: Mapping[str, tuple[int, int]]) -> str:
-        return f"choose r <= {narrowest_input(shapes)} in {cls.cli_flag}"
-
-    @classmethod
-    def rank_from_tensors(cls, tensors: Mapping[str, Tensor]) -> int | None:
-        disha = tensors.get("disha")
-        return int(disha.shape[0]) if disha is not None and disha.dim() == 2 else None
-
-    def reset_adapter(self) -> None:
-        with torch.no_grad():
-            self.disha.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
         return _BoneLinearFn.apply(x, self.disha, self.weight, self.r)

@@ -16,19 +16,12 @@ docs/ADAPTERS.md, "MiSS".
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from rwkv_disha.adapters.base import (
-    AdapterLinear,
-    folded_input_problem,
-    narrowest_input,
-    whole_blocks_problem,
-)
+from rwkv_disha.adapters.base import FoldedInputLinear, WholeBlocksLinear
 from rwkv_disha.adapters.bone import _BoneLinearFn, bone_delta
 from rwkv_disha.adapters.quant import compute_dtype, dense_weight
 from rwkv_disha.errors import RWKVDishaError
@@ -64,7 +57,7 @@ def miss_mini_expand(block: Tensor, out_features: int) -> Tensor:
     return block.repeat(1, out_features // block.shape[1])
 
 
-class MissBatLinear(AdapterLinear):
+class MissBatLinear(WholeBlocksLinear):
     """Frozen ``weight`` (out, in) + MiSS bat ``miss_block`` (out/r, r, r); r divides both in and out."""
 
     kind, title, peft = "miss_bat", "MiSS bat", "miss"
@@ -76,26 +69,6 @@ class MissBatLinear(AdapterLinear):
     def __init__(self, weight: Tensor, r: int):
         super().__init__(weight, r)
         self.miss_block = self._param_like(self.out_features // r, r, r)  # (out/r, r, r)
-
-    @classmethod
-    def shape_problem(cls, r: int, out_f: int, in_f: int, name: str) -> str | None:
-        return whole_blocks_problem(r, out_f, in_f, name) or super().shape_problem(r, out_f, in_f, name)
-
-    @classmethod
-    def shape_fix(cls, r: int, shapes: Mapping[str, tuple[int, int]]) -> str:
-        g = math.gcd(*[d for shape in shapes.values() for d in shape])
-        return f"choose r dividing {g} in {cls.cli_flag}"
-
-    @classmethod
-    def rank_from_tensors(cls, tensors: Mapping[str, Tensor]) -> int | None:
-        block = tensors.get("miss_block")
-        if block is None or block.dim() != 3 or block.shape[1] != block.shape[2]:
-            return None
-        return int(block.shape[1])
-
-    def reset_adapter(self) -> None:
-        with torch.no_grad():
-            self.miss_block.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = compute_dtype(x)
@@ -111,7 +84,7 @@ class MissBatLinear(AdapterLinear):
         return self.merged_weight() - dense_weight(self.weight, torch.float32)
 
 
-class MissMiniLinear(AdapterLinear):
+class MissMiniLinear(FoldedInputLinear):
     """Frozen ``weight`` (out, in) + MiSS mini ``miss_block`` (r, mini_r); r <= in, mini_r divides out."""
 
     kind, title, peft = "miss_mini", "MiSS mini", "miss"
@@ -129,19 +102,6 @@ class MissMiniLinear(AdapterLinear):
             )
         self.mini_r = mini_r
         self.miss_block = self._param_like(r, mini_r)  # (r, mini_r)
-
-    @classmethod
-    def shape_problem(cls, r: int, out_f: int, in_f: int, name: str) -> str | None:
-        return folded_input_problem(r, in_f, name) or super().shape_problem(r, out_f, in_f, name)
-
-    @classmethod
-    def shape_fix(cls, r: int, shapes: Mapping[str, tuple[int, int]]) -> str:
-        return f"choose r <= {narrowest_input(shapes)} in {cls.cli_flag}"
-
-    @classmethod
-    def rank_from_tensors(cls, tensors: Mapping[str, Tensor]) -> int | None:
-        block = tensors.get("miss_block")
-        return int(block.shape[0]) if block is not None and block.dim() == 2 else None
 
     @classmethod
     def check_config(cls, cfg: AdapterConfig) -> None:
@@ -163,10 +123,6 @@ class MissMiniLinear(AdapterLinear):
     @classmethod
     def from_config(cls, weight: Tensor, cfg: AdapterConfig) -> MissMiniLinear:
         return cls(weight, cfg.r, cfg.mini_r)
-
-    def reset_adapter(self) -> None:
-        with torch.no_grad():
-            self.miss_block.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
         # Bone's fused node with M = the repeated block; autograd sums M's gradient back into the block

@@ -353,15 +353,26 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tenso
     return total / mask.sum().to(total.dtype).clamp(min=1.0)
 
 
-def masked_ce_sum(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``sum(CE * mask)`` over logits (B, T, V), labels and mask (B, T): the numerator of
-    :func:`masked_lm_loss` (infctx adds it up chunk by chunk); 0 when every position is masked."""
-    V = logits.shape[-1]
-    flat, lab, m = logits.reshape(-1, V), labels.reshape(-1), mask.reshape(-1)
+def counted_rows(
+    x: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (B, T, D), labels and mask (B, T) -> the positions where mask > 0, flattened: (N, D), (N,), (N,).
+
+    Both losses drop masked positions before any arithmetic on them, so those get exactly zero gradient
+    even when x there is inf / NaN; with nothing masked, nothing is copied."""
+    D = x.shape[-1]
+    flat, lab, m = x.reshape(-1, D), labels.reshape(-1), mask.reshape(-1)
     keep = m > 0
     if not bool(keep.all()):
         idx = keep.nonzero().squeeze(1)
         flat, lab, m = flat.index_select(0, idx), lab.index_select(0, idx), m.index_select(0, idx)
+    return flat, lab, m
+
+
+def masked_ce_sum(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``sum(CE * mask)`` over logits (B, T, V), labels and mask (B, T): the numerator of
+    :func:`masked_lm_loss` (infctx adds it up chunk by chunk); 0 when every position is masked."""
+    flat, lab, m = counted_rows(logits, labels, mask)
     if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.float()
     m = m.to(flat.dtype)

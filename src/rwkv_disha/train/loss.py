@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from rwkv_disha.data.dataset import masked_lm_loss
+from rwkv_disha.data.dataset import counted_rows, masked_lm_loss
 
 Tensor = torch.Tensor
 
@@ -86,12 +86,7 @@ def head_cross_entropy(
     (> 0: counted, with that weight) -> scalar fp32 loss. Under autocast the matmuls run in the autocast
     dtype, like an ``nn.Linear`` head would; logits are always reduced in fp32. Masked rows are dropped
     before the head (zero gradient even if their hidden state is not finite)."""
-    C = x.shape[-1]
-    flat, lab, m = x.reshape(-1, C), labels.reshape(-1), mask.reshape(-1)
-    keep = m > 0
-    if not bool(keep.all()):
-        idx = keep.nonzero().squeeze(1)
-        flat, lab, m = flat.index_select(0, idx), lab.index_select(0, idx), m.index_select(0, idx)
+    flat, lab, m = counted_rows(x, labels, mask)
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
