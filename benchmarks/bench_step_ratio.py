@@ -31,6 +31,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from rwkv_disha.bench import Config, MatmulProbe, TrainStep, flops_per_token, interleaved_times
+    from rwkv_disha.measure import paired_median_ratio
     from rwkv_disha.hardware import cpu_precision
 
     precision, notice = cpu_precision(args.precision)
@@ -55,10 +56,8 @@ def main() -> int:
     base = args.adapters[0]
     rows = {}
     for name in args.adapters:
-        ratio = statistics.median(t / b for t, b in zip(times[name], times[base]))
-        mfu = statistics.median(
-            flops[name] * args.ctx_len / t / rate for t, rate in zip(times[name], rates)
-        )
+        ratio = paired_median_ratio(times, name, base)
+        mfu = statistics.median(flops[name] * args.ctx_len / t / rate for t, rate in zip(times[name], rates))
         rows[name] = {
             "step_s_median": round(statistics.median(times[name]), 3),
             "tokens_per_s": round(args.ctx_len / statistics.median(times[name]), 1),

@@ -82,6 +82,8 @@ def test_lm_loss_uses_the_model_head_and_matches_logits(tiny_model):
     plain = masked_lm_loss(model(idx), labels, mask)
     chunked = lm_loss(model, idx, labels, mask)
     torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
+
+
 def test_loss_workspace_is_one_chunk_of_rows():
     """The dry run's logits term: one chunk of fp32 rows (2**24 elements on a CPU), never B x T x V."""
     from rwkv_disha.train.loss import chunk_rows, loss_workspace_bytes

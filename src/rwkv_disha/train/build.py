@@ -16,8 +16,15 @@ def build_adapter_config(cfg: Config):
 
     a = cfg.adapter
     return AdapterConfig.from_cli(
-        a.peft, a.disha_config, a.lora_config, a.train_parts, a.quant, train_state=a.train_state,
-        peft_config=a.peft_config, bone_config=a.bone_config, pissa_config=a.pissa_config,
+        a.peft,
+        a.disha_config,
+        a.lora_config,
+        a.train_parts,
+        a.quant,
+        train_state=a.train_state,
+        peft_config=a.peft_config,
+        bone_config=a.bone_config,
+        pissa_config=a.pissa_config,
     )
 
 
