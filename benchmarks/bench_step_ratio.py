@@ -31,8 +31,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from rwkv_disha.bench import Config, MatmulProbe, TrainStep, flops_per_token, interleaved_times
-    from rwkv_disha.measure import paired_median_ratio
     from rwkv_disha.hardware import cpu_precision
+    from rwkv_disha.measure import paired_median_ratio
 
     precision, notice = cpu_precision(args.precision)
     if notice:
