@@ -60,6 +60,10 @@ for S in 0.4B 1.5B 3B; do
     --r 64 --steps 3 --warmup 2 --json "$OUT/vram_$S.json" > /dev/null 2> "$OUT/vram_$S.err"
 done
 
+part "profile one 0.1B bf16 step on the GPU: kernels per step, time outside kernels (is it launch-bound?)"
+[ "$(left)" -gt 60 ] && timeout 50 python3 benchmarks/profile_step.py --device cuda --dtype bf16 --op fla --steps 3 \
+  --rows 15 > "$OUT/profile_step_cuda.txt" 2>&1; head -3 "$OUT/profile_step_cuda.txt"
+
 part "bench kernel fla vs torch"
 [ "$(left)" -gt 30 ] && timeout 40 $B --what kernel --ops fla,torch --T 4096 --B 4 --repeat 5 --json "$OUT/kernel.json" > /dev/null
 
