@@ -59,7 +59,10 @@ class TimeMix(rwkv6.WKVHeads):
 
 
 class ChannelMix(nn.Module):
-    """RWKV-5.2 feed-forward ("ffn"): fixed token shift, squared ReLU, sigmoid receptance."""
+    """RWKV-5.2 feed-forward ("ffn"): fixed token shift, squared ReLU, sigmoid receptance.
+
+    Not shared with RWKV-6's: the official names differ (time_mix_* / time_maa_*) and so does the lerp's
+    direction (time_mix weighs this token, RWKV-6's time_maa the previous one: time_maa = 1 - time_mix)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

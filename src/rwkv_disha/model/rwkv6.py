@@ -10,9 +10,10 @@ heads. ffn: token shift, squared ReLU, a sigmoid receptance. The math follows th
 path (RWKV Runner's engine), which is what the tests compare with: ``ln_x`` is GroupNorm(H, eps 64e-5)
 applied to the WKV output as is (no head-size divisor).
 
-``model(idx, state=s, return_state=True)`` carries the recurrent state like RWKV-7's (one
-:class:`~rwkv_disha.model.rwkv7.LayerState` per block). RWKV-5.2 (``rwkv5.py``) reuses :class:`Block`
-and :class:`RWKV6` with its own attention and feed-forward.
+The model is :class:`~rwkv_disha.model.lm.RWKVLM`'s skeleton, as RWKV-7's; ``model(idx, state=s,
+return_state=True)`` carries the recurrent state (one :class:`~rwkv_disha.model.lm.LayerState` per
+block). RWKV-5.2 (``rwkv5.py``) reuses :class:`Block` and :class:`RWKV6` with its own attention and
+feed-forward.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from rwkv_disha.kernels import get_wkv6
 from rwkv_disha.model.config import ModelConfig
-from rwkv_disha.model.rwkv7 import LayerState, token_shift
+from rwkv_disha.model.lm import RWKVLM, LayerState
+from rwkv_disha.model.rwkv7 import token_shift
 from rwkv_disha.model.tensor_init import orthogonal, small, uniform
 
 Tensor = torch.Tensor
@@ -129,7 +130,10 @@ class Block(nn.Module):
         self.att = time_mix(cfg, layer_id, op)
         self.ffn = channel_mix(cfg)
 
-    def forward(self, x: Tensor, state: LayerState | None = None) -> tuple[Tensor, LayerState]:
+    def forward(
+        self, x: Tensor, carry: None, state: LayerState | None = None
+    ) -> tuple[Tensor, None, LayerState]:
+        """``carry`` is RWKV-7's v_first slot in :meth:`RWKVLM.hidden`; RWKV-6 / 5.2 pass None through."""
         if self.layer_id == 0:
             x = self.ln0(x)
         xa = self.ln1(x)
@@ -137,51 +141,17 @@ class Block(nn.Module):
         x = x + att
         xf = self.ln2(x)
         x = x + self.ffn(xf, None if state is None else state.ffn_x)
-        return x, LayerState(xa[:, -1], wkv, xf[:, -1])
+        return x, carry, LayerState(xa[:, -1], wkv, xf[:, -1])
 
 
-class RWKV6(nn.Module):
+class RWKV6(RWKVLM):
     """The whole RWKV-6 language model. ``op`` picks the WKV kernel (see :mod:`rwkv_disha.kernels`)."""
 
     time_mix: type = TimeMix
     channel_mix: type = ChannelMix
 
-    def __init__(self, cfg: ModelConfig, op: str = "auto"):
-        super().__init__()
-        self.config = cfg
-        self.grad_cp = False  # block-level activation checkpointing while training
-        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(
-            Block(cfg, i, op, self.time_mix, self.channel_mix) for i in range(cfg.n_layer)
-        )
-        self.ln_out = nn.LayerNorm(cfg.n_embd)
-        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-
-    def set_op(self, op: str) -> None:
-        for block in self.blocks:
-            block.att.op = op
-
-    def forward(
-        self, idx: Tensor, state: list[LayerState] | None = None, return_state: bool = False
-    ) -> Tensor | tuple[Tensor, list[LayerState]]:
-        """idx (B, T) -> logits (B, T, V) [, new state]."""
-        x, new_state = self.hidden(idx, state)
-        logits = self.head(x)
-        return (logits, new_state) if return_state else logits
-
-    def hidden(self, idx: Tensor, state: list[LayerState] | None = None) -> tuple[Tensor, list[LayerState]]:
-        """idx (B, T) -> (ln_out(x) (B, T, C), the head's input; new state), so the training loss can
-        apply the head a chunk at a time (rwkv_disha.train.loss), as for RWKV-7."""
-        x = self.emb(idx)
-        new_state: list[LayerState] = []
-        for i, block in enumerate(self.blocks):
-            layer_state = None if state is None else state[i]
-            if self.grad_cp and self.training and torch.is_grad_enabled():
-                x, s = checkpoint(block, x, layer_state, use_reentrant=False)
-            else:
-                x, s = block(x, layer_state)
-            new_state.append(s)
-        return self.ln_out(x), new_state
+    def make_block(self, cfg: ModelConfig, layer_id: int, op: str) -> Block:
+        return Block(cfg, layer_id, op, self.time_mix, self.channel_mix)
 
 
 # --- the checkpoint layout ------------------------------------------------------------------------------

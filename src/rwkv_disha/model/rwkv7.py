@@ -6,7 +6,8 @@
 
 ``model(idx)`` returns logits (B, T, V). ``model(idx, state=s, return_state=True)`` also carries the
 recurrent state: a list with one ``LayerState`` per block, so a sequence can be fed in pieces
-(generation, long documents). The Linear layers adapters target (docs/ADAPTERS.md) are plain
+(generation, long documents). That skeleton is :class:`~rwkv_disha.model.lm.RWKVLM`'s; RWKV-7's blocks
+hand ``v_first`` on as its ``carry``. The Linear layers adapters target (docs/ADAPTERS.md) are plain
 ``nn.Linear`` modules that adapters replace in place, keeping their ``.weight`` names.
 
 The version's other pieces live here too, for :mod:`rwkv_disha.model.registry`:
@@ -18,27 +19,18 @@ shape a checkpoint of a given shape must hold; "Checkpoint layout" in docs/MODEL
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from rwkv_disha.kernels import get_wkv7
 from rwkv_disha.model.config import ModelConfig
+from rwkv_disha.model.lm import RWKVLM, LayerState
 from rwkv_disha.model.tensor_init import orthogonal, small, uniform
 
 Tensor = torch.Tensor
 _DECAY_SCALE = 0.6065306597126334  # exp(-0.5): the largest per-step log-decay magnitude
-
-
-class LayerState(NamedTuple):
-    """Recurrent state of one block: last ln1 output (B, C), WKV state (B, H, N, N) fp32, last ln2 output."""
-
-    att_x: Tensor
-    wkv: Tensor
-    ffn_x: Tensor
 
 
 def token_shift(x: Tensor, last: Tensor | None) -> Tensor:
@@ -161,44 +153,11 @@ class Block(nn.Module):
         return x, v_first, LayerState(xa[:, -1].clone(), wkv, xf[:, -1].clone())
 
 
-class RWKV7(nn.Module):
+class RWKV7(RWKVLM):
     """The whole RWKV-7 language model. ``op`` picks the WKV kernel (see :mod:`rwkv_disha.kernels`)."""
 
-    def __init__(self, cfg: ModelConfig, op: str = "auto"):
-        super().__init__()
-        self.config = cfg
-        self.grad_cp = False  # block-level activation checkpointing while training
-        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg, i, op) for i in range(cfg.n_layer))
-        self.ln_out = nn.LayerNorm(cfg.n_embd)
-        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-
-    def set_op(self, op: str) -> None:
-        for block in self.blocks:
-            block.att.op = op
-
-    def forward(
-        self, idx: Tensor, state: list[LayerState] | None = None, return_state: bool = False
-    ) -> Tensor | tuple[Tensor, list[LayerState]]:
-        """idx (B, T) -> logits (B, T, V) [, new state]."""
-        x, new_state = self.hidden(idx, state)
-        logits = self.head(x)
-        return (logits, new_state) if return_state else logits
-
-    def hidden(self, idx: Tensor, state: list[LayerState] | None = None) -> tuple[Tensor, list[LayerState]]:
-        """idx (B, T) -> (ln_out(x) (B, T, C), the head's input; new state). The training loss applies
-        the head itself, a chunk at a time (rwkv_disha.train.loss)."""
-        x = self.emb(idx)
-        v_first = None
-        new_state: list[LayerState] = []
-        for i, block in enumerate(self.blocks):
-            layer_state = None if state is None else state[i]
-            if self.grad_cp and self.training and torch.is_grad_enabled():
-                x, v_first, s = checkpoint(block, x, v_first, layer_state, use_reentrant=False)
-            else:
-                x, v_first, s = block(x, v_first, layer_state)
-            new_state.append(s)
-        return self.ln_out(x), new_state
+    def make_block(self, cfg: ModelConfig, layer_id: int, op: str) -> Block:
+        return Block(cfg, layer_id, op)
 
 
 # --- the checkpoint layout ------------------------------------------------------------------------------
