@@ -175,7 +175,6 @@ class TrainStep:
         adapt_model(model, tcfg, acfg, device.type == "cuda")
         if cfg.adapter == "none":  # the frozen baseline: only --train_parts train
             from rwkv_disha.adapters.inject import train_part_parameters
-
             from rwkv_disha.train.build import base_dtype_for
 
             model.requires_grad_(False)

@@ -27,6 +27,42 @@ class LayerState(NamedTuple):
     ffn_x: Tensor
 
 
+class Block(nn.Module):
+    """One residual block: (ln0 in block 0) -> x + att(ln1(x)) -> x + ffn(ln2(x)), with the version's
+    attention and feed-forward classes. ``carries``: the attention takes and returns the carry (RWKV-7's
+    v_first: ``att(x, carry, last_x, wkv) -> (out, carry, wkv)``); otherwise ``att(x, last_x, wkv) ->
+    (out, wkv)`` and the carry passes through."""
+
+    def __init__(
+        self, cfg: ModelConfig, layer_id: int, op: str, time_mix: type, channel_mix: type, carries: bool
+    ):
+        super().__init__()
+        self.layer_id, self.carries = layer_id, carries
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(cfg.n_embd)
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.att = time_mix(cfg, layer_id, op)
+        self.ffn = channel_mix(cfg)
+
+    def forward(self, x: Tensor, carry: Tensor | None, state: LayerState | None = None):
+        """x (B, T, C) -> (x (B, T, C), carry, LayerState)."""
+        if self.layer_id == 0:
+            x = self.ln0(x)
+        xa = self.ln1(x)
+        last_x, wkv = (None, None) if state is None else (state.att_x, state.wkv)
+        if self.carries:
+            att, carry, wkv = self.att(xa, carry, last_x, wkv)
+        else:
+            att, wkv = self.att(xa, last_x, wkv)
+        x = x + att
+        xf = self.ln2(x)
+        x = x + self.ffn(xf, None if state is None else state.ffn_x)
+        # copies, not views: a view of the last token would keep all T tokens of xa / xf alive (under
+        # grad_cp, two (B, T, C) tensors per block until the forward pass ends)
+        return x, carry, LayerState(xa[:, -1].clone(), wkv, xf[:, -1].clone())
+
+
 class RWKVLM(nn.Module):
     """The whole language model. ``op`` picks the WKV kernel (see :mod:`rwkv_disha.kernels`).
 

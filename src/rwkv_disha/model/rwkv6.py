@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from rwkv_disha.kernels import get_wkv6
 from rwkv_disha.model.config import ModelConfig
-from rwkv_disha.model.lm import RWKVLM, LayerState
+from rwkv_disha.model.lm import RWKVLM, Block
 from rwkv_disha.model.rwkv7 import token_shift
 from rwkv_disha.model.tensor_init import orthogonal, small, uniform
 
@@ -119,31 +119,6 @@ class ChannelMix(nn.Module):
         return torch.sigmoid(self.receptance(x + xx * self.time_maa_r)) * self.value(k)
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, op: str, time_mix: type, channel_mix: type):
-        super().__init__()
-        self.layer_id = layer_id
-        if layer_id == 0:
-            self.ln0 = nn.LayerNorm(cfg.n_embd)
-        self.ln1 = nn.LayerNorm(cfg.n_embd)
-        self.ln2 = nn.LayerNorm(cfg.n_embd)
-        self.att = time_mix(cfg, layer_id, op)
-        self.ffn = channel_mix(cfg)
-
-    def forward(
-        self, x: Tensor, carry: None, state: LayerState | None = None
-    ) -> tuple[Tensor, None, LayerState]:
-        """``carry`` is RWKV-7's v_first slot in :meth:`RWKVLM.hidden`; RWKV-6 / 5.2 pass None through."""
-        if self.layer_id == 0:
-            x = self.ln0(x)
-        xa = self.ln1(x)
-        att, wkv = self.att(xa, None if state is None else state.att_x, None if state is None else state.wkv)
-        x = x + att
-        xf = self.ln2(x)
-        x = x + self.ffn(xf, None if state is None else state.ffn_x)
-        return x, carry, LayerState(xa[:, -1], wkv, xf[:, -1])
-
-
 class RWKV6(RWKVLM):
     """The whole RWKV-6 language model. ``op`` picks the WKV kernel (see :mod:`rwkv_disha.kernels`)."""
 
@@ -151,7 +126,7 @@ class RWKV6(RWKVLM):
     channel_mix: type = ChannelMix
 
     def make_block(self, cfg: ModelConfig, layer_id: int, op: str) -> Block:
-        return Block(cfg, layer_id, op, self.time_mix, self.channel_mix)
+        return Block(cfg, layer_id, op, self.time_mix, self.channel_mix, carries=False)
 
 
 # --- the checkpoint layout ------------------------------------------------------------------------------

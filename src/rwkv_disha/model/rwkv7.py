@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from rwkv_disha.kernels import get_wkv7
 from rwkv_disha.model.config import ModelConfig
-from rwkv_disha.model.lm import RWKVLM, LayerState
+from rwkv_disha.model.lm import RWKVLM, Block
 from rwkv_disha.model.tensor_init import orthogonal, small, uniform
 
 Tensor = torch.Tensor
@@ -125,39 +125,11 @@ class ChannelMix(nn.Module):
         return self.value(k)
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, op: str = "auto"):
-        super().__init__()
-        self.layer_id = layer_id
-        if layer_id == 0:
-            self.ln0 = nn.LayerNorm(cfg.n_embd)
-        self.ln1 = nn.LayerNorm(cfg.n_embd)
-        self.ln2 = nn.LayerNorm(cfg.n_embd)
-        self.att = TimeMix(cfg, layer_id, op)
-        self.ffn = ChannelMix(cfg)
-
-    def forward(
-        self, x: Tensor, v_first: Tensor | None, state: LayerState | None = None
-    ) -> tuple[Tensor, Tensor, LayerState]:
-        if self.layer_id == 0:
-            x = self.ln0(x)
-        xa = self.ln1(x)
-        att, v_first, wkv = self.att(
-            xa, v_first, None if state is None else state.att_x, None if state is None else state.wkv
-        )
-        x = x + att
-        xf = self.ln2(x)
-        x = x + self.ffn(xf, None if state is None else state.ffn_x)
-        # copies, not views: a view of the last token would keep all T tokens of xa / xf alive (under
-        # grad_cp, two (B, T, C) tensors per block until the forward pass ends)
-        return x, v_first, LayerState(xa[:, -1].clone(), wkv, xf[:, -1].clone())
-
-
 class RWKV7(RWKVLM):
     """The whole RWKV-7 language model. ``op`` picks the WKV kernel (see :mod:`rwkv_disha.kernels`)."""
 
     def make_block(self, cfg: ModelConfig, layer_id: int, op: str) -> Block:
-        return Block(cfg, layer_id, op)
+        return Block(cfg, layer_id, op, TimeMix, ChannelMix, carries=True)
 
 
 # --- the checkpoint layout ------------------------------------------------------------------------------
