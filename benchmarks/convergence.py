@@ -13,7 +13,7 @@
 The texts are read at run time and never written outside --out (a scratch folder). Every step goes through
 the rwkv-disha commands (init, train, merge) and the eval code, so this measures the tool as users run it.
 
-    .venv/bin/python benchmarks/convergence.py                  # the full study (~60 min on 2 quiet cores)
+    .venv/bin/python benchmarks/convergence.py                  # the full study (27 min on 2 quiet vCPUs)
     .venv/bin/python benchmarks/convergence.py --quick          # a <= 10 min version (tiny: a smoke run)
 """
 

@@ -4,6 +4,8 @@ other seeds (data order, LoRA / PiSSA randomness), on the base and corpora a fin
     .venv/bin/python benchmarks/convergence.py --out /tmp/conv/work          # the study, keeps its folder
     .venv/bin/python benchmarks/convergence_seeds.py --out /tmp/conv/work --seeds 1 2
 
+A seed whose last adapter file is already in --out (an earlier call) is only evaluated again.
+
 Writes per-seed final held-out losses and curves next to the study's seed-0 numbers, so a difference
 between methods can be read against the difference between seeds of one method.
 """
@@ -40,8 +42,10 @@ def main() -> int:
         for seed in a.seeds:
             s.seed = seed
             proj = out / f"{method}-{lr:g}-seed{seed}"
-            study.train(out / "base.pth", out / "man_train", proj, s.steps, s.eval_every, lr, s,
-                        study.adapter_flags(method, s.r))  # fmt: skip
+            last = proj / f"rwkv-{s.steps // s.eval_every - 1}.pth"
+            if not last.is_file():  # a seed trained by an earlier call is evaluated again, not retrained
+                study.train(out / "base.pth", out / "man_train", proj, s.steps, s.eval_every, lr, s,
+                            study.adapter_flags(method, s.r))  # fmt: skip
             pts = [(0, res["heldout_loss_base"])]
             for k in range(s.steps // s.eval_every):
                 base, adapter, held = out / "base.pth", proj / f"rwkv-{k}.pth", out / "man_heldout"
