@@ -79,7 +79,9 @@ class _BoneLinearFn(torch.autograd.Function):
             _add_tiled_(grad_x, g @ d.t(), ctx.r)
             grad_x = grad_x.view(*grad_out.shape[:-1], ctx.in_features).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            grad_disha = (folded.t() @ g).to(ctx.disha_dtype)  # (r, out)
+            # (g^T @ fold(x))^T, not fold(x)^T @ g: the same (r, out) values, but the product that writes the
+            # tall (out, r) result runs 1.3-1.7x faster on CPU BLAS (benchmarks/profile_bone_layer.py)
+            grad_disha = (g.t() @ folded).t().to(ctx.disha_dtype)  # (r, out)
         return grad_x, grad_disha, None, None
 
 
