@@ -91,3 +91,32 @@ def test_block_state_does_not_pin_the_sequence(version):
     for s in state:
         assert s.att_x.untyped_storage().nbytes() == B * C * 4
         assert s.ffn_x.untyped_storage().nbytes() == B * C * 4
+
+
+def _compiled_graphs(version: str, n_layer: int) -> int:
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from rwkv_disha.model.init import init_state_dict
+    from rwkv_disha.model.load import build_model, infer_config
+
+    sd = init_state_dict(n_layer, 64, 97, style="random", seed=1, version=version)
+    model = build_model(infer_config(sd), op="torch", device="cpu")
+    model.load_state_dict(sd)
+    compile_blocks(model, backend="eager")
+    torch._dynamo.reset()
+    counters.clear()
+    model(torch.zeros(1, 16, dtype=torch.long))
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("version", ["x070", "x060"])
+def test_compiled_graphs_do_not_grow_with_depth(version):
+    """Blocks 1..L-1 share their compiled graphs (block 0, with ln0 / v_first, has its own): forward reads
+    a bool, not the int layer_id that torch.compile would specialise on (one graph per block, then eager
+    after the 8th). RWKV-7: 2 graphs; RWKV-6's chunked kernel breaks the graph at a .item(), but the count
+    still does not grow with depth."""
+    three, six = _compiled_graphs(version, 3), _compiled_graphs(version, 6)
+    assert three == six
+    if version == "x070":
+        assert six == 2

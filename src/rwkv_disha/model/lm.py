@@ -38,6 +38,9 @@ class Block(nn.Module):
     ):
         super().__init__()
         self.layer_id, self.carries = layer_id, carries
+        # forward reads this bool, never layer_id: torch.compile treats int module attributes as constants,
+        # so a layer_id test made one graph per block (and eager after the 8th); a bool makes two
+        self.first = layer_id == 0
         if layer_id == 0:
             self.ln0 = nn.LayerNorm(cfg.n_embd)
         self.ln1 = nn.LayerNorm(cfg.n_embd)
@@ -47,7 +50,7 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, carry: Tensor | None, state: LayerState | None = None):
         """x (B, T, C) -> (x (B, T, C), carry, LayerState)."""
-        if self.layer_id == 0:
+        if self.first:
             x = self.ln0(x)
         xa = self.ln1(x)
         last_x, wkv = (None, None) if state is None else (state.att_x, state.wkv)

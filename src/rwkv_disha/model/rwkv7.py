@@ -46,6 +46,7 @@ class TimeMix(nn.Module):
         super().__init__()
         C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
         self.layer_id, self.n_head, self.head_size = layer_id, H, N
+        self.first = layer_id == 0  # forward reads this, not layer_id (one compiled graph for blocks 1..L-1)
         self.op = op
         for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a"):
             setattr(self, name, nn.Parameter(torch.zeros(1, 1, C)))
@@ -89,7 +90,7 @@ class TimeMix(nn.Module):
         v = self.value(xv)
         # log of the per-step decay, in (-exp(-0.5), 0): the kernels take the log to stay in fp32 range
         log_w = -_DECAY_SCALE * torch.sigmoid(self.w0 + torch.tanh(xw @ self.w1) @ self.w2)
-        if self.layer_id == 0:
+        if self.first:
             v_first = v
         else:
             v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
