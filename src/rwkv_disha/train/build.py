@@ -95,8 +95,9 @@ def adapt_model(model: torch.nn.Module, cfg: Config, acfg, on_gpu: bool) -> torc
 
 
 def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> None:
-    """torch.compile each block in place (one graph per block, reused by every block of the same shape;
-    grad_cp's checkpoint wraps the compiled block). Compiles lazily, at the first step."""
+    """torch.compile each block in place: block 0 (ln0, v_first) gets one graph and blocks 1..L-1 share
+    another (tests/bench/test_speed_paths.py); grad_cp's checkpoint wraps the compiled block. Compiles
+    lazily, at the first step."""
     for block in model.blocks:
         block.compile(backend=backend)
 
