@@ -21,7 +21,7 @@ import sys
 
 CHILD = r"""
 import json, sys, time, torch
-from rwkv_disha.bench import Config, TrainStep, _peak_rss_bytes, _reset_peak_rss, _rss_bytes
+from rwkv_disha.bench import Config, TrainStep, _peak_rss_bytes, _reset_peak_rss, rss_bytes
 kw, train_type, chunk, ctx = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 step = TrainStep(Config(**kw), torch.device("cpu"), kw["precision"])
 step.step(step.batch(1))                      # warm-up: plain step at --ctx_len 512
@@ -29,7 +29,7 @@ step.cfg.ctx_len = ctx                        # the measured sample length
 step.tcfg.engine.train_type, step.tcfg.engine.chunk_ctx = train_type, chunk
 batch = step.batch(1)
 _reset_peak_rss()
-before = _rss_bytes()
+before = rss_bytes()
 t0 = time.perf_counter()
 loss = float(step.step(batch))
 print(json.dumps({"peak": _peak_rss_bytes(), "before": before, "s": time.perf_counter() - t0, "loss": loss}))

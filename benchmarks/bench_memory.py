@@ -21,13 +21,13 @@ import sys
 
 CHILD = r"""
 import json, sys, torch
-from rwkv_disha.bench import Config, TrainStep, _peak_rss_bytes, _reset_peak_rss, _rss_bytes
+from rwkv_disha.bench import Config, TrainStep, _peak_rss_bytes, _reset_peak_rss, rss_bytes
 kw = json.loads(sys.argv[1])
 cfg = Config(**kw)
 step = TrainStep(cfg, torch.device("cpu"), cfg.precision)
 batch = step.batch(cfg.micro_bsz)
 step.step(batch)  # warm-up: optimizer state, allocator
-before = _rss_bytes()
+before = rss_bytes()
 _reset_peak_rss()
 step.step(batch)
 peak = _peak_rss_bytes()

@@ -39,7 +39,6 @@ from rwkv_disha.measure import (  # noqa: F401  (re-exported: benchmarks/ import
     _available_bytes,
     _peak_rss_bytes,
     _reset_peak_rss,
-    _rss_bytes,
     _sync,
     _timed,
     best_time,
@@ -49,6 +48,7 @@ from rwkv_disha.measure import (  # noqa: F401  (re-exported: benchmarks/ import
     matmul_peak_flops,
     paired_median_ratio,
     random_base,
+    rss_bytes,
     time_kernel,
     wkv_inputs,
 )
@@ -245,7 +245,7 @@ class TrainStep:
             resident = torch.cuda.memory_allocated(dev)
         else:
             _reset_peak_rss()
-            resident = _rss_bytes()
+            resident = rss_bytes()
         t0 = time.perf_counter()
         for _ in range(cfg.warmup):
             self.step(batch)
@@ -287,7 +287,7 @@ def _fits_next(result: dict) -> bool:
     if avail is None:
         return True
     extra = result["peak_mem_bytes"] - result["resident_bytes_before_steps"]
-    return 2 * extra * 1.1 < avail + max(0, _rss_bytes() - result["resident_bytes_before_steps"])
+    return 2 * extra * 1.1 < avail + max(0, rss_bytes() - result["resident_bytes_before_steps"])
 
 
 def run_step(cfg: Config, device: torch.device) -> dict:

@@ -93,15 +93,20 @@ def check_output_path(path: str | os.PathLike, flag: str = "--output", overwrite
         raise RWKVDishaError(f"{flag} {p} is a directory: give a file name")
     if p.exists() and not overwrite:
         raise RWKVDishaError(f"{flag} {p} already exists: choose another name or pass --overwrite 1")
-    parent = p.parent if str(p.parent) else Path(".")
-    probe = parent
+    check_folder_creatable(p.parent if str(p.parent) else Path("."), f"{flag} {p}:")
+    return p
+
+
+def check_folder_creatable(folder: str | os.PathLike, label: str) -> None:
+    """Refuse a folder that could not be created (or written, when it exists), without creating it: its
+    nearest existing ancestor must be a writable folder. ``label`` starts the error line."""
+    probe = Path(folder)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
-        raise RWKVDishaError(f"{flag} {p}: {probe} is a file, not a folder")
+        raise RWKVDishaError(f"{label} {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise RWKVDishaError(f"{flag} {p}: {probe} is not writable")
-    return p
+        raise RWKVDishaError(f"{label} {probe} is not writable")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], what: str = "output") -> Path:

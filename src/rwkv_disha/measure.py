@@ -61,9 +61,13 @@ def matmul_peak_flops(dtype: torch.dtype = torch.float32, n: int = 2048, device:
     return 2 * n**3 / t
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def rss_bytes() -> int:
+    """This process's resident memory now (0 where /proc is not available)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _reset_peak_rss() -> None:

@@ -21,7 +21,6 @@ Memory model (per device), each term measured or counted, not guessed:
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -29,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from rwkv_disha.errors import RWKVDishaError
+from rwkv_disha.fsio import check_folder_creatable
+from rwkv_disha.measure import rss_bytes
 from rwkv_disha.train.config import Config
 
 TIMED_STEPS = 2  # after one untimed step per grad_cp setting (the first step pays for lazy setup)
@@ -39,24 +39,8 @@ MIB = 2**20
 def check_proj_dir_writable(proj_dir: str) -> bool:
     """Refuse a proj_dir that could not be created or written, without creating it. Returns whether
     it exists already."""
-    proj = Path(proj_dir)
-    probe = proj
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise RWKVDishaError(f"--proj_dir {proj_dir}: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise RWKVDishaError(f"--proj_dir {proj_dir} is not writable ({probe} is not writable)")
-    return proj.is_dir()
-
-
-def rss_bytes() -> int:
-    """This process's resident memory now (0 where /proc is not available)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+    check_folder_creatable(proj_dir, f"--proj_dir {proj_dir} is not writable:")
+    return Path(proj_dir).is_dir()
 
 
 def saved_activation_bytes(model, batch: dict, loss_fn) -> int:
