@@ -57,6 +57,11 @@ def narrowest_input(shapes: Mapping[str, tuple[int, int]]) -> int:
     return min(in_f for _, in_f in shapes.values())
 
 
+def is_int_at_least(value: Any, low: int) -> bool:
+    """A real int (JSON's 8.0 and true are not) >= low: the check every integer adapter option takes."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
 def common_block_side(shapes: Mapping[str, tuple[int, int]]) -> int:
     """The largest r dividing both sides of every target's (out, in) shape: gcd of all of them."""
     return math.gcd(*[d for shape in shapes.values() for d in shape])

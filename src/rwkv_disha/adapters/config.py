@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from rwkv_disha.adapters.base import is_int_at_least
 from rwkv_disha.adapters.dialects import dialect_values, find_dialect
 from rwkv_disha.adapters.quant import check_quant_mode
 from rwkv_disha.adapters.registry import MODEL_KINDS, adapter_class, kinds_of
@@ -111,7 +112,7 @@ class AdapterConfig:
                 )
             return
         kind = self.layer_class  # refuses an unknown peft / mode
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+        if not is_int_at_least(self.r, 1):
             key = next(k for k, (name, _, _) in kind.cli_keys.items() if name == "r")
             raise RWKVDishaError(f"{kind.cli_flag} {key} must be a positive integer, got {self.r!r}")
         kind.check_config(self)

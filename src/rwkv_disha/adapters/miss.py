@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from rwkv_disha.adapters.base import FoldedInputLinear, WholeBlocksLinear
+from rwkv_disha.adapters.base import FoldedInputLinear, WholeBlocksLinear, is_int_at_least
 from rwkv_disha.adapters.bone import _BoneLinearFn, bone_delta
 from rwkv_disha.adapters.quant import compute_dtype, dense_weight
 from rwkv_disha.errors import RWKVDishaError
@@ -105,7 +105,7 @@ class MissMiniLinear(FoldedInputLinear):
 
     @classmethod
     def check_config(cls, cfg: AdapterConfig) -> None:
-        if isinstance(cfg.mini_r, bool) or not isinstance(cfg.mini_r, int) or cfg.mini_r <= 0:
+        if not is_int_at_least(cfg.mini_r, 1):
             raise RWKVDishaError(f"{cls.cli_flag} mini_r must be a positive integer, got {cfg.mini_r!r}")
 
     @classmethod

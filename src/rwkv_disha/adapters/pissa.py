@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from rwkv_disha.adapters.base import AdapterLinear
+from rwkv_disha.adapters.base import AdapterLinear, is_int_at_least
 from rwkv_disha.adapters.quant import dense_weight
 from rwkv_disha.errors import RWKVDishaError
 
@@ -113,7 +113,7 @@ class PissaLinear(AdapterLinear):
     @classmethod
     def check_config(cls, cfg: AdapterConfig) -> None:
         niter = cfg.svd_niter
-        if isinstance(niter, bool) or not isinstance(niter, int) or niter < 0:
+        if not is_int_at_least(niter, 0):
             raise RWKVDishaError(f"{cls.cli_flag} svd_niter must be an integer >= 0, got {niter!r}")
         if cfg.pissa_init:  # RWKV-PEFT's separate init file: ours carries A0 / B0 inside the adapter file
             raise RWKVDishaError(
