@@ -242,13 +242,15 @@ def main() -> int:
                 "adapter": curves[(m, best[m])][-1][1],
                 "merged": heldout_loss(proj / "merged.pth", None, held, a.ctx, a.eval_samples),
             }
+        from rwkv_disha.adapters.registry import ADAPTER_KINDS
         from rwkv_disha.model.load import load_state_dict
 
+        # tensors a kind saves but never trains (PiSSA's starting factors)
+        frozen = {n for kind in ADAPTER_KINDS.values() for n in kind.frozen_adapter_names}
         counts = {}  # trainable parameters = what the adapter file holds (no --train_parts here)
         for m in METHODS:
             sd = load_state_dict(out / f"{m}-{best[m]:g}" / f"rwkv-{last}.pth")
-            # PiSSA's file also holds its frozen starting factors (pissa_A0 / pissa_B0)
-            counts[m] = int(sum(t.numel() for k, t in sd.items() if not k.endswith(("_A0", "_B0"))))
+            counts[m] = int(sum(t.numel() for k, t in sd.items() if k.rsplit(".", 1)[-1] not in frozen))
         png = Path(a.png)
         plot(curves, best, png, lora_final)
         result = {
