@@ -112,19 +112,15 @@ class DishaModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     def _adamw_kernel(self, params: list[torch.nn.Parameter]) -> dict[str, bool]:
-        """AdamW's fused kernel (one pass over all tensors) on CPU and CUDA where Lightning allows it.
-        torch's default on CPU is a Python loop of ~10 ops per tensor: 0.15-0.25 s per step for Bone's 72
-        tensors + the 0.1B model's time / ln tensors, 5-10 % of a 2.7 s CPU step (docs/BENCHMARKS.md).
-        Lightning refuses gradient clipping with a fused optimizer under its mixed-precision plugin
-        (bf16 / fp16), so those take the multi-tensor (foreach) kernel; DeepSpeed keeps torch's default."""
+        """AdamW's fused kernel (one pass over all tensors) on CPU and CUDA where Lightning allows it,
+        instead of torch's CPU default, a Python loop of ~10 ops per tensor (148 tensors for a 0.1B Bone
+        run; on a quiet CPU the whole step did not measurably change, docs/BENCHMARKS.md). Lightning
+        refuses gradient clipping with a fused optimizer under its mixed-precision plugin (bf16 / fp16),
+        so those take the multi-tensor (foreach) kernel; DeepSpeed keeps torch's default."""
         from rwkv_disha.choices import PRECISIONS
 
         e = self.cfg.engine
-        if e.strategy.startswith("deepspeed"):
-            return {}
-        if not (
-            {p.device.type for p in params} <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
-        ):
+        if e.strategy.startswith("deepspeed") or not {p.device.type for p in params} <= {"cpu", "cuda"}:
             return {}
         mixed = PRECISIONS[e.precision].endswith("-mixed")
         return {"foreach": True} if mixed and self.cfg.optim.grad_clip > 0 else {"fused": True}
