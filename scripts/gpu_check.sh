@@ -12,7 +12,9 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 BUDGET=${BUDGET:-470}  # seconds; each later part is skipped when it would not fit
 export PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=$PWD/.triton  # ignored by git, carried in and packed out again
-mkdir -p "$TRITON_CACHE_DIR"
+# --op cuda's build (torch cpp_extension) goes into the same carried folder, so a rerun skips it
+export TORCH_EXTENSIONS_DIR=$PWD/.triton/torch_extensions
+mkdir -p "$TRITON_CACHE_DIR" "$TORCH_EXTENSIONS_DIR"
 left() { echo $((BUDGET - SECONDS)); }
 part() { echo "== [$SECONDS s] $*" | tee -a "$OUT/parts.log"; }
 
@@ -37,6 +39,12 @@ for dt in (torch.float32, torch.bfloat16):
 torch.cuda.synchronize(); print(f"fla warm-up {time.time() - t0:.0f} s")
 EOF
 
+part "build --op cuda (wkv7.cu via cpp_extension; cached in .triton/torch_extensions)"
+timeout 180 python3 -c "
+import time; t0 = time.time()
+from rwkv_disha.kernels.cuda import extension; extension()
+print(f'--op cuda kernel built/loaded in {time.time() - t0:.0f} s')" 2>&1 | tail -3 | tee "$OUT/cuda_build.log"
+
 part "tests: tests/gpu + CUDA adapters"
 timeout $(( $(left) > 200 ? 200 : $(left) )) python3 -m pytest tests/gpu tests/adapters/test_cuda.py -q -p no:cacheprovider \
   -o addopts="" --durations=8 2>&1 | tee "$OUT/gpu_tests.log" | grep -v "Warning\|If you want\|return fn" | tail -25
@@ -47,6 +55,9 @@ part "bench 0.1B bf16 ctx512 bsz16 grad_cp1 bone r64"
   --adapter bone --r 64 --steps 8 --warmup 3 --json "$OUT/step_0.1B_bsz16_cp1.json" > /dev/null 2> "$OUT/step_0.1B.err"
 [ "$(left)" -gt 40 ] && timeout 60 $B --shape 0.1B --ctx_len 512 --micro_bsz 16 --grad_cp 1 --precision bf16 \
   --adapter none --steps 8 --warmup 3 --json "$OUT/step_0.1B_bsz16_cp1_frozen.json" > /dev/null 2>> "$OUT/step_0.1B.err"
+
+[ "$(left)" -gt 40 ] && timeout 60 $B --shape 0.1B --ctx_len 512 --micro_bsz 16 --grad_cp 1 --precision bf16 \
+  --adapter bone --r 64 --op cuda --steps 8 --warmup 3 --json "$OUT/step_0.1B_bsz16_cp1_opcuda.json" > /dev/null 2>> "$OUT/step_0.1B.err"
 
 # target 2: 1.5B at ctx 1024 at its best micro_bsz >= 30 % MFU
 part "bench 1.5B bf16 ctx1024 sweep micro_bsz"
@@ -64,8 +75,8 @@ part "profile one 0.1B bf16 step on the GPU: kernels per step, time outside kern
 [ "$(left)" -gt 60 ] && timeout 50 python3 benchmarks/profile_step.py --device cuda --dtype bf16 --op fla --steps 3 \
   --rows 15 > "$OUT/profile_step_cuda.txt" 2>&1; head -3 "$OUT/profile_step_cuda.txt"
 
-part "bench kernel fla vs torch"
-[ "$(left)" -gt 30 ] && timeout 40 $B --what kernel --ops fla,torch --T 4096 --B 4 --repeat 5 --json "$OUT/kernel.json" > /dev/null
+part "bench kernel fla vs cuda vs torch"
+[ "$(left)" -gt 30 ] && timeout 40 $B --what kernel --ops fla,cuda,torch --T 4096 --B 4 --repeat 5 --json "$OUT/kernel.json" > /dev/null
 
 part "bench 0.1B --compile 1 (inductor + Triton) and the compile-equals-eager test"
 [ "$(left)" -gt 100 ] && timeout 90 $B --shape 0.1B --ctx_len 512 --micro_bsz 16 --grad_cp 1 --precision bf16 \

@@ -33,7 +33,7 @@ from rwkv_disha.choices import (
 )
 from rwkv_disha.config import opt
 from rwkv_disha.errors import RWKVDishaError
-from rwkv_disha.kernels import resolve_op
+from rwkv_disha.kernels import GPU_OPS, resolve_op
 from rwkv_disha.measure import (  # noqa: F401  (re-exported: benchmarks/ import them from here)
     MatmulProbe,
     _available_bytes,
@@ -399,7 +399,7 @@ def _validate_step(cfg: Config, device: torch.device) -> None:
             )
         if importlib.util.find_spec("bitsandbytes") is None:
             raise RWKVDishaError(f"--quant {cfg.quant} needs bitsandbytes: pip install bitsandbytes")
-    if resolve_op(cfg.op) == "fla" and device.type != "cuda":
+    if resolve_op(cfg.op) in GPU_OPS and device.type != "cuda":
         raise RWKVDishaError(f"--op {cfg.op} runs on CUDA tensors only: add --device cuda")
     mcfg = model_shape(cfg)  # n_embd a multiple of 64, version known: one line each
     need, have = parameter_count(mcfg) * 4, _available_bytes()
@@ -426,7 +426,7 @@ def validate(cfg: Config) -> tuple[torch.device, list[str]]:
     for op in ops if cfg.what == "kernel" else []:
         if op not in OPS:
             raise RWKVDishaError(f"--ops: unknown kernel {op!r}; choose from {', '.join(OPS)}")
-        if resolve_op(op) == "fla" and device.type != "cuda":
+        if resolve_op(op) in GPU_OPS and device.type != "cuda":
             raise RWKVDishaError(f"--ops {op} runs on CUDA tensors only: add --device cuda")
     if cfg.what == "step":
         _validate_step(cfg, device)

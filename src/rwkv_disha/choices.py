@@ -4,7 +4,7 @@ from __future__ import annotations
 
 # model versions we can load (rwkv_disha.model.registry.MODELS has one entry each)
 MODEL_VERSIONS = ("x070", "x060", "x052")
-# --op: WKV kernel. cuda / triton are accepted as RWKV-PEFT spellings and mean fla.
+# --op: WKV kernel. cuda is our own CUDA kernel for RWKV-7 (fla for RWKV-6 / 5.2); triton means fla.
 OPS = ("auto", "torch", "loop", "fla", "cuda", "triton")
 # --peft and the DiSHA modes (state: only the initial WKV states train; rwkv_disha.adapters.registry)
 PEFT_KINDS = ("disha", "lora", "miss", "pissa", "state", "none")

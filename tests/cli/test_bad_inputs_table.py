@@ -353,6 +353,10 @@ if not CUDA:  # these refuse a GPU-only setting on a machine without one
         ("bench-fla-on-cpu", [*BENCH, "--ops", "fla"], "fla"),
         ("bench-step-fp16-on-cpu", [*BSTEP, "--precision", "fp16"], "fp16"),
         ("bench-step-fla-on-cpu", [*BSTEP, "--op", "fla"], "fla"),
+        ("train-op-cuda-on-cpu", [*TRAIN, "--op", "cuda"], "--op cuda needs a cuda gpu"),
+        ("generate-op-cuda-on-cpu", [*GEN, "--op", "cuda"], "--op cuda needs a cuda gpu"),
+        ("bench-step-op-cuda-on-cpu", [*BSTEP, "--op", "cuda"], "--op cuda"),
+        ("bench-cuda-kernel-on-cpu", [*BENCH, "--ops", "cuda"], "cuda"),
     ]
 
 # a few cases again as a real process: the entry point, exit status and streams as a shell sees them

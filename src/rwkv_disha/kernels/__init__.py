@@ -2,8 +2,9 @@
 ``get_wkv6(op)`` returns ``f(r, w, k, v, u, state) -> (y, state)`` (RWKV-6, and RWKV-5.2).
 
 Ops: ``torch`` (chunked, any device; default on CPU), ``loop`` (per-step reference), ``fla``
-(flash-linear-attention Triton kernel, CUDA only). ``cuda`` and ``triton`` (RWKV-PEFT's names for its
-GPU kernels) resolve to ``fla``; ``auto`` picks ``fla`` when it can run, else ``torch``.
+(flash-linear-attention Triton kernel, CUDA only), ``cuda`` (RWKV-7: our CUDA kernel, built at first use,
+:mod:`rwkv_disha.kernels.cuda`; RWKV-6 / 5.2 have none of ours, so there it means ``fla``). ``triton``
+(RWKV-PEFT's name) means ``fla``; ``auto`` picks ``fla`` when it can run, else ``torch``.
 """
 
 from __future__ import annotations
@@ -12,30 +13,49 @@ from collections.abc import Callable
 
 from rwkv_disha.choices import OPS
 from rwkv_disha.errors import RWKVDishaError
+from rwkv_disha.kernels import cuda
 from rwkv_disha.kernels.fla import fla_available, wkv6_fla, wkv7_fla
 from rwkv_disha.kernels.wkv6 import wkv6_chunked, wkv6_loop
 from rwkv_disha.kernels.wkv7 import wkv7_chunked, wkv7_loop
 
-_ALIASES = {"cuda": "fla", "triton": "fla"}
+_ALIASES = {"triton": "fla"}
+GPU_OPS = ("fla", "cuda")  # run on CUDA tensors only
+
+
+def _missing(name: str) -> str | None:
+    """What this machine lacks for kernel ``name``, or None."""
+    if name == "fla" and not fla_available():
+        return "flash-linear-attention and a CUDA GPU (pip install 'rwkv-disha[gpu]')"
+    if name == "cuda":
+        return cuda.missing()
+    return None
 
 
 def available_ops() -> list[str]:
-    return ["torch", "loop"] + (["fla"] if fla_available() else [])
+    return [op for op in ("torch", "loop", "fla", "cuda") if _missing(op) is None]
 
 
 def resolve_op(op: str) -> str:
     """Map a user's ``--op`` to a kernel that runs here, or fail naming what does."""
     if op not in OPS:
         raise RWKVDishaError(f"unknown --op {op!r}; choose one of {', '.join(OPS)}")
-    if op == "auto":
-        return "auto"
     name = _ALIASES.get(op, op)
-    if name == "fla" and not fla_available():
-        raise RWKVDishaError(
-            f"--op {op} needs flash-linear-attention and a CUDA GPU (pip install 'rwkv-disha[gpu]'); "
-            f"available here: {', '.join(available_ops())}"
-        )
+    lacking = _missing(name)
+    if lacking:
+        raise RWKVDishaError(f"--op {op} needs {lacking}; available here: {', '.join(available_ops())}")
+    if name == "cuda":  # build it now (first use: ~1 min, then cached), so a failed build stops the run
+        cuda.extension()  # before any work, as one error line
     return name
+
+
+def check_op_fits(op: str, version: str, head_size: int) -> None:
+    """Refuse, before any work, a kernel that cannot run this model's heads (``--op cuda``: RWKV-7 with head
+    size 64, as in every release)."""
+    if version == "x070" and resolve_op(op) == "cuda" and head_size != cuda.HEAD_SIZE:
+        raise RWKVDishaError(
+            f"--op cuda runs RWKV-7 heads of size {cuda.HEAD_SIZE} only; this model's are {head_size}: "
+            "use --op fla or torch"
+        )
 
 
 def wkv7_auto(r, w, k, v, a, b, state=None):
@@ -45,10 +65,6 @@ def wkv7_auto(r, w, k, v, a, b, state=None):
     return wkv7_chunked(r, w, k, v, a, b, state)
 
 
-def get_wkv7(op: str) -> Callable:
-    return {"auto": wkv7_auto, "torch": wkv7_chunked, "loop": wkv7_loop, "fla": wkv7_fla}[resolve_op(op)]
-
-
 def wkv6_auto(r, w, k, v, u, state=None):
     """fla on CUDA tensors when installed, the chunked torch kernel otherwise."""
     if r.is_cuda and fla_available():
@@ -56,13 +72,26 @@ def wkv6_auto(r, w, k, v, u, state=None):
     return wkv6_chunked(r, w, k, v, u, state)
 
 
+_WKV7 = {"auto": wkv7_auto, "torch": wkv7_chunked, "loop": wkv7_loop, "fla": wkv7_fla, "cuda": cuda.wkv7_cuda}
+# no RWKV-6 CUDA kernel of our own: `cuda` runs fla there
+_WKV6 = {"auto": wkv6_auto, "torch": wkv6_chunked, "loop": wkv6_loop, "fla": wkv6_fla, "cuda": wkv6_fla}
+
+
+def get_wkv7(op: str) -> Callable:
+    return _WKV7[resolve_op(op)]
+
+
 def get_wkv6(op: str) -> Callable:
-    return {"auto": wkv6_auto, "torch": wkv6_chunked, "loop": wkv6_loop, "fla": wkv6_fla}[resolve_op(op)]
+    op = resolve_op(op)
+    # no RWKV-6 CUDA kernel of our own: `cuda` runs fla there, so fla must be installed
+    return _WKV6[resolve_op("fla") if op == "cuda" else op]
 
 
 __all__ = [
+    "GPU_OPS",
     "OPS",
     "available_ops",
+    "check_op_fits",
     "get_wkv6",
     "get_wkv7",
     "resolve_op",

@@ -121,6 +121,7 @@ def uses_gpu(cfg: Config) -> bool:
 
 def check_model_shape(cfg: Config):
     """Read the checkpoint's shape (mmap, no model built) and refuse flags that disagree with it."""
+    from rwkv_disha.kernels import check_op_fits
     from rwkv_disha.model.load import check_expected, infer_config, load_state_dict
 
     mcfg = infer_config(load_state_dict(cfg.load_model), source=cfg.load_model)
@@ -133,6 +134,7 @@ def check_model_shape(cfg: Config):
         head_size=m.head_size,
         my_testing=m.my_testing,
     )
+    check_op_fits(cfg.engine.op, mcfg.version, mcfg.head_size)
     return mcfg
 
 

@@ -1,0 +1,91 @@
+"""RWKV-7's own CUDA kernel (``--op cuda``): ``wkv7.cu`` (the kernels, math in its header comment) and
+``wkv7_bind.cpp`` (torch binding), built by torch's cpp_extension at first use. The build needs CUDA's
+compiler (nvcc) and ninja, takes about a minute once, and torch caches it (``~/.cache/torch_extensions``).
+
+The kernel walks the whole sequence in one launch per direction, one thread block per (batch, head): no
+chunk matrices, no Triton autotuning. Head size 64 only (every RWKV-7 release); fp32 or bf16 inputs,
+fp32 state and accumulation.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rwkv_disha.errors import RWKVDishaError
+
+Tensor = torch.Tensor
+SOURCES = Path(__file__).parent
+HEAD_SIZE = 64
+T_MULTIPLE = 16  # the kernel walks whole chunks of 8 (fp32) or 16 (bf16) steps (wkv7.cu)
+CUDA_FLAGS = ["-O3", "--use_fast_math", "-Xptxas", "-O3"]
+
+
+def missing() -> str | None:
+    """What this machine lacks to run the kernel (for an error message), or None."""
+    if not torch.cuda.is_available():
+        return "a CUDA GPU"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return None if CUDA_HOME else "CUDA's compiler nvcc (install the CUDA toolkit matching torch's CUDA)"
+
+
+@functools.cache
+def extension():
+    """Build (first call in a fresh cache: ~1 min) and import the extension module."""
+    from torch.utils.cpp_extension import load
+
+    try:
+        return load(
+            name="rwkv_disha_wkv7",
+            sources=[str(SOURCES / "wkv7_bind.cpp"), str(SOURCES / "wkv7.cu")],
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=CUDA_FLAGS,
+        )
+    except (OSError, RuntimeError) as e:  # compiler missing or failing: say which op still runs
+        last = (str(e).strip().splitlines() or ["?"])[-1]  # the build log is long; its last line says why
+        msg = f"--op cuda: building the CUDA kernel failed ({last}); use --op fla or torch"
+        raise RWKVDishaError(msg) from e
+
+
+class _WKV7(torch.autograd.Function):
+    """(r, w, k, v, a, b) (B, T, H, 64), T a multiple of T_MULTIPLE, s0 (B, H, 64, 64) fp32 -> (y, s_T)."""
+
+    @staticmethod
+    def forward(ctx, r, w, k, v, a, b, s0):
+        stream = torch.cuda.current_stream(r.device).cuda_stream
+        y, s_last, s_saved, sa = extension().forward(r, w, k, v, a, b, s0, stream)
+        ctx.save_for_backward(r, w, k, v, a, b, sa, s_saved)
+        return y, s_last
+
+    @staticmethod
+    def backward(ctx, dy, ds_last):
+        r, w, k, v, a, b, sa, s_saved = ctx.saved_tensors
+        dy = torch.zeros_like(r) if dy is None else dy.to(r.dtype).contiguous()
+        B, _, H, N = r.shape
+        if ds_last is None:  # the final state fed nothing
+            ds_last = r.new_zeros(B, H, N, N, dtype=torch.float32)
+        ds_last = ds_last.float().contiguous()
+        stream = torch.cuda.current_stream(r.device).cuda_stream
+        return tuple(extension().backward(r, w, k, v, a, b, sa, s_saved, dy, ds_last, stream))
+
+
+def wkv7_cuda(r, w, k, v, a, b, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Same contract as :func:`rwkv_disha.kernels.wkv7.wkv7_loop`, on CUDA tensors: (B, T, H, 64) inputs,
+    ``w`` the log-decay -> (y (B, T, H, 64) in r's dtype, state (B, H, 64, 64) fp32 as (value, key)).
+    bf16 inputs stay bf16 (half the kernel's reads); anything else runs in fp32."""
+    B, T, H, N = r.shape
+    if N != HEAD_SIZE:
+        raise ValueError(f"--op cuda runs head size {HEAD_SIZE} only, got {N}; use --op fla or torch")
+    out_dtype = r.dtype
+    dt = torch.bfloat16 if r.dtype == torch.bfloat16 else torch.float32
+    pad = (-T) % T_MULTIPLE
+    with torch.autocast(device_type="cuda", enabled=False):
+        # zero padding is exact: w = 0 is decay 1 and k = v = a = b = 0 adds nothing to the state
+        xs = [F.pad(x.to(dt), (0, 0, 0, 0, 0, pad)).contiguous() for x in (r, w, k, v, a, b)]
+        s0 = r.new_zeros(B, H, N, N, dtype=torch.float32) if state is None else state.float().contiguous()
+        y, s_last = _WKV7.apply(*xs, s0)
+    return y[:, :T].to(out_dtype), s_last
