@@ -29,19 +29,23 @@ def main() -> None:
     ap.add_argument("--op", default="auto")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--shapes", action="store_true", help="also group the CPU table by input shapes")
     args = ap.parse_args()
 
     from rwkv_disha.adapters import AdapterConfig, inject_adapters, mark_trainable
     from rwkv_disha.model.config import ModelConfig
     from rwkv_disha.model.init import init_state_dict
     from rwkv_disha.model.load import build_model, infer_config
+    from rwkv_disha.train.build import base_dtype_for
+    from rwkv_disha.train.loss import lm_loss
 
     sd = init_state_dict(args.n_layer, args.n_embd, args.vocab)
     cfg: ModelConfig = infer_config(sd)
     model = build_model(cfg, op=args.op, device="cpu")
     model.load_state_dict(sd)
-    low = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    model.to(device=args.device, dtype=low if args.device != "cpu" else torch.float32)
+    # the frozen base's dtype as `train` holds it (bf16 on a GPU, and on a CPU that trains bf16)
+    base = base_dtype_for(args.dtype, torch.float32, on_gpu=args.device == "cuda")
+    model.to(device=args.device, dtype=base)
     acfg = AdapterConfig.from_cli("disha", f'{{"mode":"bone","r":{args.r}}}', "", ["ln"])
     inject_adapters(model, acfg)
     mark_trainable(model, acfg)
@@ -50,12 +54,12 @@ def main() -> None:
             p.data = p.data.float()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     idx = torch.randint(0, args.vocab, (args.B, args.T + 1), device=args.device)
+    mask = torch.ones(args.B, args.T, device=args.device)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
     def step():
         with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
-            logits = model(idx[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten())
+            loss = lm_loss(model, idx[:, :-1], idx[:, 1:], mask)  # train's loss: chunked head + CE
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -74,7 +78,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=args.shapes) as prof:
         step()
         sync()
     ka = prof.key_averages()
@@ -85,6 +89,13 @@ def main() -> None:
         print(f"CUDA kernels per step: {n_kernels}")
         print(ka.table(sort_by="self_cuda_time_total", row_limit=args.rows))
     print(ka.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    if args.shapes:
+        by_shape = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in by_shape)
+        print("self CPU %   ms   calls  op  input shapes")
+        for e in by_shape[: args.rows]:
+            ms = e.self_cpu_time_total / 1e3
+            print(f"{100 * ms * 1e3 / total:5.1f} {ms:8.1f} {e.count:6d}  {e.key}  {e.input_shapes}")
 
 
 if __name__ == "__main__":

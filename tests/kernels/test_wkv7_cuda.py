@@ -103,7 +103,8 @@ def test_head_size_other_than_64_is_refused_before_any_gpu_work():
 
 
 def test_model_heads_other_than_64_are_refused_up_front(monkeypatch):
-    monkeypatch.setattr(cuda, "missing", lambda: None)  # as on a GPU machine with nvcc
+    monkeypatch.setattr(cuda, "missing", lambda: None)  # as on a GPU machine with nvcc,
+    monkeypatch.setattr(cuda, "extension", lambda: None)  # where the kernel is built
     msg = "--op cuda runs RWKV-7 heads of size 64 only; this model's are 32"
     with pytest.raises(RWKVDishaError, match=msg):
         check_op_fits("cuda", "x070", 32)

@@ -31,10 +31,10 @@ def chunk_rows(vocab: int, device: torch.device) -> int:
 
 def loss_workspace_bytes(n_rows: int, vocab: int, device: torch.device, low_precision: bool) -> int:
     """Bytes the chunked head + CE holds at once for ``n_rows`` counted tokens: one chunk of fp32 logits
-    (reused in place for the log-softmax and its gradient), plus, under bf16 / fp16 autocast, the chunk's
-    matmul output and its gradient in that dtype. The dry run's logits term."""
+    (reused in place for the softmax and its gradient), plus, under bf16 / fp16 autocast, one chunk in that
+    dtype (the matmul's output, then the gradient it feeds back). The dry run's logits term."""
     rows = min(n_rows, chunk_rows(vocab, device))
-    return rows * vocab * (4 + (2 + 2 if low_precision else 0))
+    return rows * vocab * (4 + (2 if low_precision else 0))
 
 
 class _HeadCE(torch.autograd.Function):
@@ -50,21 +50,31 @@ class _HeadCE(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=x.device)
         dx = torch.empty_like(x) if need_dx else None
         dw = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_dw else None
+        # One set of chunk buffers serves every chunk, and every op works in place: a fresh (rows, V)
+        # tensor per op is page-faulted in from the OS each time on a CPU (glibc maps blocks over 32 MiB
+        # straight from the kernel), which cost as much as the head's matmuls.
+        n, V = min(rows, x.shape[0]), weight.shape[0]
+        out = x.new_empty(n, V)  # the matmul's logits, then the logits' gradient, in x's dtype
+        work = out if out.dtype == acc else torch.empty(n, V, dtype=acc, device=x.device)
         for s in range(0, x.shape[0], rows):
-            xc, lab = x[s : s + rows], labels[s : s + rows]
-            logits = (xc @ weight.t()).to(acc)  # (n, V): the only logits alive
-            logp = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))  # in place: one buffer
-            total -= (logp.gather(1, lab.unsqueeze(1)).squeeze(1) * m[s : s + rows]).sum()
+            xc, lab, mc, sc = x[s : s + rows], labels[s : s + rows], m[s : s + rows], scale[s : s + rows]
+            k, idx = xc.shape[0], lab.unsqueeze(1)
+            o, z = out[:k], work[:k]
+            torch.matmul(xc, weight.t(), out=o)
+            if z is not o:
+                z.copy_(o)
+            z.sub_(z.amax(dim=-1, keepdim=True))  # logits - max (k, V), fp32
+            z_label = z.gather(1, idx)
+            total_exp = z.exp_().sum(dim=-1, keepdim=True)  # z now holds exp(logits - max)
+            total -= ((z_label - total_exp.log()).squeeze(1) * mc).sum()  # log-softmax at the labels
             if need_dx or need_dw:
-                # d(loss)/d(logits) = (softmax - one_hot) * m / sum(m), built in logp's memory
-                grad = logp.exp_()
-                grad[torch.arange(grad.shape[0], device=grad.device), lab] -= 1.0
-                grad.mul_(scale[s : s + rows].unsqueeze(1))
-                grad = grad.to(x.dtype)
+                # d(loss)/d(logits) = (softmax - one_hot) * m / sum(m) = (z - one_hot * sum z) * scale / sum z
+                z.scatter_add_(1, idx, -total_exp)
+                torch.mul(z, sc.unsqueeze(1) / total_exp, out=o)
                 if need_dx:
-                    dx[s : s + rows] = grad @ weight
+                    torch.matmul(o, weight, out=dx[s : s + k])
                 if need_dw:
-                    dw += (grad.t() @ xc).to(acc)
+                    dw += (o.t() @ xc).to(acc)
         ctx.save_for_backward(dx, dw)
         ctx.weight_dtype = weight.dtype
         return total / denom
