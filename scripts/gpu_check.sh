@@ -81,6 +81,9 @@ part "bench kernel fla vs cuda vs torch"
 part "bench 0.1B --compile 1 (inductor + Triton) and the compile-equals-eager test"
 [ "$(left)" -gt 100 ] && timeout 90 $B --shape 0.1B --ctx_len 512 --micro_bsz 16 --grad_cp 1 --precision bf16 \
   --adapter bone --r 64 --compile 1 --steps 5 --warmup 3 --json "$OUT/step_0.1B_compile.json" > /dev/null 2> "$OUT/compile.err"
+[ "$(left)" -gt 100 ] && timeout 90 $B --shape 0.1B --ctx_len 512 --micro_bsz 16 --grad_cp 1 --precision bf16 \
+  --adapter bone --r 64 --compile 1 --cuda_graphs 1 --steps 5 --warmup 3 --json "$OUT/step_0.1B_cudagraphs.json" \
+  > /dev/null 2> "$OUT/cudagraphs.err"
 [ "$(left)" -gt 40 ] && RWKV_DISHA_TEST_INDUCTOR=1 timeout $(( $(left) - 20 )) python3 -m pytest -q -p no:cacheprovider -o addopts="" \
   tests/bench/test_speed_paths.py -k compiled 2>&1 | tail -3 | tee "$OUT/compile_test.log"
 

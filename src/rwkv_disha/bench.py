@@ -85,6 +85,7 @@ class Config:
     grad_cp: bool = opt(False, "step: activation checkpointing per block")
     quant: str = opt("none", "step: quantize the frozen base of adapted layers", QUANT_CHOICES)
     compile: bool = opt(False, "step: torch.compile each block (the warm-up steps compile)")
+    cuda_graphs: bool = opt(False, "step: with --compile 1 on a GPU, replay blocks as CUDA graphs")
     steps: int = opt(5, "step: timed steps (the median is reported)")
     warmup: int = opt(2, "step: untimed steps first (allocator, compile, autotune)")
     sweep: str = opt(
@@ -133,6 +134,7 @@ def train_config(cfg: Config, precision: str, device: torch.device):
         "grad_cp": cfg.grad_cp,
         "op": cfg.op,
         "compile": cfg.compile,
+        "cuda_graphs": cfg.cuda_graphs,
         "ctx_len": cfg.ctx_len,
         "micro_bsz": cfg.micro_bsz,
         "train_parts": list(cfg.train_parts),
@@ -312,6 +314,7 @@ def run_step(cfg: Config, device: torch.device) -> dict:
         "grad_cp": cfg.grad_cp,
         "quant": cfg.quant,
         "compile": cfg.compile,
+        "cuda_graphs": cfg.cuda_graphs,
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else f"cpu ({platform.processor() or platform.machine()})",
@@ -377,6 +380,7 @@ def _validate_step(cfg: Config, device: torch.device) -> None:
     import importlib.util
 
     from rwkv_disha.model.init import parameter_count
+    from rwkv_disha.train.checks import check_compile_flags
 
     for name in ("vocab_size", "ctx_len", "micro_bsz", "steps", "r", "sweep_max"):
         if getattr(cfg, name) < 1:
@@ -392,6 +396,7 @@ def _validate_step(cfg: Config, device: torch.device) -> None:
         )
     if cfg.precision == "fp16" and device.type != "cuda":
         raise RWKVDishaError("--precision fp16 is GPU-only; on CPU use bf16 or fp32")
+    check_compile_flags(cfg.compile, cfg.cuda_graphs, device.type == "cuda")
     if cfg.quant != "none":
         if cfg.adapter not in ("bone", "bat", "lora"):
             raise RWKVDishaError(

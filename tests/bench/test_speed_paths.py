@@ -120,3 +120,19 @@ def test_compiled_graphs_do_not_grow_with_depth(version):
     assert three == six
     if version == "x070":
         assert six == 2
+
+
+@pytest.mark.parametrize("cuda_graphs, mode", [(False, None), (True, "reduce-overhead")])
+def test_cuda_graphs_flag_compiles_every_block_in_reduce_overhead_mode(monkeypatch, cuda_graphs, mode):
+    """--cuda_graphs 1 reaches torch.compile as mode="reduce-overhead" (inductor's CUDA-graph replay) for
+    every block, through the same build as `train` (bench's TrainStep). The flags are validated first
+    (tests/cli/test_bad_inputs_table.py); here the validation is skipped to reach the build on a CPU."""
+    from rwkv_disha.bench import Config as BenchConfig
+    from rwkv_disha.bench import TrainStep
+
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append((type(self).__name__, kw)))
+    cfg = BenchConfig(n_layer=3, n_embd=64, vocab_size=64, ctx_len=8, adapter="bone", r=16, compile=True)
+    cfg.cuda_graphs = cuda_graphs
+    TrainStep(cfg, torch.device("cpu"), "fp32")
+    assert seen == [("Block", {"backend": "inductor", "mode": mode})] * 3

@@ -105,6 +105,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("train-weight_decay-inf", [*TRAIN, "--weight_decay", "inf"], "weight_decay"),
     ("train-random_seed-huge", [*TRAIN, "--random_seed", str(2**70)], "random_seed"),
     ("train-ctx_len-0", [*TRAIN, "--ctx_len", "0"], "ctx_len"),
+    ("train-cuda_graphs-without-compile", [*TRAIN, "--cuda_graphs", "1"], "add --compile 1"),
+    ("bench-cuda_graphs-without-compile", [*BSTEP, "--cuda_graphs", "1"], "add --compile 1"),
     ("train-micro_bsz-0", [*TRAIN, "--micro_bsz", "0"], "micro_bsz"),
     ("train-epoch_count-0", [*TRAIN, "--epoch_count", "0"], "epoch_count"),
     (
@@ -354,6 +356,8 @@ if not CUDA:  # these refuse a GPU-only setting on a machine without one
         ("bench-step-fp16-on-cpu", [*BSTEP, "--precision", "fp16"], "fp16"),
         ("bench-step-fla-on-cpu", [*BSTEP, "--op", "fla"], "fla"),
         ("train-op-cuda-on-cpu", [*TRAIN, "--op", "cuda"], "--op cuda needs a cuda gpu"),
+        ("train-cuda_graphs-on-cpu", [*TRAIN, "--compile", "1", "--cuda_graphs", "1"], "cuda_graphs 1 needs"),
+        ("bench-cuda_graphs-on-cpu", [*BSTEP, "--compile", "1", "--cuda_graphs", "1"], "cuda_graphs 1 needs"),
         ("generate-op-cuda-on-cpu", [*GEN, "--op", "cuda"], "--op cuda needs a cuda gpu"),
         ("bench-step-op-cuda-on-cpu", [*BSTEP, "--op", "cuda"], "--op cuda"),
         ("bench-cuda-kernel-on-cpu", [*BENCH, "--ops", "cuda"], "cuda"),

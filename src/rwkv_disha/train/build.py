@@ -90,16 +90,18 @@ def adapt_model(model: torch.nn.Module, cfg: Config, acfg, on_gpu: bool) -> torc
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # Adam on 16-bit parameters loses small updates
     if cfg.engine.compile:
-        compile_blocks(model)
+        compile_blocks(model, mode="reduce-overhead" if cfg.engine.cuda_graphs else None)
     return model
 
 
-def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> None:
+def compile_blocks(model: torch.nn.Module, backend: str = "inductor", mode: str | None = None) -> None:
     """torch.compile each block in place: block 0 (ln0, v_first) gets one graph and blocks 1..L-1 share
     another (tests/bench/test_speed_paths.py); grad_cp's checkpoint wraps the compiled block. Compiles
-    lazily, at the first step."""
+    lazily, at the first step. ``mode="reduce-overhead"`` (--cuda_graphs 1) has inductor record each
+    compiled graph as a CUDA graph and replay it: one launch per graph instead of one per kernel, for
+    the launch-bound small shapes; it re-records when a shape changes (the last, shorter infctx chunk)."""
     for block in model.blocks:
-        block.compile(backend=backend)
+        block.compile(backend=backend, mode=mode)
 
 
 def build_loggers(cfg: Config) -> list:

@@ -108,7 +108,16 @@ def _validate_engine(cfg: Config) -> None:
         raise RWKVDishaError(f"--strategy {e.strategy} needs deepspeed: pip install 'rwkv-disha[gpu]'")
     if e.precision == "fp16" and not on_gpu:
         raise RWKVDishaError("--precision fp16 is GPU-only; on CPU use bf16 or fp32")
+    check_compile_flags(e.compile, e.cuda_graphs, on_gpu)
     resolve_op(e.op)
+
+
+def check_compile_flags(compile: bool, cuda_graphs: bool, on_gpu: bool) -> None:
+    """--cuda_graphs is a torch.compile mode, and CUDA graphs exist only on a GPU (train and bench)."""
+    if cuda_graphs and not compile:
+        raise RWKVDishaError("--cuda_graphs 1 works through torch.compile: add --compile 1")
+    if cuda_graphs and not on_gpu:
+        raise RWKVDishaError("--cuda_graphs 1 needs a CUDA GPU; on a CPU use --compile 1 alone")
 
 
 def uses_gpu(cfg: Config) -> bool:

@@ -106,8 +106,15 @@ class EngineArgs:
     )
     strategy: str = opt("auto", "Lightning strategy (deepspeed_* need CUDA)", STRATEGIES)
     grad_cp: bool = opt(False, "activation checkpointing per block: less memory, ~30 % slower")
-    op: str = opt("auto", "WKV kernel: torch (chunked, any device), fla (GPU); cuda/triton mean fla", OPS)
+    op: str = opt(
+        "auto",
+        "WKV kernel: torch (chunked, any device), fla (GPU), cuda (our RWKV-7 GPU kernel); triton means fla",
+        OPS,
+    )
     compile: bool = opt(False, "torch.compile each block (inductor; the first steps pay the compile time)")
+    cuda_graphs: bool = opt(
+        False, "with --compile 1 on a GPU: replay each compiled block as CUDA graphs (mode reduce-overhead)"
+    )
     train_type: str = opt(
         "none",
         "none: each ctx_len sample in one pass; infctx: in chunks of --chunk_ctx tokens carrying the "
