@@ -1,6 +1,7 @@
 """Where one Bone layer's time goes against the frozen layer (issue 10: why Bone / frozen > FLOP ratio).
 
     .venv/bin/python benchmarks/profile_bone_layer.py            # 768x768, 3072x768, 768x3072; N=512, r=64
+    .venv/bin/python benchmarks/profile_bone_layer.py bf16       # the same in bf16 (frozen W and x in bf16)
 
 For each shape: forward and forward + backward of the frozen nn.Linear and of BoneLinear (median of 40
 calls, interleaved), then the backward's pieces on their own (g @ W, g @ disha^T, the tiled add,
@@ -10,6 +11,7 @@ fold(x)^T @ g) and the alternative of building W + ΔW for the input gradient.
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 
 import torch
@@ -30,21 +32,23 @@ def median_ms(fn, n: int = 40) -> float:
 
 def main() -> None:
     torch.manual_seed(0)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[sys.argv[1] if len(sys.argv) > 1 else "fp32"]
     for out_f, in_f in ((768, 768), (3072, 768), (768, 3072)):
-        profile_shape(out_f, in_f, N=512, r=64)
+        profile_shape(out_f, in_f, N=512, r=64, dtype=dtype)
 
 
-def profile_shape(out_f: int, in_f: int, N: int, r: int) -> None:
-    """Print the timings of one (out_f, in_f) layer on N tokens at Bone rank r."""
-    W = torch.randn(out_f, in_f) / in_f**0.5
-    x = torch.randn(1, N, in_f, requires_grad=True)
-    g = torch.randn(1, N, out_f)
-    lin = torch.nn.Linear(in_f, out_f, bias=False)
+def profile_shape(out_f: int, in_f: int, N: int, r: int, dtype: torch.dtype = torch.float32) -> None:
+    """Print the timings of one (out_f, in_f) layer on N tokens at Bone rank r; the frozen weight, x
+    and the gradient in ``dtype``, disha in fp32 as `train` keeps it (cast per call, as autocast does)."""
+    W = (torch.randn(out_f, in_f) / in_f**0.5).to(dtype)
+    x = torch.randn(1, N, in_f, dtype=dtype, requires_grad=True)
+    g = torch.randn(1, N, out_f, dtype=dtype)
+    lin = torch.nn.Linear(in_f, out_f, bias=False, dtype=dtype)
     lin.weight.data, lin.weight.requires_grad = W.clone(), False
     bone = BoneLinear(W.clone(), r)
     with torch.no_grad():
         bone.disha.normal_()
-    d, g2 = bone.disha.detach(), g.view(N, out_f)
+    d, g2 = bone.disha.detach().to(dtype), g.view(N, out_f)
     folded = bone_fold_input(x.detach(), r).reshape(N, r)
     gx = g2 @ W
     h = g2 @ d.t()
