@@ -51,16 +51,30 @@ def wkv7_loop(r, w, k, v, a, b, state: Tensor | None = None) -> tuple[Tensor, Te
     return y.to(out_dtype), S
 
 
+def _unit_lower_inverse(m: Tensor) -> Tensor:
+    """(I - M)^-1 for strictly lower-triangular M (.., L, L). M is nilpotent (M^L = 0), so the inverse is
+    (I + M)(I + M^2)(I + M^4)... with ceil(log2 L) factors: batched matrix products only. A batched
+    triangular solve makes one small LAPACK call per matrix on a CPU, with a copy of its right-hand side."""
+    inv = m + torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+    power, span = m, 2
+    while span < m.shape[-1]:
+        power = power @ power  # M^span
+        inv = inv + inv @ power
+        span *= 2
+    return inv
+
+
 def wkv7_chunked(r, w, k, v, a, b, state: Tensor | None = None, chunk: int = 32) -> tuple[Tensor, Tensor]:
     """Chunked form (delta rule with decay, Yang et al. 2024); same result as :func:`wkv7_loop`.
 
     Inside a chunk of L steps with start state S0, let c_t = sum_{j<=t} w_j (cumulative log-decay) and
     h_t = S_{t-1} a_t. Then with (rows = time) A~ = a*exp(c_{t-1}), K^ = k*exp(-c), B^ = b*exp(-c),
     R~ = r*exp(c):
-        (I - tril<(A~ B^T)) H = A~ S0^T + tril<(A~ K^T) V          (unit lower-triangular solve)
+        (I - tril<(A~ B^T)) H = A~ S0^T + tril<(A~ K^T) V          (unit lower-triangular system)
         Y = R~ S0^T + tril<=(R~ K^T) V + tril<=(R~ B^T) H
         S_L = S0 diag(exp(c_L)) + V^T (K exp(c_L - c)) + H^T (B exp(c_L - c))
-    Everything but the short loop over chunks (H and S_L) is batched matrix products.
+    Everything but the short loop over chunks (H and S_L) is batched matrix products, the system's
+    inverse included (:func:`_unit_lower_inverse`; 1.1-1.2x faster than a triangular solve here).
     exp(-c) stays finite because c >= -0.61 L (decay >= 0.545): L = 32 gives at most e^19.4 (fp32 max
     e^88); measured fp32 error vs an fp64 loop: ~5e-7 relative at L = 32 (1e-6 at 64). 32 and 64 are
     equally fast on CPU. The backward is written out (:class:`_ChunkedWKV7`): autograd through the
@@ -117,12 +131,9 @@ class _ChunkedWKV7(torch.autograd.Function):
         m_ak = (a_t @ k_h.mT).masked_fill_(~strict, 0.0)
         q_k = (r_t @ k_h.mT).masked_fill_(~incl, 0.0)
         q_b = (r_t @ b_h.mT).masked_fill_(~incl, 0.0)
-        # one solve for both right-hand sides: P = (I - M)^-1 A~ (the start state's part) and
-        # U = (I - M)^-1 M_ak V
-        i_m = torch.eye(L, dtype=r.dtype, device=r.device) - m_ab
-        rhs = torch.cat([a_t, m_ak @ v], dim=-1)
-        sol = torch.linalg.solve_triangular(i_m, rhs, upper=False, unitriangular=True)
-        p, u = (t.contiguous() for t in sol.split(r.shape[-1], dim=-1))  # row-strided halves: slow bmm
+        inv = _unit_lower_inverse(m_ab)  # (I - M)^-1
+        p = inv @ a_t  # P = (I - M)^-1 A~: the start state's part
+        u = inv @ (m_ak @ v)  # U = (I - M)^-1 M_ak V
         k_bar, b_bar = k_h * e_last, b_h * e_last  # k * exp(c_L - c_t)
         v_kbar = v.mT @ k_bar  # (B, H, NC, N, N)
         hs, s0s = [], []
@@ -135,13 +146,13 @@ class _ChunkedWKV7(torch.autograd.Function):
         h = torch.stack(hs, dim=2)
         s0 = torch.stack(s0s, dim=2)  # (B, H, NC, N, N): each chunk's start state
         y = r_t @ s0.mT + q_k @ v + q_b @ h
-        ctx.save_for_backward(e, e_prev, a_t, k_h, b_h, r_t, v, i_m, m_ak, q_k, q_b, p, u, h, s0)
+        ctx.save_for_backward(e, e_prev, a_t, k_h, b_h, r_t, v, inv, m_ak, q_k, q_b, p, u, h, s0)
         return y, S
 
     @staticmethod
     def backward(ctx, dy, dS):
-        e, e_prev, a_t, k_h, b_h, r_t, v, i_m, m_ak, q_k, q_b, p, u, h, s0 = ctx.saved_tensors
-        L, N = r_t.shape[-2], r_t.shape[-1]
+        e, e_prev, a_t, k_h, b_h, r_t, v, inv, m_ak, q_k, q_b, p, u, h, s0 = ctx.saved_tensors
+        L = r_t.shape[-2]
         strict, incl = _masks(L, r_t.device)
         e_last = e[..., -1:, :]
         # dy arrives permuted (from _from_chunks): one copy here, not one per matrix product below
@@ -167,8 +178,7 @@ class _ChunkedWKV7(torch.autograd.Function):
             dS = dS * e_last[:, :, i] + dh[:, :, i].mT @ p[:, :, i] + ds0[:, :, i]
         dp = dh @ s0  # H = P S0^T + U
         # [P, U] = (I - M)^-1 [A~, M_ak V]  =>  G = (I - M)^-T [dP, dU], dM = tril<(G_p P^T + G_u U^T)
-        g = torch.linalg.solve_triangular(i_m.mT, torch.cat([dp, dh], dim=-1), upper=True, unitriangular=True)
-        g_p, g_u = (t.contiguous() for t in g.split(N, dim=-1))
+        g_p, g_u = inv.mT @ dp, inv.mT @ dh
         dm_ab = (g_p @ p.mT + g_u @ u.mT).masked_fill_(~strict, 0.0)
         dm_ak = (g_u @ v.mT).masked_fill_(~strict, 0.0)
         dv += m_ak.mT @ g_u
