@@ -70,7 +70,9 @@ class _HeadCE(torch.autograd.Function):
             if need_dx or need_dw:
                 # d(loss)/d(logits) = (softmax - one_hot) * m / sum(m) = (z - one_hot * sum z) * scale / sum z
                 z.scatter_add_(1, idx, -total_exp)
-                torch.mul(z, sc.unsqueeze(1) / total_exp, out=o)
+                z.mul_(sc.unsqueeze(1) / total_exp)
+                if o is not z:  # (a mixed-dtype torch.mul(..., out=o) runs 4x slower than these two)
+                    o.copy_(z)
                 if need_dx:
                     torch.matmul(o, weight, out=dx[s : s + k])
                 if need_dw:
