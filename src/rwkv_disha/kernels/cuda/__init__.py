@@ -62,6 +62,7 @@ class _WKV7(torch.autograd.Function):
         return y, s_last
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernel's gradients carry no graph of their own
     def backward(ctx, dy, ds_last):
         r, w, k, v, a, b, sa, s_saved = ctx.saved_tensors
         dy = torch.zeros_like(r) if dy is None else dy.to(r.dtype).contiguous()

@@ -63,6 +63,7 @@ std::vector<torch::Tensor> forward(torch::Tensor r, torch::Tensor w, torch::Tens
                                    torch::Tensor a, torch::Tensor b, torch::Tensor s0, int64_t stream) {
   const auto sizes = check_main(r);
   const int64_t B = sizes[0], T = sizes[1], H = sizes[2], chunk = sizes[3];
+  const c10::DeviceGuard guard(r.device());  // launch on r's GPU, not the current one
   check_input(r, r, "r");
   check_input(w, r, "w");
   check_input(k, r, "k");
@@ -91,6 +92,7 @@ std::vector<torch::Tensor> backward(torch::Tensor r, torch::Tensor w, torch::Ten
                                     torch::Tensor dy, torch::Tensor ds_last, int64_t stream) {
   const auto sizes = check_main(r);
   const int64_t B = sizes[0], T = sizes[1], H = sizes[2], chunk = sizes[3];
+  const c10::DeviceGuard guard(r.device());
   for (auto* x : {&w, &k, &v, &a, &b, &dy}) check_input(*x, r, "an input or dy");
   check_state(ds_last, r, "the final state's gradient");
   TORCH_CHECK(sa.scalar_type() == torch::kFloat32 && sa.is_contiguous() && sa.sizes() == r.sizes(),
