@@ -63,3 +63,12 @@ def test_train_with_op_cuda_matches_op_torch(tmp_path, make_checkpoint):
     a = _train(tmp_path / "cuda", base, None, "--precision", "fp32", "--op", "cuda")
     b = _train(tmp_path / "torch", base, None, "--precision", "fp32", "--op", "torch")
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3 * max(b)
+
+
+def test_cuda_kernel_without_grad_skips_the_saved_states_and_gives_the_same_output():
+    xs = inputs(2, 64, 3, 64, seed=5)
+    s0 = torch.randn(2, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        y0, st0 = cuda.wkv7_cuda(*xs, state=s0)
+    y1, st1 = cuda.wkv7_cuda(*[x.clone().requires_grad_() for x in xs], state=s0)
+    assert torch.equal(y0, y1.detach()) and torch.equal(st0, st1.detach())

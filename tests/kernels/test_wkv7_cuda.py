@@ -155,6 +155,6 @@ def test_kernel_and_binding_build_and_check_their_inputs(built):
     x = torch.zeros(1, 16, 1, 64)
     s = torch.zeros(1, 1, 64, 64)
     with pytest.raises(RuntimeError, match="wkv7 cuda: r must be a CUDA tensor"):
-        built.forward(x, x, x, x, x, x, s, 0)
+        built.forward(x, x, x, x, x, x, s, True, 0)
     with pytest.raises(RuntimeError, match="wkv7 cuda: r must be a CUDA tensor"):
         built.backward(x, x, x, x, x, x, x, torch.zeros(1, 1, 1, 64, 64), x, s, 0)

@@ -57,7 +57,8 @@ class _WKV7(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, s0):
         stream = torch.cuda.current_stream(r.device).cuda_stream
-        y, s_last, s_saved, sa = extension().forward(r, w, k, v, a, b, s0, stream)
+        save = any(ctx.needs_input_grad)  # inference: the kernel skips the states a backward would need
+        y, s_last, s_saved, sa = extension().forward(r, w, k, v, a, b, s0, save, stream)
         ctx.save_for_backward(r, w, k, v, a, b, sa, s_saved)
         return y, s_last
 

@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(N) forward_kernel(int T, int H, const F* __res
     float sa = 0.f;
 #pragma unroll
     for (int j = 0; j < N; j++) sa += a_s[j] * state[j];
-    sa_out[ind] = sa;
+    if (sa_out != nullptr) sa_out[ind] = sa;  // null: no backward will run (inference)
 
     const float vi = to_float(v[ind]);
     float yi = 0.f;
@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(N) forward_kernel(int T, int H, const F* __res
     }
     y[ind] = from_float<F>(yi);
 
-    if ((t + 1) % CHUNK == 0) {
+    if (s_saved != nullptr && (t + 1) % CHUNK == 0) {
       float* out = s_saved + ((static_cast<int64_t>(bh) * (T / CHUNK) + t / CHUNK) * N + i) * N;
 #pragma unroll
       for (int j = 0; j < N; j++) out[j] = state[j];

@@ -58,9 +58,10 @@ void check_launch(int code) { TORCH_CHECK(code == 0, "wkv7 cuda: launch failed: 
 
 }  // namespace
 
-// -> [y (B, T, H, 64) in r's dtype, s_last (B, H, 64, 64), s_saved (B, H, T / chunk, 64, 64), sa (B, T, H, 64)]
+// -> [y (B, T, H, 64) in r's dtype, s_last (B, H, 64, 64), s_saved (B, H, T / chunk, 64, 64), sa (B, T, H, 64)];
+// with save == false (no backward to come) s_saved and sa are empty and the kernel writes neither
 std::vector<torch::Tensor> forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
-                                   torch::Tensor a, torch::Tensor b, torch::Tensor s0, int64_t stream) {
+                                   torch::Tensor a, torch::Tensor b, torch::Tensor s0, bool save, int64_t stream) {
   const auto sizes = check_main(r);
   const int64_t B = sizes[0], T = sizes[1], H = sizes[2], chunk = sizes[3];
   const c10::DeviceGuard guard(r.device());  // launch on r's GPU, not the current one
@@ -74,13 +75,14 @@ std::vector<torch::Tensor> forward(torch::Tensor r, torch::Tensor w, torch::Tens
   const auto f32 = r.options().dtype(torch::kFloat32);
   auto y = torch::empty_like(r);
   auto s_last = torch::empty({B, H, N, N}, f32);
-  auto s_saved = torch::empty({B, H, T / chunk, N, N}, f32);
-  auto sa = torch::empty({B, T, H, N}, f32);
+  auto s_saved = save ? torch::empty({B, H, T / chunk, N, N}, f32) : torch::empty({0}, f32);
+  auto sa = save ? torch::empty({B, T, H, N}, f32) : torch::empty({0}, f32);
   if (B * T * H > 0)
     check_launch(wkv7_cuda_forward(r.scalar_type() == torch::kBFloat16, B, T, H, r.data_ptr(), w.data_ptr(),
                                    k.data_ptr(), v.data_ptr(), a.data_ptr(), b.data_ptr(), s0.data_ptr<float>(),
-                                   y.data_ptr(), s_last.data_ptr<float>(), s_saved.data_ptr<float>(),
-                                   sa.data_ptr<float>(), reinterpret_cast<void*>(stream)));
+                                   y.data_ptr(), s_last.data_ptr<float>(),
+                                   save ? s_saved.data_ptr<float>() : nullptr, save ? sa.data_ptr<float>() : nullptr,
+                                   reinterpret_cast<void*>(stream)));
   else
     s_last.copy_(s0);
   return {y, s_last, s_saved, sa};
