@@ -30,8 +30,11 @@ def _module(precision: str, strategy: str = "auto", grad_clip: float = 1.0) -> D
         ("fp32", "auto", 1.0, {"fused": True, "foreach": None}),
         ("tf32", "ddp", 1.0, {"fused": True, "foreach": None}),
         ("bf16", "auto", 0.0, {"fused": True, "foreach": None}),
-        # Lightning's mixed-precision plugin refuses to clip with a fused optimizer
-        ("bf16", "auto", 1.0, {"fused": None, "foreach": True}),
+        # Lightning's mixed-precision plugin refuses to clip a fused optimizer: fp16 (and bf16 under
+        # FSDP) take foreach; bf16 elsewhere clips in the module and stays fused
+        ("bf16", "auto", 1.0, {"fused": True, "foreach": None}),
+        ("bf16", "ddp", 1.0, {"fused": True, "foreach": None}),
+        ("bf16", "fsdp", 1.0, {"fused": None, "foreach": True}),
         ("fp16", "auto", 1.0, {"fused": None, "foreach": True}),
         ("fp32", "deepspeed_stage_2", 1.0, {"fused": None, "foreach": None}),
     ],
@@ -57,3 +60,27 @@ def test_fused_adamw_steps_equal_the_reference_loop():
             o.step()
     for p, q in zip(module.model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("precision", "strategy", "own"),
+    [("bf16", "auto", True), ("bf16", "ddp", True), ("fp32", "auto", False), ("fp16", "auto", False),
+     ("bf16", "deepspeed_stage_2", False)],
+)  # fmt: skip
+def test_bf16_clips_in_the_module_and_lightning_does_not(precision, strategy, own):
+    """Where the module clips (bf16 outside DeepSpeed / FSDP), its hook scales the gradients to the norm and
+    the Trainer gets no gradient_clip_val; elsewhere the hook leaves them and Lightning clips."""
+    from rwkv_disha.train.build import build_trainer
+    from rwkv_disha.train.module import clips_itself
+
+    module = _module(precision, strategy, grad_clip=0.5)
+    assert clips_itself(module.cfg) is own
+    for p in module.model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    module.on_before_optimizer_step(None)
+    params = list(module.model.parameters())
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    assert norm.item() == pytest.approx(0.5 if own else 3.0 * sum(p.numel() for p in params) ** 0.5)
+    if strategy == "auto" and precision != "fp16":  # a Trainer this CPU can build
+        trainer = build_trainer(module.cfg, callbacks=[], plugins=[])
+        assert trainer.gradient_clip_val == (None if own else 0.5)

@@ -120,6 +120,8 @@ def build_loggers(cfg: Config) -> list:
 
 
 def build_trainer(cfg: Config, callbacks: list, plugins: list) -> L.Trainer:
+    from rwkv_disha.train.module import clips_itself
+
     e = cfg.engine
     loggers = build_loggers(cfg)
     return L.Trainer(
@@ -130,7 +132,8 @@ def build_trainer(cfg: Config, callbacks: list, plugins: list) -> L.Trainer:
         precision=PRECISIONS[e.precision],
         plugins=plugins,
         max_epochs=cfg.optim.epoch_count,
-        gradient_clip_val=cfg.optim.grad_clip or None,
+        # bf16 clips in DishaModule so AdamW can stay fused (train.module.clips_itself)
+        gradient_clip_val=None if clips_itself(cfg) else (cfg.optim.grad_clip or None),
         accumulate_grad_batches=cfg.optim.accumulate_grad_batches,
         use_distributed_sampler=False,  # the dataset splits samples by rank itself
         reload_dataloaders_every_n_epochs=1,  # a loader per epoch, positioned at that epoch's samples
