@@ -64,11 +64,12 @@ part "bench 1.5B bf16 ctx1024 sweep micro_bsz"
 [ "$(left)" -gt 70 ] && timeout 100 $B --shape 1.5B --ctx_len 1024 --precision bf16 --adapter bone --r 64 \
   --sweep micro_bsz --sweep_max 16 --steps 3 --warmup 2 --json "$OUT/sweep_1.5B.json" > /dev/null 2> "$OUT/sweep_1.5B.err"
 
-# target 3: VRAM at ctx 1024, micro_bsz 1, bf16, Bone r64 <= 0.8x the tutorial (0.4B 3.1, 1.5B 5.6, 3B 8.8 GB)
+# target 3: VRAM at ctx 1024, micro_bsz 1, bf16, Bone r64 <= 0.8x the tutorial (0.4B 3.1, 1.5B 5.6, 3B 8.8 GB),
+# at the tutorial's settings: its script trains with --grad_cp 1
 for S in 0.4B 1.5B 3B; do
-  part "bench VRAM $S ctx1024 bsz1"
+  part "bench VRAM $S ctx1024 bsz1 grad_cp1"
   [ "$(left)" -gt 35 ] && timeout 60 $B --shape $S --ctx_len 1024 --micro_bsz 1 --precision bf16 --adapter bone \
-    --r 64 --steps 3 --warmup 2 --json "$OUT/vram_$S.json" > /dev/null 2> "$OUT/vram_$S.err"
+    --r 64 --grad_cp 1 --steps 3 --warmup 2 --json "$OUT/vram_$S.json" > /dev/null 2> "$OUT/vram_$S.err"
 done
 
 part "profile one 0.1B bf16 step on the GPU: kernels per step, time outside kernels (is it launch-bound?)"

@@ -93,4 +93,4 @@ def test_loss_workspace_is_one_chunk_of_rows():
     assert loss_workspace_bytes(8 * 512, 65536, cpu, False) == 256 * 65536 * 4
     assert loss_workspace_bytes(100, 65536, cpu, False) == 100 * 65536 * 4  # fewer rows than a chunk
     assert loss_workspace_bytes(8 * 512, 65536, cpu, True) == 256 * 65536 * 6  # + a bf16 chunk
-    assert chunk_rows(65536, torch.device("cuda")) == 1024
+    assert chunk_rows(65536, torch.device("cuda")) == 512

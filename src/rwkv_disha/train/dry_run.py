@@ -14,7 +14,7 @@ Memory model (per device), each term measured or counted, not guessed:
                  saved-tensor hooks, shared storage once, weights left out); with grad_cp: the block inputs
                  it keeps plus one block's activations, recomputed during backward
     logits       the chunked head + cross-entropy's working set: at most one chunk of rows (256 at V = 65536
-                 on a CPU, 1024 on a GPU) x vocab fp32 logits, reused for the softmax and its gradient
+                 on a CPU, 512 on a GPU) x vocab fp32 logits, reused for the softmax and its gradient
                  (train/loss.py), never micro_bsz x T x vocab
 """
 

@@ -20,13 +20,15 @@ Tensor = torch.Tensor
 # elements of one chunk of logits: 2**24 fp32 = 64 MiB (256 rows at V = 65536) on a CPU. Each chunk
 # streams the whole (V, C) head through the matmuls twice, so small chunks cost time: measured against
 # the plain loss (benchmarks/bench_loss.py, T=512, 2 cores): 128 rows 1.20x, 256 rows 1.04x, 512 rows 0.89x
-# the time. A GPU wants bigger matmuls: 1024 rows.
-_CHUNK_ELEMENTS = {"cpu": 2**24, "cuda": 2**26}
+# the time. A GPU wants bigger matmuls, but its memory target is tight (issue 10: VRAM <= 0.8x the
+# tutorial's table at ctx 1024, micro_bsz 1, where a 3B run's estimate comes to ~0.83x with 1024-row
+# chunks): 512 rows (2**25 elements, 192 MiB with the bf16 copy), still a 512 x C x 65536 product per matmul.
+_CHUNK_ELEMENTS = {"cpu": 2**24, "cuda": 2**25}
 
 
 def chunk_rows(vocab: int, device: torch.device) -> int:
-    """Rows of logits one chunk of the head + CE holds (2**24 elements on a CPU, 2**26 on a GPU)."""
-    return max(1, _CHUNK_ELEMENTS.get(device.type, 2**26) // vocab)
+    """Rows of logits one chunk of the head + CE holds (2**24 elements on a CPU, 2**25 on a GPU)."""
+    return max(1, _CHUNK_ELEMENTS.get(device.type, 2**25) // vocab)
 
 
 def loss_workspace_bytes(n_rows: int, vocab: int, device: torch.device, low_precision: bool) -> int:
