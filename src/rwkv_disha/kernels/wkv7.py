@@ -77,12 +77,13 @@ def wkv7_chunked(r, w, k, v, a, b, state: Tensor | None = None, chunk: int = 32)
     inverse included (:func:`_unit_lower_inverse`; 1.1-1.2x faster than a triangular solve here).
     exp(-c) stays finite because c >= -0.61 L (decay >= 0.545): L = 32 gives at most e^19.4 (fp32 max
     e^88); measured fp32 error vs an fp64 loop: ~5e-7 relative at L = 32 (1e-6 at 64). 32 and 64 are
-    equally fast on CPU. The backward is written out (:class:`_ChunkedWKV7`): autograd through the
-    ~60 small ops above ran 2.5x the forward's time on a CPU.
+    equally fast on CPU. The backward is written out (:class:`_ChunkedWKV7`), on contiguous chunk tensors:
+    through autograd, fp32 inputs reached every product as permuted views that torch.matmul copied, and
+    forward + backward took 1.2-1.5x as long on a CPU (docs/BENCHMARKS.md).
     """
     out_dtype = r.dtype
     dt = _compute_dtype(r)
-    B_, T, H, N = r.shape
+    T = r.shape[1]
     with torch.autocast(device_type=r.device.type, enabled=False):
         S = _init_state(r, state, dt)
         if T == 0:
