@@ -95,6 +95,8 @@ run_extras() {
   part "bench kernel fla vs cuda vs torch"
   [ "$(left)" -gt 30 ] && timeout 40 $B --what kernel --ops fla,cuda,torch --T 4096 --B 4 --repeat 5 \
     --json "$OUT/kernel.json" > /dev/null
+  [ "$(left)" -gt 30 ] && timeout 40 $B --what kernel --ops fla,cuda,torch --T 4096 --B 4 --repeat 5 \
+    --kernel_dtype bf16 --json "$OUT/kernel_bf16.json" > /dev/null
   part "bench 0.1B --compile 1 (inductor + Triton), with --cuda_graphs 1, and the compile-equals-eager test"
   [ "$(left)" -gt 100 ] && bench_01b compile --adapter bone --r 64 --compile 1
   [ "$(left)" -gt 100 ] && bench_01b cudagraphs --adapter bone --r 64 --compile 1 --cuda_graphs 1

@@ -99,16 +99,21 @@ class Config:
     N: int = opt(64, "kernel: head size")
     ops: str = opt("torch,loop", "kernel: comma-separated kernels; the first is compared with the others")
     repeat: int = opt(5, "kernel: interleaved rounds (medians and paired median ratios are reported)")
+    kernel_dtype: str = opt(
+        "fp32", "kernel: dtype of the inputs (bf16: as a bf16 run feeds the kernel)", ("fp32", "bf16")
+    )
 
 
 # --- timing and memory ----------------------------------------------------------------------------------
 def run_kernel(cfg: Config, device: str, ops: list[str]) -> dict:
-    steps = {op: kernel_step(op, cfg.B, cfg.T, cfg.H, cfg.N, device) for op in ops}
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.kernel_dtype]
+    steps = {op: kernel_step(op, cfg.B, cfg.T, cfg.H, cfg.N, device, dtype) for op in ops}
     times = interleaved_times(steps, cfg.repeat, device)
     first = ops[0]
     return {
         "what": "kernel",
         "shape": dict(B=cfg.B, T=cfg.T, H=cfg.H, N=cfg.N),
+        "dtype": cfg.kernel_dtype,
         "device": device,
         "threads": torch.get_num_threads(),
         "rounds": cfg.repeat,

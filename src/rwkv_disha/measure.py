@@ -123,19 +123,19 @@ def step_peak_bytes(step, device: torch.device | str = "cpu") -> int:
 
 
 # --- --what kernel -----------------------------------------------------------------------------------
-def wkv_inputs(B: int, T: int, H: int, N: int, device: str = "cpu", seed: int = 0):
+def wkv_inputs(B: int, T: int, H: int, N: int, device: str = "cpu", seed: int = 0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     r, k, v = (torch.randn(B, T, H, N, generator=g) for _ in range(3))
     log_w = -0.6065 * torch.rand(B, T, H, N, generator=g)
     kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, generator=g), dim=-1)
     a_gate = torch.rand(B, T, H, N, generator=g)
-    return [t.to(device).requires_grad_() for t in (r, log_w, k, v, -kk, kk * a_gate)]
+    return [t.to(device=device, dtype=dtype).requires_grad_() for t in (r, log_w, k, v, -kk, kk * a_gate)]
 
 
-def kernel_step(op: str, B: int, T: int, H: int, N: int, device: str = "cpu"):
-    """A function running one forward + backward of the WKV-7 op on random inputs."""
+def kernel_step(op: str, B: int, T: int, H: int, N: int, device: str = "cpu", dtype=torch.float32):
+    """A function running one forward + backward of the WKV-7 op on random inputs of ``dtype``."""
     fn = get_wkv7(op)
-    xs = wkv_inputs(B, T, H, N, device)
+    xs = wkv_inputs(B, T, H, N, device, dtype=dtype)
 
     def step():
         y, s = fn(*xs)

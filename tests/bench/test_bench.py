@@ -76,7 +76,25 @@ def test_kernel_rounds_are_interleaved_and_ratios_paired(capsys):
     assert paired_median_ratio({"x": [2.0, 4.0, 9.0], "y": [1.0, 2.0, 3.0]}, "x", "y") == 2.0
     assert main(["bench", "--what", "kernel", "--T", "16", "--H", "1", "--N", "16", "--repeat", "2"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert res["speedup_of_torch"]["loop"] > 0 and res["rounds"] == 2
+    assert res["speedup_of_torch"]["loop"] > 0 and res["rounds"] == 2 and res["dtype"] == "fp32"
+
+
+def test_kernel_bench_feeds_bf16_inputs_when_asked(monkeypatch, capsys):
+    """--kernel_dtype bf16 hands the kernels bf16 tensors (what a bf16 run gives them) and says so."""
+    from rwkv_disha import kernels
+
+    seen = []
+    chunked = kernels._WKV7["torch"]
+
+    def spy(*xs, **kw):
+        seen.append(xs[0].dtype)
+        return chunked(*xs, **kw)
+
+    monkeypatch.setitem(kernels._WKV7, "torch", spy)
+    argv = ["bench", "--what", "kernel", "--ops", "torch", "--T", "16", "--H", "1", "--N", "16"]
+    assert main([*argv, "--repeat", "1", "--kernel_dtype", "bf16"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["dtype"] == "bf16"
+    assert seen and set(seen) == {torch.bfloat16}
 
 
 def test_cpu_without_native_bf16_trains_fp32_with_a_notice(monkeypatch, capsys):
