@@ -87,7 +87,8 @@ def wkv7_cuda(r, w, k, v, a, b, state: Tensor | None = None) -> tuple[Tensor, Te
     pad = (-T) % T_MULTIPLE
     with torch.autocast(device_type="cuda", enabled=False):
         # zero padding is exact: w = 0 is decay 1 and k = v = a = b = 0 adds nothing to the state
-        xs = [F.pad(x.to(dt), (0, 0, 0, 0, 0, pad)).contiguous() for x in (r, w, k, v, a, b)]
+        xs = [x.to(dt) for x in (r, w, k, v, a, b)]
+        xs = [(F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x).contiguous() for x in xs]  # no copy when T fits
         s0 = r.new_zeros(B, H, N, N, dtype=torch.float32) if state is None else state.float().contiguous()
         y, s_last = _WKV7.apply(*xs, s0)
     return y[:, :T].to(out_dtype), s_last
