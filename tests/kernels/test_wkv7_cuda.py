@@ -158,3 +158,47 @@ def test_kernel_and_binding_build_and_check_their_inputs(built):
         built.forward(x, x, x, x, x, x, s, True, 0)
     with pytest.raises(RuntimeError, match="wkv7 cuda: r must be a CUDA tensor"):
         built.backward(x, x, x, x, x, x, x, torch.zeros(1, 1, 1, 64, 64), x, s, 0)
+
+
+class _MirrorExtension:
+    """Stands in for the compiled module: forward by the loop, backward by ``walk`` (chunks of 8, as the
+    kernel takes for fp32). It hands the start state through as its "saved states" to get it back."""
+
+    def forward(self, r, w, k, v, a, b, s0, save, stream):
+        assert all(x.is_contiguous() for x in (r, w, k, v, a, b, s0)) and r.shape[1] % 16 == 0
+        assert len({x.dtype for x in (r, w, k, v, a, b)}) == 1 and s0.dtype == torch.float32
+        y, s = wkv7_loop(r, w, k, v, a, b, state=s0)
+        return y.to(r.dtype), s, s0.clone(), torch.zeros(1)
+
+    def backward(self, r, w, k, v, a, b, sa, s0, dy, ds_last, stream):
+        assert dy.dtype == r.dtype and dy.is_contiguous() and ds_last.dtype == torch.float32
+        f = torch.Tensor.double
+        _, _, grads, ds0 = walk(*map(f, (r, w, k, v, a, b)), f(s0), f(dy), f(ds_last), chunk=8)
+        return [g.to(r.dtype) for g in grads] + [ds0.float()]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_wrapper_pads_casts_and_gives_the_loops_gradients(monkeypatch, dtype, tol):
+    """wkv7_cuda's Python side on a CPU: T = 21 padded to 32, the dtypes in and out, an expanded (non-
+    contiguous) start state, the autograd Function with both outputs used, and with y alone (a None
+    state gradient), against autograd through the fp64 loop."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(cuda, "extension", lambda: _MirrorExtension())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0))
+    xs = [x.to(dtype) for x in make_inputs(2, 21, 2, 64, dtype=torch.float32, seed=4)]
+    st = torch.randn(1, 2, 64, 64).expand(2, 2, 64, 64)
+    leaves = [x.clone().requires_grad_() for x in xs]
+    s0 = st.clone().requires_grad_()
+    y, s = cuda.wkv7_cuda(*leaves, state=s0)
+    assert y.dtype == dtype and y.shape == (2, 21, 2, 64) and s.dtype == torch.float32
+    (y.float().square().sum() + s.sum()).backward()
+    ref = [x.double().requires_grad_() for x in xs]
+    ref_s0 = st.double().requires_grad_()
+    y2, s2 = wkv7_loop(*ref, state=ref_s0)
+    (y2.square().sum() + s2.sum()).backward()
+    for name, got, want in zip(["r", "w", "k", "v", "a", "b", "state"], [*leaves, s0], [*ref, ref_s0]):
+        assert got.grad.dtype == got.dtype
+        assert ((got.grad.double() - want.grad).abs().max() / want.grad.abs().max()) < tol, name
+    y_only = cuda.wkv7_cuda(*[x.clone().requires_grad_() for x in xs])[0]
+    y_only.float().sum().backward()  # the final state unused: its gradient arrives as None
