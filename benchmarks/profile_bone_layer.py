@@ -17,6 +17,7 @@ import time
 import torch
 
 from rwkv_disha.adapters.bone import BoneLinear, _add_tiled_, bone_fold_input
+from rwkv_disha.model.init import DTYPES
 
 
 def median_ms(fn, n: int = 40) -> float:
@@ -32,7 +33,7 @@ def median_ms(fn, n: int = 40) -> float:
 
 def main() -> None:
     torch.manual_seed(0)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[sys.argv[1] if len(sys.argv) > 1 else "fp32"]
+    dtype = DTYPES[sys.argv[1] if len(sys.argv) > 1 else "fp32"]
     for out_f, in_f in ((768, 768), (3072, 768), (768, 3072)):
         profile_shape(out_f, in_f, N=512, r=64, dtype=dtype)
 

@@ -106,8 +106,9 @@ class Config:
 
 # --- timing and memory ----------------------------------------------------------------------------------
 def run_kernel(cfg: Config, device: str, ops: list[str]) -> dict:
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.kernel_dtype]
-    steps = {op: kernel_step(op, cfg.B, cfg.T, cfg.H, cfg.N, device, dtype) for op in ops}
+    from rwkv_disha.model.init import DTYPES
+
+    steps = {op: kernel_step(op, cfg.B, cfg.T, cfg.H, cfg.N, device, DTYPES[cfg.kernel_dtype]) for op in ops}
     times = interleaved_times(steps, cfg.repeat, device)
     first = ops[0]
     return {

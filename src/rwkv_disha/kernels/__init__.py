@@ -73,8 +73,7 @@ def wkv6_auto(r, w, k, v, u, state=None):
 
 
 _WKV7 = {"auto": wkv7_auto, "torch": wkv7_chunked, "loop": wkv7_loop, "fla": wkv7_fla, "cuda": cuda.wkv7_cuda}
-# no RWKV-6 CUDA kernel of our own: `cuda` runs fla there
-_WKV6 = {"auto": wkv6_auto, "torch": wkv6_chunked, "loop": wkv6_loop, "fla": wkv6_fla, "cuda": wkv6_fla}
+_WKV6 = {"auto": wkv6_auto, "torch": wkv6_chunked, "loop": wkv6_loop, "fla": wkv6_fla}
 
 
 def get_wkv7(op: str) -> Callable:

@@ -151,6 +151,7 @@ class _ChunkedWKV7(torch.autograd.Function):
         return y, S
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the formulas below carry no graph of their own
     def backward(ctx, dy, dS):
         e, e_prev, a_t, k_h, b_h, r_t, v, inv, m_ak, q_k, q_b, p, u, h, s0 = ctx.saved_tensors
         L = r_t.shape[-2]

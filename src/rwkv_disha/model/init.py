@@ -25,7 +25,7 @@ from rwkv_disha.model.rwkv7 import lowrank_widths
 
 __all__ = ["init_state_dict", "lowrank_widths", "make_config", "parameter_count"]
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # dtype names of the CLI
 
 
 def make_config(
@@ -77,7 +77,7 @@ class Config:
     n_embd: int = opt(128, "model width C (a multiple of head_size)")
     vocab_size: int = opt(65536, "vocabulary size (65536 for the RWKV World tokenizer)")
     head_size: int = opt(64, "head size N (64 in every released model)")
-    dtype: str = opt("fp32", "dtype of the saved tensors", choices=tuple(_DTYPES))
+    dtype: str = opt("fp32", "dtype of the saved tensors", choices=tuple(DTYPES))
     style: str = opt(
         "pretrain", "pretrain: the authors' init; random: every tensor random", ("pretrain", "random")
     )
@@ -97,8 +97,8 @@ def validate(cfg: Config) -> ModelConfig:
     if cfg.version not in MODEL_VERSIONS:
         raise RWKVDishaError(f"--version must be one of {', '.join(MODEL_VERSIONS)}, got {cfg.version!r}")
     mcfg = make_config(cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.head_size, cfg.version)
-    if cfg.dtype not in _DTYPES:
-        raise RWKVDishaError(f"--dtype must be one of {', '.join(_DTYPES)}, got {cfg.dtype!r}")
+    if cfg.dtype not in DTYPES:
+        raise RWKVDishaError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     if cfg.style not in ("pretrain", "random"):
         raise RWKVDishaError(f"--style must be pretrain or random, got {cfg.style!r}")
     if not 0 <= cfg.seed < 2**64:
@@ -107,7 +107,7 @@ def validate(cfg: Config) -> ModelConfig:
         raise RWKVDishaError("--output is required: the .pth file to write")
     check_output_path(cfg.output, "--output", overwrite=cfg.overwrite)
     # init builds the fp32 tensors first: 4 bytes a parameter, plus the saved copy
-    need, have = parameter_count(mcfg) * (4 + _DTYPES[cfg.dtype].itemsize), _memory_bytes()
+    need, have = parameter_count(mcfg) * (4 + DTYPES[cfg.dtype].itemsize), _memory_bytes()
     if have is not None and need > have:
         raise RWKVDishaError(
             f"a model of {mcfg.summary()} needs about {need / 2**30:.1f} GiB of memory to write, "
@@ -127,7 +127,7 @@ def run(cfg: Config) -> int:
         cfg.head_size,
         cfg.seed,
         cfg.style,
-        _DTYPES[cfg.dtype],
+        DTYPES[cfg.dtype],
         cfg.version,
     )
     path = save_state_dict(sd, cfg.output)

@@ -24,6 +24,7 @@ T_MULTIPLE = 16  # the kernel walks whole chunks of 8 (fp32) or 16 (bf16) steps 
 CUDA_FLAGS = ["-O3", "--use_fast_math", "-Xptxas", "-O3"]
 
 
+@functools.cache  # asked by every forward through the registry; the answer does not change in a run
 def missing() -> str | None:
     """What this machine lacks to run the kernel (for an error message), or None."""
     if not torch.cuda.is_available():
