@@ -8,7 +8,7 @@ TORCH_PIP_ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint format bench clean
+.PHONY: venv demo test test-fla-cpu lint format bench clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,14 @@ demo: venv
 
 test: venv
 	$(VENV)/bin/python -m pytest
+
+# fla's Triton kernels on this CPU through Triton's interpreter, against our loops (~1 GB side venv: Triton).
+FLA_VENV ?= .venv-fla
+test-fla-cpu:
+	test -x $(FLA_VENV)/bin/python || python3 -m venv $(FLA_VENV)
+	$(FLA_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
+	$(FLA_VENV)/bin/python -m pip install -q -e . pytest numpy packaging einops triton==3.9.0 fla-core==0.6.0
+	$(FLA_VENV)/bin/python -m pytest -p no:cacheprovider tests/kernels/test_fla_interpreted.py
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
