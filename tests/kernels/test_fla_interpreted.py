@@ -39,14 +39,14 @@ def _value(x) -> int:
 
 
 def _tensor_range(*bounds):
-    """fla calls `.to()` on its loop counters, which compiled Triton makes tensors and the interpreter ints."""
+    """fla calls `.to()` on its loop counters: tensors when compiled, ints in the interpreter."""
     for i in builtins.range(*(_value(b) for b in bounds)):
         yield interpreter._implicit_cvt(i)
 
 
 def _import_fla_interpreted():
     autotuner.Autotuner._bench = _bench_nothing
-    # fla aliases tl.gather at import, which the interpreter cannot patch; without it fla takes its other path.
+    # fla aliases tl.gather at import, which the interpreter cannot patch; without it fla takes another path.
     gather = tl.__dict__.pop("gather", None)
     try:
         rwkv6 = pytest.importorskip("fla.ops.rwkv6")
