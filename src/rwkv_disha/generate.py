@@ -191,7 +191,7 @@ class Config:
     alpha_presence: float = opt(0.0, "penalty on every token already in the reply (RWKV: 0.2-0.4; 0 = off)")
     alpha_frequency: float = opt(0.0, "penalty per (decayed) repetition of a token in the reply (0 = off)")
     alpha_decay: float = opt(0.996, "repetition counts are multiplied by this at every new token, in [0, 1]")
-    op: str = opt("auto", "WKV kernel: auto, torch, loop, fla", OPS)
+    op: str = opt("auto", "WKV kernel: auto, torch, loop, cpp (CPU), fla or cuda (GPU)", OPS)
     lora_alpha: float = opt(0.0, "LoRA alpha for RWKV-PEFT LoRA files without a sidecar")
 
 

@@ -3,8 +3,9 @@
 
 Ops: ``torch`` (chunked, any device; default on CPU), ``loop`` (per-step reference), ``fla``
 (flash-linear-attention Triton kernel, CUDA only), ``cuda`` (RWKV-7: our CUDA kernel, built at first use,
-:mod:`rwkv_disha.kernels.cuda`; RWKV-6 / 5.2 have none of ours, so there it means ``fla``). ``triton``
-(RWKV-PEFT's name) means ``fla``; ``auto`` picks ``fla`` when it can run, else ``torch``.
+:mod:`rwkv_disha.kernels.cuda`; RWKV-6 / 5.2 have none of ours, so there it means ``fla``), ``cpp``
+(RWKV-7: our compiled CPU kernel, built at first use, :mod:`rwkv_disha.kernels.cpp`; CPU only, RWKV-7
+only). ``triton`` (RWKV-PEFT's name) means ``fla``; ``auto`` picks ``fla`` when it can run, else ``torch``.
 """
 
 from __future__ import annotations
@@ -13,26 +14,28 @@ from collections.abc import Callable
 
 from rwkv_disha.choices import OPS
 from rwkv_disha.errors import RWKVDishaError
-from rwkv_disha.kernels import cuda
+from rwkv_disha.kernels import cpp, cuda
 from rwkv_disha.kernels.fla import fla_available, wkv6_fla, wkv7_fla
 from rwkv_disha.kernels.wkv6 import wkv6_chunked, wkv6_loop
 from rwkv_disha.kernels.wkv7 import wkv7_chunked, wkv7_loop
 
 _ALIASES = {"triton": "fla"}
 GPU_OPS = ("fla", "cuda")  # run on CUDA tensors only
+CPU_OPS = ("cpp",)  # run on CPU tensors only
+_BUILT = {"cuda": cuda, "cpp": cpp}  # compiled at first use: built while the flags are checked
 
 
 def _missing(name: str) -> str | None:
     """What this machine lacks for kernel ``name``, or None."""
     if name == "fla" and not fla_available():
         return "flash-linear-attention and a CUDA GPU (pip install 'rwkv-disha[gpu]')"
-    if name == "cuda":
-        return cuda.missing()
+    if name in _BUILT:
+        return _BUILT[name].missing()
     return None
 
 
 def available_ops() -> list[str]:
-    return [op for op in ("torch", "loop", "fla", "cuda") if _missing(op) is None]
+    return [op for op in ("torch", "loop", "fla", "cuda", "cpp") if _missing(op) is None]
 
 
 def resolve_op(op: str) -> str:
@@ -43,15 +46,18 @@ def resolve_op(op: str) -> str:
     lacking = _missing(name)
     if lacking:
         raise RWKVDishaError(f"--op {op} needs {lacking}; available here: {', '.join(available_ops())}")
-    if name == "cuda":  # build it now (first use: ~1 min, then cached), so a failed build stops the run
-        cuda.extension()  # before any work, as one error line
+    if name in _BUILT:  # build it now (first use: ~0.5-1 min, then cached), so a failed build stops the
+        _BUILT[name].extension()  # run before any work, as one error line
     return name
 
 
 def check_op_fits(op: str, version: str, head_size: int) -> None:
-    """Refuse, before any work, a kernel that cannot run this model's heads (``--op cuda``: RWKV-7 with head
-    size 64, as in every release)."""
-    if version == "x070" and resolve_op(op) == "cuda" and head_size != cuda.HEAD_SIZE:
+    """Refuse, before any work, a kernel that cannot run this model (``--op cuda``: RWKV-7 with head size
+    64, as in every release; ``--op cpp``: RWKV-7)."""
+    name = resolve_op(op)
+    if name == "cpp" and version != "x070":
+        raise RWKVDishaError(f"--op cpp runs RWKV-7 (x070) only; this model is {version}: use --op torch")
+    if version == "x070" and name == "cuda" and head_size != cuda.HEAD_SIZE:
         raise RWKVDishaError(
             f"--op cuda runs RWKV-7 heads of size {cuda.HEAD_SIZE} only; this model's are {head_size}: "
             "use --op fla or torch"
@@ -72,7 +78,14 @@ def wkv6_auto(r, w, k, v, u, state=None):
     return wkv6_chunked(r, w, k, v, u, state)
 
 
-_WKV7 = {"auto": wkv7_auto, "torch": wkv7_chunked, "loop": wkv7_loop, "fla": wkv7_fla, "cuda": cuda.wkv7_cuda}
+_WKV7 = {
+    "auto": wkv7_auto,
+    "torch": wkv7_chunked,
+    "loop": wkv7_loop,
+    "fla": wkv7_fla,
+    "cuda": cuda.wkv7_cuda,
+    "cpp": cpp.wkv7_cpp,
+}
 _WKV6 = {"auto": wkv6_auto, "torch": wkv6_chunked, "loop": wkv6_loop, "fla": wkv6_fla}
 
 
@@ -82,11 +95,14 @@ def get_wkv7(op: str) -> Callable:
 
 def get_wkv6(op: str) -> Callable:
     op = resolve_op(op)
+    if op == "cpp":
+        raise RWKVDishaError("--op cpp runs RWKV-7 (x070) only; for RWKV-6 / 5.2 use --op torch")
     # no RWKV-6 CUDA kernel of our own: `cuda` runs fla there, so fla must be installed
     return _WKV6[resolve_op("fla") if op == "cuda" else op]
 
 
 __all__ = [
+    "CPU_OPS",
     "GPU_OPS",
     "OPS",
     "available_ops",

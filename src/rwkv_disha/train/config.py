@@ -108,7 +108,8 @@ class EngineArgs:
     grad_cp: bool = opt(False, "activation checkpointing per block: less memory, ~30 % slower")
     op: str = opt(
         "auto",
-        "WKV kernel: torch (chunked, any device), fla (GPU), cuda (our RWKV-7 GPU kernel); triton means fla",
+        "WKV kernel: torch (chunked, any device), fla (GPU), cuda (our RWKV-7 GPU kernel), cpp (our RWKV-7 "
+        "CPU kernel, ~2.8x torch's); triton means fla",
         OPS,
     )
     compile: bool = opt(False, "torch.compile each block (inductor; the first steps pay the compile time)")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rwkv_disha.errors import RWKVDishaError
+from rwkv_disha.kernels.build import build_extension
 
 Tensor = torch.Tensor
 SOURCES = Path(__file__).parent
@@ -37,19 +37,9 @@ def missing() -> str | None:
 @functools.cache
 def extension():
     """Build (first call in a fresh cache: ~1 min) and import the extension module."""
-    from torch.utils.cpp_extension import load
-
-    try:
-        return load(
-            name="rwkv_disha_wkv7",
-            sources=[str(SOURCES / "wkv7_bind.cpp"), str(SOURCES / "wkv7.cu")],
-            extra_cflags=["-O3"],
-            extra_cuda_cflags=CUDA_FLAGS,
-        )
-    except (OSError, RuntimeError) as e:  # compiler missing or failing: say which op still runs
-        last = (str(e).strip().splitlines() or ["?"])[-1]  # the build log is long; its last line says why
-        msg = f"--op cuda: building the CUDA kernel failed ({last}); use --op fla or torch"
-        raise RWKVDishaError(msg) from e
+    sources = [SOURCES / "wkv7_bind.cpp", SOURCES / "wkv7.cu"]
+    flags = {"extra_cflags": ["-O3"], "extra_cuda_cflags": CUDA_FLAGS}
+    return build_extension("cuda", "CUDA", "fla or torch", "rwkv_disha_wkv7", sources, **flags)
 
 
 class _WKV7(torch.autograd.Function):

@@ -1,0 +1,79 @@
+"""RWKV-7's compiled CPU kernel (``--op cpp``): ``wkv7_cpu.cpp`` (math and layout in its header), built by
+torch's cpp_extension at first use (~25 s with g++, then cached in ``~/.cache/torch_extensions``).
+
+One (batch, head) per task across the CPU's threads, the state walked step by step in cache: about 2.8x the
+chunked torch kernel's speed for a 0.1B layer's forward + backward (docs/BENCHMARKS.md). Any head size up
+to 256 (64 is compiled as a constant), fp32 computation (bf16 inputs are widened, as the chunked kernel
+does), exact gradients for every input and the initial state.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from rwkv_disha.kernels.build import build_extension, build_tools_missing
+
+Tensor = torch.Tensor
+SOURCES = Path(__file__).parent
+# Vector instructions by the CPU torch itself dispatches to; the build's name carries them, so a cache
+# shared between different CPUs never loads code built for another's instructions.
+_ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mavx2", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+
+
+def missing() -> str | None:
+    """What this machine lacks to build the kernel (for an error message), or None."""
+    return build_tools_missing()
+
+
+@functools.cache
+def extension():
+    """Build (first call in a fresh cache) and import the extension module."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    cflags = ["-O3", *_ISA_FLAGS.get(capability, [])]
+    ldflags = []
+    if torch.backends.openmp.is_available():  # at::parallel_for spreads the heads over threads only with it
+        cflags.append("-fopenmp")
+        ldflags.append("-fopenmp")
+    name = "rwkv_disha_wkv7_cpu_" + "".join(c for c in capability.lower() if c.isalnum())
+    sources = [SOURCES / "wkv7_cpu.cpp"]
+    return build_extension("cpp", "CPU", "torch", name, sources, extra_cflags=cflags, extra_ldflags=ldflags)
+
+
+class _WKV7(torch.autograd.Function):
+    """(r, w, k, v, a, b) (B, T, H, N) fp32 contiguous, w the log-decay, s0 (B, H, N, N) fp32 -> (y, s_T)."""
+
+    @staticmethod
+    def forward(ctx, r, w, k, v, a, b, s0):
+        d = torch.exp(w)  # the kernel takes the decay itself and returns the log-decay's gradient
+        save = any(ctx.needs_input_grad)  # inference: no chunk-start states kept
+        y, s_last, starts = extension().forward([r, d, k, v, a, b], s0, save)
+        ctx.save_for_backward(r, d, k, v, a, b, starts)
+        return y, s_last
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernel's gradients carry no graph of their own
+    def backward(ctx, dy, ds_last):
+        r, d, k, v, a, b, starts = ctx.saved_tensors
+        dy = torch.zeros_like(r) if dy is None else dy.float().contiguous()
+        B, _, H, N = r.shape
+        ds_last = r.new_zeros(B, H, N, N) if ds_last is None else ds_last.float().contiguous()
+        return tuple(extension().backward([r, d, k, v, a, b], starts, dy, ds_last))
+
+
+def wkv7_cpp(r, w, k, v, a, b, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Same contract as :func:`rwkv_disha.kernels.wkv7.wkv7_loop`, on CPU tensors: (B, T, H, N) inputs,
+    ``w`` the log-decay -> (y (B, T, H, N) in r's dtype, state (B, H, N, N) fp32 as (value, key))."""
+    if r.device.type != "cpu":
+        raise ValueError(f"--op cpp runs on CPU tensors, got {r.device}; on a GPU use --op fla, cuda, torch")
+    B, _, H, N = r.shape
+    with torch.autocast(device_type="cpu", enabled=False):
+        xs = [x.float().contiguous() for x in (r, w, k, v, a, b)]
+        s0 = r.new_zeros(B, H, N, N, dtype=torch.float32) if state is None else state.float().contiguous()
+        y, s_last = _WKV7.apply(*xs, s0)
+    return y.to(r.dtype), s_last

@@ -1,0 +1,161 @@
+"""`--op cpp` (kernels/cpp/wkv7_cpu.cpp, built by cpp_extension at first use) against the reference loop:
+output, final state, every input gradient and the initial state's, at head size 64 (the compiled constant)
+and 16 (the runtime path), partial chunks, bf16 inputs; the registry's checks; a training run."""
+
+import csv
+
+import pytest
+import torch
+
+from rwkv_disha.bench import check_op_device
+from rwkv_disha.cli import main
+from rwkv_disha.errors import RWKVDishaError
+from rwkv_disha.kernels import available_ops, check_op_fits, cpp, get_wkv6, get_wkv7, resolve_op
+from rwkv_disha.kernels.build import build_extension
+from rwkv_disha.kernels.wkv7 import wkv7_loop
+from tests.kernels.test_wkv7 import make_inputs
+
+needs_build = pytest.mark.skipif(cpp.missing() is not None, reason=f"--op cpp needs {cpp.missing()}")
+
+
+def _rel(got, want) -> float:
+    return ((got.double() - want).abs().max() / want.abs().max().clamp(min=1e-30)).item()
+
+
+def _against_the_loop(xs, state, dtype, use_y=True, use_state=True):
+    """wkv7_cpp on `dtype` copies of xs vs autograd through the fp64 loop on the same values."""
+    rounded = [x.to(dtype) for x in xs]
+    leaves = [x.clone().requires_grad_() for x in rounded]
+    s0 = None if state is None else state.clone().requires_grad_()
+    y, s = cpp.wkv7_cpp(*leaves, state=s0)
+    assert y.dtype == dtype and y.shape == xs[0].shape and s.dtype == torch.float32
+    ref = [x.double().requires_grad_() for x in rounded]
+    ref_s0 = None if state is None else state.double().requires_grad_()
+    y_ref, s_ref = wkv7_loop(*ref, state=ref_s0)
+    weight = torch.cos(y_ref.detach())
+
+    def loss(y, s):
+        return (y.double() * weight).sum() * use_y + s.double().sum() * use_state
+
+    loss(y, s).backward()
+    loss(y_ref, s_ref).backward()
+    errors = {"y": _rel(y.detach(), y_ref.detach()), "state": _rel(s.detach(), s_ref.detach())}
+    pairs = list(zip(["r", "w", "k", "v", "a", "b"], leaves, ref))
+    if state is not None:
+        pairs.append(("state0", s0, ref_s0))
+    for name, got, want in pairs:
+        assert got.grad.dtype == got.dtype
+        errors["d" + name] = _rel(got.grad, want.grad)
+    return errors
+
+
+@needs_build
+@pytest.mark.parametrize("T", [1, 16, 37])
+@pytest.mark.parametrize("N", [64, 16])
+@pytest.mark.parametrize("decay", ["fast", "mixed", "slow"])
+def test_cpp_kernel_equals_the_loop(T, N, decay):
+    """T = 37 ends in a partial chunk of 5 (chunks of 16); N = 16 takes the runtime head-size path."""
+    xs = make_inputs(2, T, 3, N, decay, dtype=torch.float32, seed=T + N)
+    state = torch.randn(2, 3, N, N, generator=torch.Generator().manual_seed(1))
+    errors = _against_the_loop(xs, state, torch.float32)
+    assert max(errors.values()) < 1e-5, errors
+
+
+@needs_build
+def test_cpp_kernel_without_a_start_state_and_with_one_output_used():
+    xs = make_inputs(1, 20, 2, 64, dtype=torch.float32, seed=9)
+    for use_y, use_state in ((True, False), (False, True)):  # the other output's gradient arrives as None
+        errors = _against_the_loop(xs, None, torch.float32, use_y=use_y, use_state=use_state)
+        grads = {k: v for k, v in errors.items() if k.startswith("d")}
+        assert max(grads.values()) < 1e-5, (use_y, use_state, errors)
+
+
+@needs_build
+def test_cpp_kernel_takes_bf16_and_returns_bf16():
+    xs = make_inputs(2, 40, 2, 64, dtype=torch.float32, seed=3)
+    state = torch.randn(2, 2, 64, 64, generator=torch.Generator().manual_seed(2))
+    errors = _against_the_loop(xs, state, torch.bfloat16)
+    assert max(errors.values()) < 1e-2, errors  # bf16 rounding of y and the gradients (~4e-3)
+
+
+@needs_build
+def test_inference_keeps_no_chunk_states():
+    xs = [x.contiguous() for x in make_inputs(1, 40, 2, 64, dtype=torch.float32, seed=4)]
+    s0 = torch.zeros(1, 2, 64, 64)
+    _, _, starts = cpp.extension().forward([xs[0], xs[1].exp(), *xs[2:]], s0, False)
+    assert starts.numel() == 0
+    _, _, starts = cpp.extension().forward([xs[0], xs[1].exp(), *xs[2:]], s0, True)
+    assert starts.shape == (1, 2, 3, 64, 64)  # ceil(40 / 16) chunk starts
+    with torch.no_grad():
+        y, s = cpp.wkv7_cpp(*xs)
+    y_ref, s_ref = wkv7_loop(*(x.double() for x in xs))
+    assert _rel(y, y_ref) < 1e-5 and _rel(s, s_ref) < 1e-5
+
+
+@needs_build
+def test_the_binding_refuses_wrong_inputs():
+    x = torch.zeros(1, 16, 1, 64)
+    s = torch.zeros(1, 1, 64, 64)
+    with pytest.raises(RuntimeError, match="wkv7 cpp: an input must be a contiguous fp32 CPU tensor"):
+        cpp.extension().forward([x, x, x, x, x, x.double()], s, True)
+    with pytest.raises(RuntimeError, match="wkv7 cpp: the state has shape"):
+        cpp.extension().forward([x] * 6, torch.zeros(1, 1, 64, 32), True)
+    with pytest.raises(RuntimeError, match="wkv7 cpp: the saved states has shape"):
+        cpp.extension().backward([x] * 6, torch.zeros(1, 1, 2, 64, 64), x, s)
+
+
+def test_cpp_on_another_device_is_refused():
+    xs = [torch.zeros(1, 4, 1, 64, device="meta") for _ in range(6)]
+    with pytest.raises(ValueError, match="--op cpp runs on CPU tensors, got meta; on a GPU use --op fla"):
+        cpp.wkv7_cpp(*xs)
+    with pytest.raises(RWKVDishaError, match="--op cpp runs on CPU tensors only: use --device cpu"):
+        check_op_device("cpp", torch.device("cuda"), "--op")
+
+
+@needs_build
+def test_registry_knows_cpp():
+    assert "cpp" in available_ops() and resolve_op("cpp") == "cpp"
+    assert get_wkv7("cpp") is cpp.wkv7_cpp
+    with pytest.raises(RWKVDishaError, match="--op cpp runs RWKV-7 .x070. only; for RWKV-6 / 5.2 use --op"):
+        get_wkv6("cpp")
+    with pytest.raises(RWKVDishaError, match="--op cpp runs RWKV-7 .x070. only; this model is x052"):
+        check_op_fits("cpp", "x052", 64)
+    check_op_fits("cpp", "x070", 16)  # any head size
+
+
+def test_without_build_tools_cpp_names_what_is_missing(monkeypatch):
+    monkeypatch.setattr(cpp, "missing", lambda: "a C++ compiler (c++: install g++ or clang)")
+    msg = r"--op cpp needs a C\+\+ compiler .*; available here: torch, loop"
+    with pytest.raises(RWKVDishaError, match=msg):
+        resolve_op("cpp")
+
+
+def test_a_failed_build_is_one_line_naming_what_still_runs(monkeypatch, tmp_path):
+    import torch.utils.cpp_extension as ext
+
+    def fail(**kwargs):
+        raise RuntimeError("ninja: build stopped\nError building extension 'x'")
+
+    monkeypatch.setattr(ext, "load", fail)
+    msg = r"--op cpp: building the CPU kernel failed \(Error building extension 'x'\); use --op torch"
+    with pytest.raises(RWKVDishaError, match=msg):
+        build_extension("cpp", "CPU", "torch", "x", [tmp_path / "x.cpp"])
+
+
+def _train(proj, base, op):
+    argv = ["train", "--load_model", str(base), "--proj_dir", str(proj), "--data_type", "dummy",
+            "--ctx_len", "40", "--micro_bsz", "2", "--epoch_steps", "6", "--epoch_count", "1",
+            "--lr_init", "1e-2", "--lr_final", "1e-2", "--accelerator", "cpu", "--precision", "fp32",
+            "--progress_bar", "0", "--random_seed", "1", "--op", op,
+            "--disha_config", '{"mode":"bone","load":"","r":16}']  # fmt: skip
+    assert main(argv) == 0
+    return [float(r["loss"]) for r in csv.DictReader((proj / "metrics.csv").read_text().splitlines())]
+
+
+@needs_build
+def test_train_with_op_cpp_matches_op_torch(tmp_path, make_checkpoint):
+    base = make_checkpoint(2, 128, 256, style="pretrain", seed=2)
+    a = _train(tmp_path / "cpp", base, "cpp")
+    b = _train(tmp_path / "torch", base, "torch")
+    assert len(a) == len(b) == 6 and a[0] == pytest.approx(b[0], rel=1e-5)
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4 * max(b)
