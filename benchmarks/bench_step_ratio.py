@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_step_ratio.py                       # 0.1B, ctx 512, fp32, none vs bone
     .venv/bin/python benchmarks/bench_step_ratio.py --adapters none bone bat lora --rounds 6
+    .venv/bin/python benchmarks/bench_step_ratio.py --adapters bone --ops torch cpp     # WKV kernels
 
 Every variant is `bench`'s TrainStep (model + adapters + chunked head/CE + backward + clip + AdamW) in one
 process; steps run in interleaved rounds whose order rotates and reverses every round, and the ratio is
@@ -28,6 +29,7 @@ def main() -> int:
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--r", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--ops", nargs="+", default=["auto"], help="WKV kernels; each adapter runs with each")
     args = ap.parse_args()
 
     from rwkv_disha.bench import Config, MatmulProbe, TrainStep, flops_per_token, interleaved_times
@@ -39,10 +41,11 @@ def main() -> int:
         print(notice, file=sys.stderr)
     dev = torch.device("cpu")
     steps, flops = {}, {}
-    for name in args.adapters:
-        cfg = Config(
-            shape=args.shape, ctx_len=args.ctx_len, precision=precision, adapter=name, r=args.r, device="cpu"
-        )
+    variants = [(a, op) for a in args.adapters for op in args.ops]
+    names = [a if len(args.ops) == 1 else f"{a}:{op}" for a, op in variants]
+    for name, (adapter, op) in zip(names, variants):
+        shape = {"shape": args.shape, "ctx_len": args.ctx_len, "r": args.r}
+        cfg = Config(**shape, precision=precision, adapter=adapter, device="cpu", op=op)
         ts = TrainStep(cfg, dev, precision)
         batch = ts.batch(1)
         steps[name] = lambda ts=ts, batch=batch: ts.step(batch)
@@ -53,9 +56,9 @@ def main() -> int:
     times = interleaved_times(steps, args.rounds, dev)
     times.pop("matmul probe")
     rates = rates[1:]  # the first call was the untimed warm-up
-    base = args.adapters[0]
+    base = names[0]
     rows = {}
-    for name in args.adapters:
+    for name in names:
         ratio = paired_median_ratio(times, name, base)
         mfu = statistics.median(flops[name] * args.ctx_len / t / rate for t, rate in zip(times[name], rates))
         rows[name] = {

@@ -82,9 +82,9 @@ def test_cpp_kernel_takes_bf16_and_returns_bf16():
 def test_inference_keeps_no_chunk_states():
     xs = [x.contiguous() for x in make_inputs(1, 40, 2, 64, dtype=torch.float32, seed=4)]
     s0 = torch.zeros(1, 2, 64, 64)
-    _, _, starts = cpp.extension().forward([xs[0], xs[1].exp(), *xs[2:]], s0, False)
-    assert starts.numel() == 0
-    _, _, starts = cpp.extension().forward([xs[0], xs[1].exp(), *xs[2:]], s0, True)
+    _, _, starts, sa = cpp.extension().forward([xs[0], xs[1].exp(), *xs[2:]], s0, False)
+    assert starts.numel() == 0 and sa.numel() == 0
+    _, _, starts, sa = cpp.extension().forward([xs[0], xs[1].exp(), *xs[2:]], s0, True)
     assert starts.shape == (1, 2, 3, 64, 64)  # ceil(40 / 16) chunk starts
     with torch.no_grad():
         y, s = cpp.wkv7_cpp(*xs)
@@ -101,7 +101,7 @@ def test_the_binding_refuses_wrong_inputs():
     with pytest.raises(RuntimeError, match="wkv7 cpp: the state has shape"):
         cpp.extension().forward([x] * 6, torch.zeros(1, 1, 64, 32), True)
     with pytest.raises(RuntimeError, match="wkv7 cpp: the saved states has shape"):
-        cpp.extension().backward([x] * 6, torch.zeros(1, 1, 2, 64, 64), x, s)
+        cpp.extension().backward([x] * 6, torch.zeros(1, 1, 2, 64, 64), x, x, s)
 
 
 def test_cpp_on_another_device_is_refused():

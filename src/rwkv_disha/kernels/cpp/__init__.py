@@ -52,18 +52,18 @@ class _WKV7(torch.autograd.Function):
     def forward(ctx, r, w, k, v, a, b, s0):
         d = torch.exp(w)  # the kernel takes the decay itself and returns the log-decay's gradient
         save = any(ctx.needs_input_grad)  # inference: no chunk-start states kept
-        y, s_last, starts = extension().forward([r, d, k, v, a, b], s0, save)
-        ctx.save_for_backward(r, d, k, v, a, b, starts)
+        y, s_last, starts, sa = extension().forward([r, d, k, v, a, b], s0, save)
+        ctx.save_for_backward(r, d, k, v, a, b, starts, sa)
         return y, s_last
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the kernel's gradients carry no graph of their own
     def backward(ctx, dy, ds_last):
-        r, d, k, v, a, b, starts = ctx.saved_tensors
+        r, d, k, v, a, b, starts, sa = ctx.saved_tensors
         dy = torch.zeros_like(r) if dy is None else dy.float().contiguous()
         B, _, H, N = r.shape
         ds_last = r.new_zeros(B, H, N, N) if ds_last is None else ds_last.float().contiguous()
-        return tuple(extension().backward([r, d, k, v, a, b], starts, dy, ds_last))
+        return tuple(extension().backward([r, d, k, v, a, b], starts, sa, dy, ds_last))
 
 
 def wkv7_cpp(r, w, k, v, a, b, state: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -13,9 +13,9 @@
 // The kernel holds S transposed, (key j, value i) with i contiguous, so each step is passes over the
 // columns of S with vectors along i: the forward reduces nothing across a vector's lanes; the backward
 // reduces five sums per column, all in one pass.
-// The forward saves S at the start of every CHUNK steps; the backward recomputes the chunk's states from
-// there into a (CHUNK + 1) x N x N buffer and walks them back: exact (no division by the decay), for one
-// extra forward.
+// The forward saves S at the start of every CHUNK steps and sa at every step; the backward recomputes the
+// chunk's states from there into a (CHUNK + 1) x N x N buffer and walks them back: exact (no division by
+// the decay), for one state update per step.
 //
 // Layouts: inputs and their gradients (B, T, H, N) fp32 contiguous; states in and out (B, H, N, N) fp32
 // (value, key); saved chunk starts (B, H, ceil(T / CHUNK), N, N) in the kernel's (key, value).
@@ -44,6 +44,16 @@ constexpr int64_t MAX_N = 256;
 // <- S diag(d) + sa b^T + v k^T; writes sa (N) and, if y is given, y_t (N). Every sum runs over j with
 // vectors along i, so nothing is reduced across a vector's lanes.
 // NC: the head size as a compile-time constant (64: every RWKV-7 release), or 0 for the runtime n.
+// Sums run in blocks of W lanes along the vector index, each block's accumulators held in registers for
+// the whole loop over the other index (W = 16 floats: one AVX-512 register, two AVX2 ones).
+constexpr int64_t W = 16;
+
+// The width of the block at `base`: W as a constant when the compiled head size is a multiple of it.
+template <int64_t NC>
+inline int64_t block(int64_t base, int64_t N) {
+  return (NC > 0 && NC % W == 0) ? W : std::min(W, N - base);
+}
+
 template <int64_t NC>
 inline void step_forward(float* __restrict__ St, const Step& x, int64_t t, int64_t n, float* __restrict__ sa,
                          float* __restrict__ y) {
@@ -51,95 +61,146 @@ inline void step_forward(float* __restrict__ St, const Step& x, int64_t t, int64
   const int64_t o = t * x.stride;
   const float *__restrict__ r = x.r + o, *__restrict__ d = x.w + o, *__restrict__ k = x.k + o;
   const float *__restrict__ v = x.v + o, *__restrict__ a = x.a + o, *__restrict__ b = x.b + o;
-  alignas(64) float yy[NC > 0 ? NC : MAX_N];
-  for (int64_t i = 0; i < N; i++) sa[i] = yy[i] = 0.f;
-  for (int64_t j = 0; j < N; j++) {
-    const float* __restrict__ col = St + j * N;
-    const float aj = a[j];
+  for (int64_t ib = 0; ib < N; ib += W) {  // values ib .. ib + w: rows of S, lanes here
+    const int64_t w = block<NC>(ib, N);
+    alignas(64) float sa_b[W] = {}, y_b[W] = {}, v_b[W] = {};
+    for (int64_t ii = 0; ii < w; ii++) v_b[ii] = v[ib + ii];
+    for (int64_t j = 0; j < N; j++) {  // sa = S a
+      const float* __restrict__ col = St + j * N + ib;
+      const float aj = a[j];
 #pragma omp simd
-    for (int64_t i = 0; i < N; i++) sa[i] += col[i] * aj;
-  }
-  for (int64_t j = 0; j < N; j++) {
-    float* __restrict__ col = St + j * N;
-    const float dj = d[j], bj = b[j], kj = k[j], rj = r[j];
-#pragma omp simd
-    for (int64_t i = 0; i < N; i++) {
-      col[i] = col[i] * dj + sa[i] * bj + v[i] * kj;
-      yy[i] += col[i] * rj;
+      for (int64_t ii = 0; ii < w; ii++) sa_b[ii] += col[ii] * aj;
     }
+    for (int64_t j = 0; j < N; j++) {  // S = S diag(d) + sa b^T + v k^T;  y = S r
+      float* __restrict__ col = St + j * N + ib;
+      const float dj = d[j], bj = b[j], kj = k[j], rj = r[j];
+#pragma omp simd
+      for (int64_t ii = 0; ii < w; ii++) {
+        col[ii] = col[ii] * dj + sa_b[ii] * bj + v_b[ii] * kj;
+        y_b[ii] += col[ii] * rj;
+      }
+    }
+    for (int64_t ii = 0; ii < w; ii++) sa[ib + ii] = sa_b[ii];
+    if (y != nullptr)
+      for (int64_t ii = 0; ii < w; ii++) y[o + ib + ii] = y_b[ii];
   }
-  if (y != nullptr)
-    for (int64_t i = 0; i < N; i++) y[o + i] = yy[i];
 }
 
-// One (batch, head) forward: St walks T steps from its start value; y written; the state at the start of
-// every CHUNK steps copied to starts (if given).
 template <int64_t NC>
-void head_forward(float* St, const Step& x, int64_t T, int64_t n, float* y, float* starts) {
+void transpose(const float* __restrict__ src, float* __restrict__ dst, int64_t n) {
+  const int64_t N = NC > 0 ? NC : n;
+  for (int64_t i = 0; i < N; i++)
+    for (int64_t j = 0; j < N; j++) dst[j * N + i] = src[i * N + j];
+}
+
+// One (batch, head) forward: St walks T steps from its start value; y written. For a backward (starts
+// given): the state at the start of every CHUNK steps, by rows (value, key), and sa of every step (same
+// offsets as y).
+template <int64_t NC>
+void head_forward(float* St, const Step& x, int64_t T, int64_t n, float* y, float* starts, float* sa_out) {
   const int64_t N = NC > 0 ? NC : n;
   alignas(64) float sa[NC > 0 ? NC : MAX_N];
   for (int64_t t = 0; t < T; t++) {
-    if (starts != nullptr && t % CHUNK == 0) std::copy(St, St + N * N, starts + (t / CHUNK) * N * N);
-    step_forward<NC>(St, x, t, N, sa, y);
+    if (starts != nullptr && t % CHUNK == 0) transpose<NC>(St, starts + (t / CHUNK) * N * N, N);
+    step_forward<NC>(St, x, t, N, starts != nullptr ? sa_out + t * x.stride : sa, y);
   }
 }
 
-// One (batch, head) backward: dSt holds dL/dS_T (transposed, as St) and ends as dL/dS_0; g the six
-// gradient outputs (same offsets as x); `states` a (CHUNK + 1) x N x N buffer, `sas` CHUNK x N.
+// One (batch, head) backward. dS is held both ways, rows (dSr[i][j] = dS[i,j], starting as dL/dS_T and
+// ending as dL/dS_0) and columns (dSc[j][i]), and the chunk's states are recomputed as rows
+// (states[s][i][j]) from its saved start and the saved sa, so that every sum is a vector accumulation:
+// over j for dv, dsa (from dSc), over i for dr, dd, dk, db, da (from dSr and the state rows); no sum is
+// reduced across a vector's lanes. Buffers: states (CHUNK + 1) x N x N, dSc N x N; g the six gradient
+// outputs and sa_in (same offsets as x).
 template <int64_t NC>
-void head_backward(float* __restrict__ dSt, const Step& x, const float* dy, const std::array<float*, 6>& g,
-                   const float* starts, int64_t T, int64_t n, float* states, float* sas) {
+void head_backward(float* __restrict__ dSr, const Step& x, const float* dy, const float* sa_in,
+                   const std::array<float*, 6>& g, const float* starts, int64_t T, int64_t n, float* states,
+                   float* dSc) {
   const int64_t N = NC > 0 ? NC : n;
-  alignas(64) float dv[NC > 0 ? NC : MAX_N], dsa[NC > 0 ? NC : MAX_N];
+  alignas(64) float dsa[NC > 0 ? NC : MAX_N];
+  transpose<NC>(dSr, dSc, N);
   for (int64_t c = (T + CHUNK - 1) / CHUNK - 1; c >= 0; c--) {
     const int64_t t0 = c * CHUNK, len = std::min(CHUNK, T - t0);
     std::copy(starts + c * N * N, starts + (c + 1) * N * N, states);
-    for (int64_t s = 0; s < len; s++) {  // states[s + 1] = S after step t0 + s
-      float* next = states + (s + 1) * N * N;
-      std::copy(next - N * N, next, next);
-      step_forward<NC>(next, x, t0 + s, N, sas + s * N, nullptr);
+    for (int64_t s = 0; s < len; s++) {  // states[s + 1] = S after step t0 + s, by rows
+      const int64_t o = (t0 + s) * x.stride;
+      const float* __restrict__ sa = sa_in + o;
+      const float *__restrict__ d = x.w + o, *__restrict__ k = x.k + o, *__restrict__ v = x.v + o;
+      const float* __restrict__ b = x.b + o;
+      const float* __restrict__ prev = states + s * N * N;
+      float* __restrict__ next = states + (s + 1) * N * N;
+      for (int64_t i = 0; i < N; i++) {
+        const float sai = sa[i], vi = v[i];
+#pragma omp simd
+        for (int64_t j = 0; j < N; j++) next[i * N + j] = prev[i * N + j] * d[j] + sai * b[j] + vi * k[j];
+      }
     }
     for (int64_t s = len - 1; s >= 0; s--) {
       const int64_t o = (t0 + s) * x.stride;
       const float *__restrict__ S_t = states + (s + 1) * N * N, *__restrict__ S_prev = states + s * N * N;
-      const float *__restrict__ sa = sas + s * N, *__restrict__ dy_t = dy + o;
+      const float *__restrict__ sa = sa_in + o, *__restrict__ dy_t = dy + o;
       const float *__restrict__ r = x.r + o, *__restrict__ d = x.w + o, *__restrict__ k = x.k + o;
       const float *__restrict__ v = x.v + o, *__restrict__ a = x.a + o, *__restrict__ b = x.b + o;
-      for (int64_t i = 0; i < N; i++) dv[i] = dsa[i] = 0.f;
-      for (int64_t j = 0; j < N; j++) {  // column j of dS: add dy r^T, then every sum it enters, in one pass
-        float* __restrict__ col = dSt + j * N;
-        const float *__restrict__ st_col = S_t + j * N, *__restrict__ prev_col = S_prev + j * N;
-        const float rj = r[j], kj = k[j], bj = b[j];
-        float dr = 0.f, dd = 0.f, dk = 0.f, db = 0.f;
-#pragma omp simd reduction(+ : dr, dd, dk, db)
-        for (int64_t i = 0; i < N; i++) {
-          const float ds = col[i] + dy_t[i] * rj;
-          col[i] = ds;
-          dv[i] += ds * kj;
-          dsa[i] += ds * bj;
-          dr += st_col[i] * dy_t[i];
-          dd += ds * prev_col[i];
-          dk += ds * v[i];
-          db += ds * sa[i];
+      // columns: dS += dy r^T; dv = dS k, dsa = dS b
+      for (int64_t ib = 0; ib < N; ib += W) {
+        const int64_t w = block<NC>(ib, N);
+        alignas(64) float dv_b[W] = {}, dsa_b[W] = {}, dy_b[W] = {};
+        for (int64_t ii = 0; ii < w; ii++) dy_b[ii] = dy_t[ib + ii];
+        for (int64_t j = 0; j < N; j++) {
+          float* __restrict__ col = dSc + j * N + ib;
+          const float rj = r[j], kj = k[j], bj = b[j];
+#pragma omp simd
+          for (int64_t ii = 0; ii < w; ii++) {
+            const float ds = col[ii] + dy_b[ii] * rj;
+            col[ii] = ds;
+            dv_b[ii] += ds * kj;
+            dsa_b[ii] += ds * bj;
+          }
         }
-        g[0][o + j] = dr;
-        g[1][o + j] = dd * d[j];  // dw = dd * d (w is the log-decay)
-        g[2][o + j] = dk;
-        g[5][o + j] = db;
+        for (int64_t ii = 0; ii < w; ii++) {
+          dsa[ib + ii] = dsa_b[ii];
+          g[3][o + ib + ii] = dv_b[ii];
+        }
       }
-      for (int64_t j = 0; j < N; j++) {  // dS_{t-1} = dS diag(d) + dsa a^T
-        float* __restrict__ col = dSt + j * N;
+      // rows: dS += dy r^T; the sums over i; then dS_{t-1} = dS diag(d) + dsa a^T
+      for (int64_t jb = 0; jb < N; jb += W) {
+        const int64_t w = block<NC>(jb, N);
+        alignas(64) float dr_b[W] = {}, dd_b[W] = {}, dk_b[W] = {}, db_b[W] = {}, da_b[W] = {};
+        alignas(64) float r_b[W] = {}, d_b[W] = {}, a_b[W] = {};
+        for (int64_t jj = 0; jj < w; jj++) {
+          r_b[jj] = r[jb + jj];
+          d_b[jj] = d[jb + jj];
+          a_b[jj] = a[jb + jj];
+        }
+        for (int64_t i = 0; i < N; i++) {
+          float* __restrict__ row = dSr + i * N + jb;
+          const float *__restrict__ st_row = S_t + i * N + jb, *__restrict__ prev_row = S_prev + i * N + jb;
+          const float dyi = dy_t[i], vi = v[i], sai = sa[i], dsai = dsa[i];
+#pragma omp simd
+          for (int64_t jj = 0; jj < w; jj++) {
+            const float ds = row[jj] + dyi * r_b[jj];
+            dr_b[jj] += st_row[jj] * dyi;
+            dd_b[jj] += ds * prev_row[jj];
+            dk_b[jj] += ds * vi;
+            db_b[jj] += ds * sai;
+            da_b[jj] += prev_row[jj] * dsai;
+            row[jj] = ds * d_b[jj] + dsai * a_b[jj];
+          }
+        }
+        for (int64_t jj = 0; jj < w; jj++) {
+          g[0][o + jb + jj] = dr_b[jj];
+          g[1][o + jb + jj] = dd_b[jj] * d_b[jj];  // dw = dd * d (w is the log-decay)
+          g[2][o + jb + jj] = dk_b[jj];
+          g[4][o + jb + jj] = da_b[jj];
+          g[5][o + jb + jj] = db_b[jj];
+        }
+      }
+      for (int64_t j = 0; j < N; j++) {
+        float* __restrict__ col = dSc + j * N;
         const float dj = d[j], aj = a[j];
-        const float* __restrict__ prev_col = S_prev + j * N;
-        float da = 0.f;
-#pragma omp simd reduction(+ : da)
-        for (int64_t i = 0; i < N; i++) {
-          da += dsa[i] * prev_col[i];
-          col[i] = col[i] * dj + dsa[i] * aj;
-        }
-        g[4][o + j] = da;
+#pragma omp simd
+        for (int64_t i = 0; i < N; i++) col[i] = col[i] * dj + dsa[i] * aj;
       }
-      for (int64_t i = 0; i < N; i++) g[3][o + i] = dv[i];
     }
   }
 }
@@ -168,57 +229,62 @@ Step step_of(const std::vector<torch::Tensor>& xs, int64_t off) {
 
 }  // namespace
 
-// xs = [r, w, k, v, a, b] (B, T, H, N) fp32; s0 (B, H, N, N) fp32
-// -> [y (B, T, H, N), s_last (B, H, N, N), starts (B, H, ceil(T / CHUNK), N, N), or empty without save]
+// xs = [r, decay, k, v, a, b] (B, T, H, N) fp32; s0 (B, H, N, N) fp32 (value, key)
+// -> [y (B, T, H, N), s_last (B, H, N, N), starts (B, H, ceil(T / CHUNK), N, N), sa (B, T, H, N)];
+// without save (no backward to come) starts and sa are empty and nothing is written to them
 std::vector<torch::Tensor> forward(std::vector<torch::Tensor> xs, torch::Tensor s0, bool save) {
   check_all(xs, s0);
   const int64_t B = xs[0].size(0), T = xs[0].size(1), H = xs[0].size(2), N = xs[0].size(3);
   const int64_t n_chunks = (T + CHUNK - 1) / CHUNK;
   auto y = torch::empty_like(xs[0]);
-  auto s_last = s0.transpose(-1, -2).contiguous();  // the kernel's state is (key, value)
+  auto s_last = s0.transpose(-1, -2).contiguous();  // the forward walks S by columns: (key, value)
   auto starts = torch::empty({save ? B : 0, H, n_chunks, N, N}, s0.options());
+  auto sa = save ? torch::empty_like(xs[0]) : torch::empty({0}, s0.options());
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; bh++) {
       const int64_t off = (bh / H) * T * H * N + (bh % H) * N;  // (batch, t = 0, head, 0)
       float* st = save ? starts.data_ptr<float>() + bh * n_chunks * N * N : nullptr;
+      float* sa_out = save ? sa.data_ptr<float>() + off : nullptr;
       float* S = s_last.data_ptr<float>() + bh * N * N;
+      float* yp = y.data_ptr<float>() + off;
       if (N == 64)
-        head_forward<64>(S, step_of(xs, off), T, N, y.data_ptr<float>() + off, st);
+        head_forward<64>(S, step_of(xs, off), T, N, yp, st, sa_out);
       else
-        head_forward<0>(S, step_of(xs, off), T, N, y.data_ptr<float>() + off, st);
+        head_forward<0>(S, step_of(xs, off), T, N, yp, st, sa_out);
     }
   });
-  return {y, s_last.transpose(-1, -2), starts};
+  return {y, s_last.transpose(-1, -2), starts, sa};
 }
 
-// xs as above, starts from forward(save = true), dy (B, T, H, N), ds_last (B, H, N, N)
+// xs as above, starts and sa from forward(save = true), dy (B, T, H, N), ds_last (B, H, N, N)
 // -> [dr, dw, dk, dv, da, db (each (B, T, H, N)), ds0 (B, H, N, N)]
-std::vector<torch::Tensor> backward(std::vector<torch::Tensor> xs, torch::Tensor starts, torch::Tensor dy,
-                                    torch::Tensor ds_last) {
+std::vector<torch::Tensor> backward(std::vector<torch::Tensor> xs, torch::Tensor starts, torch::Tensor sa,
+                                    torch::Tensor dy, torch::Tensor ds_last) {
   check_all(xs, ds_last);
   check(dy, xs[0].sizes(), "dy");
+  check(sa, xs[0].sizes(), "sa");
   const int64_t B = xs[0].size(0), T = xs[0].size(1), H = xs[0].size(2), N = xs[0].size(3);
   const int64_t n_chunks = (T + CHUNK - 1) / CHUNK;
   check(starts, {B, H, n_chunks, N, N}, "the saved states");
   std::vector<torch::Tensor> grads;
   for (int i = 0; i < 6; i++) grads.push_back(torch::empty_like(xs[0]));
-  auto ds0 = ds_last.transpose(-1, -2).contiguous();
+  auto ds0 = ds_last.clone();  // the backward's dS by rows: (value, key), as the caller's state
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> states((CHUNK + 1) * N * N), sas(CHUNK * N);
+    std::vector<float> states((CHUNK + 1) * N * N), dSc(N * N);
     for (int64_t bh = begin; bh < end; bh++) {
       const int64_t off = (bh / H) * T * H * N + (bh % H) * N;
       std::array<float*, 6> g;
       for (int i = 0; i < 6; i++) g[i] = grads[i].data_ptr<float>() + off;
       const float* st = starts.data_ptr<float>() + bh * n_chunks * N * N;
+      const float *dyp = dy.data_ptr<float>() + off, *sap = sa.data_ptr<float>() + off;
       float* dS = ds0.data_ptr<float>() + bh * N * N;
-      const float* dyp = dy.data_ptr<float>() + off;
       if (N == 64)
-        head_backward<64>(dS, step_of(xs, off), dyp, g, st, T, N, states.data(), sas.data());
+        head_backward<64>(dS, step_of(xs, off), dyp, sap, g, st, T, N, states.data(), dSc.data());
       else
-        head_backward<0>(dS, step_of(xs, off), dyp, g, st, T, N, states.data(), sas.data());
+        head_backward<0>(dS, step_of(xs, off), dyp, sap, g, st, T, N, states.data(), dSc.data());
     }
   });
-  grads.push_back(ds0.transpose(-1, -2));
+  grads.push_back(ds0);
   return grads;
 }
 
