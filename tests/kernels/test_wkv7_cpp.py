@@ -11,7 +11,7 @@ from rwkv_disha.bench import check_op_device
 from rwkv_disha.cli import main
 from rwkv_disha.errors import RWKVDishaError
 from rwkv_disha.kernels import available_ops, check_op_fits, cpp, get_wkv6, get_wkv7, resolve_op
-from rwkv_disha.kernels.build import build_extension
+from rwkv_disha.kernels.compiled import build_extension
 from rwkv_disha.kernels.wkv7 import wkv7_loop
 from tests.kernels.test_wkv7 import make_inputs
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from rwkv_disha.kernels.build import build_extension, build_tools_missing
+from rwkv_disha.kernels.compiled import build_extension, build_tools_missing, output_grads
 
 Tensor = torch.Tensor
 SOURCES = Path(__file__).parent
@@ -60,9 +60,7 @@ class _WKV7(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # the kernel's gradients carry no graph of their own
     def backward(ctx, dy, ds_last):
         r, d, k, v, a, b, starts, sa = ctx.saved_tensors
-        dy = torch.zeros_like(r) if dy is None else dy.float().contiguous()
-        B, _, H, N = r.shape
-        ds_last = r.new_zeros(B, H, N, N) if ds_last is None else ds_last.float().contiguous()
+        dy, ds_last = output_grads(r, dy, ds_last, torch.float32)
         return tuple(extension().backward([r, d, k, v, a, b], starts, sa, dy, ds_last))
 
 

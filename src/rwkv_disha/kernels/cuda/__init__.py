@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rwkv_disha.kernels.build import build_extension
+from rwkv_disha.kernels.compiled import build_extension, output_grads
 
 Tensor = torch.Tensor
 SOURCES = Path(__file__).parent
@@ -57,11 +57,7 @@ class _WKV7(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # the kernel's gradients carry no graph of their own
     def backward(ctx, dy, ds_last):
         r, w, k, v, a, b, sa, s_saved = ctx.saved_tensors
-        dy = torch.zeros_like(r) if dy is None else dy.to(r.dtype).contiguous()
-        B, _, H, N = r.shape
-        if ds_last is None:  # the final state fed nothing
-            ds_last = r.new_zeros(B, H, N, N, dtype=torch.float32)
-        ds_last = ds_last.float().contiguous()
+        dy, ds_last = output_grads(r, dy, ds_last, r.dtype)
         stream = torch.cuda.current_stream(r.device).cuda_stream
         return tuple(extension().backward(r, w, k, v, a, b, sa, s_saved, dy, ds_last, stream))
 

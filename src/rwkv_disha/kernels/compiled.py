@@ -1,5 +1,6 @@
-"""Our compiled kernels (``--op cuda``, ``--op cpp``) are built by torch's cpp_extension at first use and
-cached by it (``~/.cache/torch_extensions``); a failed build is one error line."""
+"""What our compiled kernels (``--op cuda``, ``--op cpp``) share: the build by torch's cpp_extension at
+first use, cached by it (``~/.cache/torch_extensions``; a failed build is one error line), and the
+autograd glue of their backward."""
 
 from __future__ import annotations
 
@@ -33,3 +34,15 @@ def build_extension(op: str, what: str, instead: str, name: str, sources: list[P
         last = (str(e).strip().splitlines() or ["?"])[-1]  # the build log is long; its last line says why
         msg = f"--op {op}: building the {what} kernel failed ({last}); use --op {instead}"
         raise RWKVDishaError(msg) from e
+
+
+def output_grads(r, dy, ds_last, dy_dtype) -> tuple:
+    """The gradients a WKV autograd Function's backward receives, as its kernel takes them: an unused
+    output's None as zeros, dy (B, T, H, N) in ``dy_dtype``, ds_last (B, H, N, N) fp32, both contiguous."""
+    import torch
+
+    B, _, H, N = r.shape
+    dy = torch.zeros_like(r, dtype=dy_dtype) if dy is None else dy.to(dy_dtype).contiguous()
+    if ds_last is None:  # the final state fed nothing
+        ds_last = r.new_zeros(B, H, N, N, dtype=torch.float32)
+    return dy, ds_last.float().contiguous()
