@@ -159,3 +159,14 @@ def test_train_with_op_cpp_matches_op_torch(tmp_path, make_checkpoint):
     b = _train(tmp_path / "torch", base, "torch")
     assert len(a) == len(b) == 6 and a[0] == pytest.approx(b[0], rel=1e-5)
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4 * max(b)
+
+
+@needs_build
+def test_compiled_blocks_around_the_cpp_kernel_equal_eager(make_checkpoint):
+    """--compile 1 --op cpp: dynamo cannot trace into the extension call, so each block's graph breaks
+    there and runs it eagerly; values and every gradient stay those of eager."""
+    from rwkv_disha.model.load import load_model
+    from tests.bench.test_speed_paths import _compiled_equals_eager
+
+    torch._dynamo.reset()
+    _compiled_equals_eager(load_model(make_checkpoint(2, 64, 200), op="cpp").train(), "aot_eager")

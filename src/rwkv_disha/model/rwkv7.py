@@ -42,12 +42,22 @@ def token_shift(x: Tensor, last: Tensor | None) -> Tensor:
 class TimeMix(nn.Module):
     """RWKV-7 attention ("att"): low-rank data-dependent decay, in-context learning rate a, WKV state."""
 
+    @property
+    def op(self) -> str:
+        return self._op
+
+    @op.setter
+    def op(self, op: str) -> None:
+        # the kernel is looked up (checked, and a compiled one built) once here, not on every forward, where
+        # --compile 1 would trace the registry's checks
+        self._op, self._wkv = op, get_wkv7(op)
+
     def __init__(self, cfg: ModelConfig, layer_id: int, op: str = "auto"):
         super().__init__()
         C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
         self.layer_id, self.n_head, self.head_size = layer_id, H, N
         self.first = layer_id == 0  # forward reads this, not layer_id (one compiled graph for blocks 1..L-1)
-        self.op = op
+        self.op = op  # checks the kernel here; forward calls the one found (see the property)
         for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a"):
             setattr(self, name, nn.Parameter(torch.zeros(1, 1, C)))
         self.w1 = nn.Parameter(torch.zeros(C, cfg.d_decay))
@@ -102,7 +112,7 @@ class TimeMix(nn.Module):
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
         if wkv is None and self.time_state is not None:  # a new sequence starts from the tuned state
             wkv = self.time_state.expand(B, H, N, N)
-        y, wkv = get_wkv7(self.op)(
+        y, wkv = self._wkv(
             heads(r), heads(log_w), heads(k), heads(v), -kk, kk * heads(a), wkv
         )  # y (B, T, H, N)
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)

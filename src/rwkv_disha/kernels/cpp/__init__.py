@@ -64,6 +64,7 @@ class _WKV7(torch.autograd.Function):
         return tuple(extension().backward([r, d, k, v, a, b], starts, sa, dy, ds_last))
 
 
+@torch.compiler.disable  # --compile 1: dynamo cannot trace the extension; run it eagerly between graphs
 def wkv7_cpp(r, w, k, v, a, b, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Same contract as :func:`rwkv_disha.kernels.wkv7.wkv7_loop`, on CPU tensors: (B, T, H, N) inputs,
     ``w`` the log-decay -> (y (B, T, H, N) in r's dtype, state (B, H, N, N) fp32 as (value, key))."""
