@@ -170,3 +170,11 @@ def test_compiled_blocks_around_the_cpp_kernel_equal_eager(make_checkpoint):
 
     torch._dynamo.reset()
     _compiled_equals_eager(load_model(make_checkpoint(2, 64, 200), op="cpp").train(), "aot_eager")
+
+
+@needs_build
+def test_cpp_kernel_passes_the_state_gradient_guard():
+    """State tuning and infctx check a kernel's initial-state gradient before training: cpp passes."""
+    from rwkv_disha.train.modes import check_state_gradients
+
+    check_state_gradients("cpp", torch.device("cpu"))
