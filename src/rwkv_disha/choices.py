@@ -5,7 +5,7 @@ from __future__ import annotations
 # model versions we can load (rwkv_disha.model.registry.MODELS has one entry each)
 MODEL_VERSIONS = ("x070", "x060", "x052")
 # --op: WKV kernel. cuda is our own CUDA kernel for RWKV-7 (fla for RWKV-6 / 5.2); cpp our compiled CPU
-# kernel for RWKV-7; triton means fla.
+# kernels; triton means fla.
 OPS = ("auto", "torch", "loop", "fla", "cuda", "cpp", "triton")
 # --peft and the DiSHA modes (state: only the initial WKV states train; rwkv_disha.adapters.registry)
 PEFT_KINDS = ("disha", "lora", "miss", "pissa", "state", "none")

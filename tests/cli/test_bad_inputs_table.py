@@ -337,7 +337,6 @@ CASES: list[tuple[str, list[str], str]] = [
     ("demo-epoch_steps-0", [*DEMO, "--epoch_steps", "0"], "epoch_steps"),
     ("demo-n_embd-not-multiple", [*DEMO, "--n_embd", "100"], "n_embd"),
     ("demo-n_embd-0", [*DEMO, "--n_embd", "0"], "n_embd"),
-    ("bench-step-op-cpp-rwkv6", [*BSTEP, "--version", "x060", "--op", "cpp"], "--op cpp runs rwkv-7"),
     ("demo-n_layer-0", [*DEMO, "--n_layer", "0"], "n_layer"),
     ("demo-r-0", [*DEMO, "--r", "0"], "--r"),
     ("demo-r-wider-than-model", [*DEMO, "--r", "1000"], "--r"),

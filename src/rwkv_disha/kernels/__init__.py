@@ -4,8 +4,9 @@
 Ops: ``torch`` (chunked, any device; default on CPU), ``loop`` (per-step reference), ``fla``
 (flash-linear-attention Triton kernel, CUDA only), ``cuda`` (RWKV-7: our CUDA kernel, built at first use,
 :mod:`rwkv_disha.kernels.cuda`; RWKV-6 / 5.2 have none of ours, so there it means ``fla``), ``cpp``
-(RWKV-7: our compiled CPU kernel, built at first use, :mod:`rwkv_disha.kernels.cpp`; CPU only, RWKV-7
-only). ``triton`` (RWKV-PEFT's name) means ``fla``; ``auto`` picks ``fla`` when it can run, else ``torch``.
+(our compiled CPU kernels for RWKV-7 and RWKV-6 / 5.2, built at first use,
+:mod:`rwkv_disha.kernels.cpp`; CPU only). ``triton`` (RWKV-PEFT's name) means ``fla``; ``auto`` picks
+``fla`` when it can run, else ``torch``.
 """
 
 from __future__ import annotations
@@ -52,12 +53,9 @@ def resolve_op(op: str) -> str:
 
 
 def check_op_fits(op: str, version: str, head_size: int) -> None:
-    """Refuse, before any work, a kernel that cannot run this model (``--op cuda``: RWKV-7 with head size
-    64, as in every release; ``--op cpp``: RWKV-7)."""
-    name = resolve_op(op)
-    if name == "cpp" and version != "x070":
-        raise RWKVDishaError(f"--op cpp runs RWKV-7 (x070) only; this model is {version}: use --op torch")
-    if version == "x070" and name == "cuda" and head_size != cuda.HEAD_SIZE:
+    """Refuse, before any work, a kernel that cannot run this model's heads (``--op cuda``: RWKV-7 with head
+    size 64, as in every release)."""
+    if version == "x070" and resolve_op(op) == "cuda" and head_size != cuda.HEAD_SIZE:
         raise RWKVDishaError(
             f"--op cuda runs RWKV-7 heads of size {cuda.HEAD_SIZE} only; this model's are {head_size}: "
             "use --op fla or torch"
@@ -86,7 +84,7 @@ _WKV7 = {
     "cuda": cuda.wkv7_cuda,
     "cpp": cpp.wkv7_cpp,
 }
-_WKV6 = {"auto": wkv6_auto, "torch": wkv6_chunked, "loop": wkv6_loop, "fla": wkv6_fla}
+_WKV6 = {"auto": wkv6_auto, "torch": wkv6_chunked, "loop": wkv6_loop, "fla": wkv6_fla, "cpp": cpp.wkv6_cpp}
 
 
 def get_wkv7(op: str) -> Callable:
@@ -95,8 +93,6 @@ def get_wkv7(op: str) -> Callable:
 
 def get_wkv6(op: str) -> Callable:
     op = resolve_op(op)
-    if op == "cpp":
-        raise RWKVDishaError("--op cpp runs RWKV-7 (x070) only; for RWKV-6 / 5.2 use --op torch")
     # no RWKV-6 CUDA kernel of our own: `cuda` runs fla there, so fla must be installed
     return _WKV6[resolve_op("fla") if op == "cuda" else op]
 

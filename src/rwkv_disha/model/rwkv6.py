@@ -43,8 +43,15 @@ class WKVHeads(nn.Module):
 
     n_head: int
     head_size: int
-    op: str
     time_state: nn.Parameter | None
+
+    @property
+    def op(self) -> str:
+        return self._op
+
+    @op.setter
+    def op(self, op: str) -> None:
+        self._op, self._wkv = op, get_wkv6(op)  # checked once here, not on every forward (as in RWKV-7)
 
     def mix_heads(self, r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, g: Tensor, wkv: Tensor | None):
         """r, log_w, k, v, g (B, T, C), state (B, H, N, N) or None -> (out (B, T, C), final state)."""
@@ -52,7 +59,7 @@ class WKVHeads(nn.Module):
         heads = lambda t: t.reshape(B, T, self.n_head, self.head_size)  # noqa: E731
         if wkv is None and self.time_state is not None:  # a new sequence starts from the tuned state
             wkv = self.time_state.expand(B, self.n_head, self.head_size, self.head_size)
-        y, wkv = get_wkv6(self.op)(heads(r), heads(log_w), heads(k), heads(v), self.time_faaaa, wkv)
+        y, wkv = self._wkv(heads(r), heads(log_w), heads(k), heads(v), self.time_faaaa, wkv)
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         return self.output(y * g), wkv
 

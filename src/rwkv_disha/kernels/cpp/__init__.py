@@ -1,15 +1,17 @@
-"""RWKV-7's compiled CPU kernel (``--op cpp``): ``wkv7_cpu.cpp`` (math and layout in its header), built by
-torch's cpp_extension at first use (~25 s with g++, then cached in ``~/.cache/torch_extensions``).
+"""Our compiled CPU WKV kernels (``--op cpp``): RWKV-7 (``wkv7.h``) and RWKV-6 / 5.2 (``wkv6.h``), with
+their torch binding (``wkv_cpu.cpp``), built by torch's cpp_extension at first use (~25 s with g++, then
+cached in ``~/.cache/torch_extensions``).
 
-One (batch, head) per task across the CPU's threads, the state walked step by step in cache: about 2.8x the
-chunked torch kernel's speed for a 0.1B layer's forward + backward (docs/BENCHMARKS.md). Any head size up
-to 256 (64 is compiled as a constant), fp32 computation (bf16 inputs are widened, as the chunked kernel
-does), exact gradients for every input and the initial state.
+One (batch, head) per task across the CPU's threads, the state walked step by step in cache: about 2x the
+chunked torch kernel's speed for a 0.1B RWKV-7 layer's forward + backward (docs/BENCHMARKS.md). Any head
+size up to 256 (64 is compiled as a constant), fp32 computation (bf16 inputs are widened, as the chunked
+kernels do), exact gradients for every input and the initial state.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 from pathlib import Path
 
 import torch
@@ -40,9 +42,19 @@ def extension():
     if torch.backends.openmp.is_available():  # at::parallel_for spreads the heads over threads only with it
         cflags.append("-fopenmp")
         ldflags.append("-fopenmp")
-    name = "rwkv_disha_wkv7_cpu_" + "".join(c for c in capability.lower() if c.isalnum())
-    sources = [SOURCES / "wkv7_cpu.cpp"]
+    # cpp_extension rebuilds when a listed source changes, not a header it includes: the name carries a hash
+    # of every file, so an edited kernel never loads a stale build
+    files = sorted(SOURCES.glob("*.[ch]*"))
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
+    isa = "".join(c for c in capability.lower() if c.isalnum())
+    name = f"rwkv_disha_wkv_cpu_{isa}_{digest}"
+    sources = [SOURCES / "wkv_cpu.cpp"]
     return build_extension("cpp", "CPU", "torch", name, sources, extra_cflags=cflags, extra_ldflags=ldflags)
+
+
+def _check_cpu(r: Tensor) -> None:
+    if r.device.type != "cpu":
+        raise ValueError(f"--op cpp runs on CPU tensors, got {r.device}; on a GPU use --op fla, cuda, torch")
 
 
 class _WKV7(torch.autograd.Function):
@@ -52,7 +64,7 @@ class _WKV7(torch.autograd.Function):
     def forward(ctx, r, w, k, v, a, b, s0):
         d = torch.exp(w)  # the kernel takes the decay itself and returns the log-decay's gradient
         save = any(ctx.needs_input_grad)  # inference: no chunk-start states kept
-        y, s_last, starts, sa = extension().forward([r, d, k, v, a, b], s0, save)
+        y, s_last, starts, sa = extension().wkv7_forward([r, d, k, v, a, b], s0, save)
         ctx.save_for_backward(r, d, k, v, a, b, starts, sa)
         return y, s_last
 
@@ -61,18 +73,50 @@ class _WKV7(torch.autograd.Function):
     def backward(ctx, dy, ds_last):
         r, d, k, v, a, b, starts, sa = ctx.saved_tensors
         dy, ds_last = output_grads(r, dy, ds_last, torch.float32)
-        return tuple(extension().backward([r, d, k, v, a, b], starts, sa, dy, ds_last))
+        return tuple(extension().wkv7_backward([r, d, k, v, a, b], starts, sa, dy, ds_last))
 
 
 @torch.compiler.disable  # --compile 1: dynamo cannot trace the extension; run it eagerly between graphs
 def wkv7_cpp(r, w, k, v, a, b, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Same contract as :func:`rwkv_disha.kernels.wkv7.wkv7_loop`, on CPU tensors: (B, T, H, N) inputs,
     ``w`` the log-decay -> (y (B, T, H, N) in r's dtype, state (B, H, N, N) fp32 as (value, key))."""
-    if r.device.type != "cpu":
-        raise ValueError(f"--op cpp runs on CPU tensors, got {r.device}; on a GPU use --op fla, cuda, torch")
+    _check_cpu(r)
     B, _, H, N = r.shape
     with torch.autocast(device_type="cpu", enabled=False):
         xs = [x.float().contiguous() for x in (r, w, k, v, a, b)]
         s0 = r.new_zeros(B, H, N, N, dtype=torch.float32) if state is None else state.float().contiguous()
         y, s_last = _WKV7.apply(*xs, s0)
+    return y.to(r.dtype), s_last
+
+
+class _WKV6(torch.autograd.Function):
+    """(r, w, k, v) (B, T, H, N) fp32 contiguous, w the log-decay, u (H, N), s0 (B, H, N, N) -> (y, s_T)."""
+
+    @staticmethod
+    def forward(ctx, r, w, k, v, u, s0):
+        d = torch.exp(w)
+        save = any(ctx.needs_input_grad)
+        y, s_last, starts = extension().wkv6_forward([r, d, k, v], u, s0, save)
+        ctx.save_for_backward(r, d, k, v, u, starts)
+        return y, s_last
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, ds_last):
+        r, d, k, v, u, starts = ctx.saved_tensors
+        dy, ds_last = output_grads(r, dy, ds_last, torch.float32)
+        dr, dw, dk, dv, du, ds0 = extension().wkv6_backward([r, d, k, v], u, starts, dy, ds_last)
+        return dr, dw, dk, dv, du.sum(0), ds0  # u is shared by the batch
+
+
+@torch.compiler.disable  # --compile 1: dynamo cannot trace the extension; run it eagerly between graphs
+def wkv6_cpp(r, w, k, v, u, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Same contract as :func:`rwkv_disha.kernels.wkv6.wkv6_loop`, on CPU tensors: (B, T, H, N) inputs,
+    ``w`` the log-decay, u (H, N) -> (y (B, T, H, N) in r's dtype, state (B, H, N, N) fp32 (value, key))."""
+    _check_cpu(r)
+    B, _, H, N = r.shape
+    with torch.autocast(device_type="cpu", enabled=False):
+        xs = [x.float().contiguous() for x in (r, w, k, v, u)]
+        s0 = r.new_zeros(B, H, N, N, dtype=torch.float32) if state is None else state.float().contiguous()
+        y, s_last = _WKV6.apply(*xs, s0)
     return y.to(r.dtype), s_last

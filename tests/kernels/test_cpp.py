@@ -1,6 +1,7 @@
-"""`--op cpp` (kernels/cpp/wkv7_cpu.cpp, built by cpp_extension at first use) against the reference loop:
-output, final state, every input gradient and the initial state's, at head size 64 (the compiled constant)
-and 16 (the runtime path), partial chunks, bf16 inputs; the registry's checks; a training run."""
+"""`--op cpp` (kernels/cpp, built by cpp_extension at first use) against the reference loops, RWKV-7 and
+RWKV-6: output, final state, every input gradient and the initial state's, at head size 64 (the compiled
+constant) and 16 (the runtime path), partial chunks, bf16 inputs; the registry's checks; training,
+generate and eval runs."""
 
 import csv
 import json
@@ -13,7 +14,9 @@ from rwkv_disha.cli import main
 from rwkv_disha.errors import RWKVDishaError
 from rwkv_disha.kernels import available_ops, check_op_fits, cpp, get_wkv6, get_wkv7, resolve_op
 from rwkv_disha.kernels.compiled import build_extension
+from rwkv_disha.kernels.wkv6 import wkv6_loop
 from rwkv_disha.kernels.wkv7 import wkv7_loop
+from tests.kernels.test_wkv6 import make_inputs as make_inputs6
 from tests.kernels.test_wkv7 import make_inputs
 
 needs_build = pytest.mark.skipif(cpp.missing() is not None, reason=f"--op cpp needs {cpp.missing()}")
@@ -83,9 +86,9 @@ def test_cpp_kernel_takes_bf16_and_returns_bf16():
 def test_inference_keeps_no_chunk_states():
     xs = [x.contiguous() for x in make_inputs(1, 40, 2, 64, dtype=torch.float32, seed=4)]
     s0 = torch.zeros(1, 2, 64, 64)
-    _, _, starts, sa = cpp.extension().forward([xs[0], xs[1].exp(), *xs[2:]], s0, False)
+    _, _, starts, sa = cpp.extension().wkv7_forward([xs[0], xs[1].exp(), *xs[2:]], s0, False)
     assert starts.numel() == 0 and sa.numel() == 0
-    _, _, starts, sa = cpp.extension().forward([xs[0], xs[1].exp(), *xs[2:]], s0, True)
+    _, _, starts, sa = cpp.extension().wkv7_forward([xs[0], xs[1].exp(), *xs[2:]], s0, True)
     assert starts.shape == (1, 2, 3, 64, 64)  # ceil(40 / 16) chunk starts
     with torch.no_grad():
         y, s = cpp.wkv7_cpp(*xs)
@@ -98,11 +101,11 @@ def test_the_binding_refuses_wrong_inputs():
     x = torch.zeros(1, 16, 1, 64)
     s = torch.zeros(1, 1, 64, 64)
     with pytest.raises(RuntimeError, match="wkv7 cpp: an input must be a contiguous fp32 CPU tensor"):
-        cpp.extension().forward([x, x, x, x, x, x.double()], s, True)
+        cpp.extension().wkv7_forward([x, x, x, x, x, x.double()], s, True)
     with pytest.raises(RuntimeError, match="wkv7 cpp: the state has shape"):
-        cpp.extension().forward([x] * 6, torch.zeros(1, 1, 64, 32), True)
+        cpp.extension().wkv7_forward([x] * 6, torch.zeros(1, 1, 64, 32), True)
     with pytest.raises(RuntimeError, match="wkv7 cpp: the saved states has shape"):
-        cpp.extension().backward([x] * 6, torch.zeros(1, 1, 2, 64, 64), x, x, s)
+        cpp.extension().wkv7_backward([x] * 6, torch.zeros(1, 1, 2, 64, 64), x, x, s)
 
 
 def test_cpp_on_another_device_is_refused():
@@ -117,11 +120,9 @@ def test_cpp_on_another_device_is_refused():
 def test_registry_knows_cpp():
     assert "cpp" in available_ops() and resolve_op("cpp") == "cpp"
     assert get_wkv7("cpp") is cpp.wkv7_cpp
-    with pytest.raises(RWKVDishaError, match="--op cpp runs RWKV-7 .x070. only; for RWKV-6 / 5.2 use --op"):
-        get_wkv6("cpp")
-    with pytest.raises(RWKVDishaError, match="--op cpp runs RWKV-7 .x070. only; this model is x052"):
-        check_op_fits("cpp", "x052", 64)
-    check_op_fits("cpp", "x070", 16)  # any head size
+    assert get_wkv6("cpp") is cpp.wkv6_cpp
+    for version in ("x070", "x060", "x052"):
+        check_op_fits("cpp", version, 16)  # any version, any head size
 
 
 def test_without_build_tools_cpp_names_what_is_missing(monkeypatch):
@@ -196,3 +197,65 @@ def test_generate_and_eval_with_op_cpp_equal_op_torch(tmp_path, make_checkpoint,
     assert outputs[0].count("\n") >= 2 and outputs[0] == outputs[1]  # the sampled text and eval's report
     reports = [json.loads((tmp_path / f"{op}.json").read_text()) for op in ("torch", "cpp")]
     assert reports[0]["loss"] == pytest.approx(reports[1]["loss"], rel=1e-5)
+
+
+# --- RWKV-6 / 5.2
+
+
+def _wkv6_against_the_loop(xs, state, dtype):
+    """wkv6_cpp on `dtype` copies of (r, w, k, v, u) vs autograd through the fp64 loop."""
+    rounded = [x.to(dtype) for x in xs]
+    leaves = [x.clone().requires_grad_() for x in rounded]
+    s0 = state.clone().requires_grad_()
+    y, s = cpp.wkv6_cpp(*leaves, state=s0)
+    assert y.dtype == dtype and y.shape == xs[0].shape and s.dtype == torch.float32
+    ref = [x.double().requires_grad_() for x in rounded]
+    ref_s0 = state.double().requires_grad_()
+    y_ref, s_ref = wkv6_loop(*ref, state=ref_s0)
+    weight = torch.cos(y_ref.detach())
+    ((y.double() * weight).sum() + s.double().sum()).backward()
+    ((y_ref * weight).sum() + s_ref.sum()).backward()
+    errors = {"y": _rel(y.detach(), y_ref.detach()), "state": _rel(s.detach(), s_ref.detach())}
+    for name, got, want in zip(["r", "w", "k", "v", "u", "state0"], [*leaves, s0], [*ref, ref_s0]):
+        assert got.grad.dtype == got.dtype
+        errors["d" + name] = _rel(got.grad, want.grad)
+    return errors
+
+
+@needs_build
+@pytest.mark.parametrize("T", [1, 16, 37])
+@pytest.mark.parametrize("N", [64, 16])
+@pytest.mark.parametrize("decay", ["slow", "mixed", "fast"])
+def test_wkv6_cpp_kernel_equals_the_loop(T, N, decay):
+    """RWKV-6's decays reach ~1e-9 per step ("fast"): the step-by-step walk needs no log-space care."""
+    xs = make_inputs6(2, T, 3, N, decay, dtype=torch.float32, seed=T + N)
+    state = torch.randn(2, 3, N, N, generator=torch.Generator().manual_seed(3))
+    errors = _wkv6_against_the_loop(xs, state, torch.float32)
+    assert max(errors.values()) < 1e-5, errors
+
+
+@needs_build
+def test_wkv6_cpp_kernel_takes_bf16():
+    xs = make_inputs6(2, 40, 2, 64, dtype=torch.float32, seed=5)
+    state = torch.randn(2, 2, 64, 64, generator=torch.Generator().manual_seed(4))
+    errors = _wkv6_against_the_loop(xs, state, torch.bfloat16)
+    assert max(errors.values()) < 1e-2, errors
+
+
+@needs_build
+def test_wkv6_binding_refuses_a_wrong_u():
+    x = torch.zeros(1, 16, 2, 64)
+    with pytest.raises(RuntimeError, match=r"wkv6 cpp: u has shape \[64\], expected \[2, 64\]"):
+        cpp.extension().wkv6_forward([x] * 4, torch.zeros(64), torch.zeros(1, 2, 64, 64), True)
+
+
+@needs_build
+@pytest.mark.parametrize("version", ["x060", "x052"])
+def test_train_rwkv6_and_5_with_op_cpp_matches_op_torch(tmp_path, version):
+    base = tmp_path / "base.pth"
+    init = ["init", "--version", version, "--output", str(base), "--n_layer", "2", "--n_embd", "64"]
+    assert main([*init, "--head_size", "32", "--vocab_size", "256", "--style", "pretrain"]) == 0
+    a = _train(tmp_path / "cpp", base, "cpp")
+    b = _train(tmp_path / "torch", base, "torch")
+    assert len(a) == len(b) == 6 and a[0] == pytest.approx(b[0], rel=1e-5)
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4 * max(b)

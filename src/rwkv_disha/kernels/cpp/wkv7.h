@@ -1,5 +1,5 @@
-// WKV-7 state recurrence for `--op cpp`: a compiled CPU loop, one (batch, head) per task, the state kept in
-// a small buffer that stays in the core's cache. The chunked torch kernel spends most of its time in
+// RWKV-7's WKV on the CPU (`--op cpp`), per (batch, head): a compiled loop over the steps, the state kept
+// in a small buffer that stays in the core's cache. The chunked torch kernel spends most of its time in
 // (32 x 32) matrix products and their dispatch; this walks the steps one by one.
 //
 // Math (docs/MODEL.md "Forward pass"; per head, state S is N x N laid out (value i, key j)):
@@ -10,50 +10,33 @@
 //     dk_j = sum_i dS[i,j] v_i             db_j = sum_i dS[i,j] sa_i
 //     dv_i = sum_j dS[i,j] k_j             dsa_i = sum_j dS[i,j] b_j            da_j = sum_i dsa_i S_{t-1}[i,j]
 //     dS_{t-1} = dS diag(d) + dsa a^T
-// The kernel holds S transposed, (key j, value i) with i contiguous, so each step is passes over the
-// columns of S with vectors along i: the forward reduces nothing across a vector's lanes; the backward
-// reduces five sums per column, all in one pass.
+// The forward holds S transposed, (key j, value i) with i contiguous, so each step is passes over the
+// columns of S with vectors along i, and no sum is reduced across a vector's lanes. The backward keeps
+// dS both ways (head_backward).
 // The forward saves S at the start of every CHUNK steps and sa at every step; the backward recomputes the
 // chunk's states from there into a (CHUNK + 1) x N x N buffer and walks them back: exact (no division by
 // the decay), for one state update per step.
 //
 // Layouts: inputs and their gradients (B, T, H, N) fp32 contiguous; states in and out (B, H, N, N) fp32
 // (value, key); saved chunk starts (B, H, ceil(T / CHUNK), N, N) in the kernel's (key, value).
+#pragma once
 
-#include <torch/extension.h>
-
-#include <ATen/Parallel.h>
-
-#include <algorithm>
 #include <array>
 #include <cstdint>
-#include <vector>
 
-namespace {
+#include "common.h"
 
-constexpr int64_t CHUNK = 16;
+namespace rwkv_disha {
 
 struct Step {  // pointers to one (batch, head)'s vectors at step t: index t * stride
   const float *r, *w, *k, *v, *a, *b;
   int64_t stride;
 };
 
-constexpr int64_t MAX_N = 256;
-
 // Step t: St (N x N, row j = key j, so column j of S is contiguous over the value index i)
 // <- S diag(d) + sa b^T + v k^T; writes sa (N) and, if y is given, y_t (N). Every sum runs over j with
 // vectors along i, so nothing is reduced across a vector's lanes.
 // NC: the head size as a compile-time constant (64: every RWKV-7 release), or 0 for the runtime n.
-// Sums run in blocks of W lanes along the vector index, each block's accumulators held in registers for
-// the whole loop over the other index (W = 16 floats: one AVX-512 register, two AVX2 ones).
-constexpr int64_t W = 16;
-
-// The width of the block at `base`: W as a constant when the compiled head size is a multiple of it.
-template <int64_t NC>
-inline int64_t block(int64_t base, int64_t N) {
-  return (NC > 0 && NC % W == 0) ? W : std::min(W, N - base);
-}
-
 template <int64_t NC>
 inline void step_forward(float* __restrict__ St, const Step& x, int64_t t, int64_t n, float* __restrict__ sa,
                          float* __restrict__ y) {
@@ -84,13 +67,6 @@ inline void step_forward(float* __restrict__ St, const Step& x, int64_t t, int64
     if (y != nullptr)
       for (int64_t ii = 0; ii < w; ii++) y[o + ib + ii] = y_b[ii];
   }
-}
-
-template <int64_t NC>
-void transpose(const float* __restrict__ src, float* __restrict__ dst, int64_t n) {
-  const int64_t N = NC > 0 ? NC : n;
-  for (int64_t i = 0; i < N; i++)
-    for (int64_t j = 0; j < N; j++) dst[j * N + i] = src[i * N + j];
 }
 
 // One (batch, head) forward: St walks T steps from its start value; y written. For a backward (starts
@@ -205,90 +181,4 @@ void head_backward(float* __restrict__ dSr, const Step& x, const float* dy, cons
   }
 }
 
-void check(const torch::Tensor& x, at::IntArrayRef sizes, const char* name) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
-              "wkv7 cpp: ", name, " must be a contiguous fp32 CPU tensor");
-  TORCH_CHECK(x.sizes() == sizes, "wkv7 cpp: ", name, " has shape ", x.sizes(), ", expected ", sizes);
-}
-
-// xs = [r, decay, k, v, a, b], each (B, T, H, N); state (B, H, N, N)
-void check_all(const std::vector<torch::Tensor>& xs, const torch::Tensor& state) {
-  TORCH_CHECK(xs.size() == 6, "wkv7 cpp: expected 6 inputs, got ", xs.size());
-  const auto& r = xs[0];
-  TORCH_CHECK(r.dim() == 4 && r.size(3) >= 1 && r.size(3) <= MAX_N, "wkv7 cpp: inputs must be (B, T, H, N), N <= ",
-              MAX_N, ", got ", r.sizes());
-  for (const auto& x : xs) check(x, r.sizes(), "an input");
-  check(state, {r.size(0), r.size(2), r.size(3), r.size(3)}, "the state");
-}
-
-Step step_of(const std::vector<torch::Tensor>& xs, int64_t off) {
-  const int64_t stride = xs[0].size(2) * xs[0].size(3);
-  return {xs[0].data_ptr<float>() + off, xs[1].data_ptr<float>() + off, xs[2].data_ptr<float>() + off,
-          xs[3].data_ptr<float>() + off, xs[4].data_ptr<float>() + off, xs[5].data_ptr<float>() + off, stride};
-}
-
-}  // namespace
-
-// xs = [r, decay, k, v, a, b] (B, T, H, N) fp32; s0 (B, H, N, N) fp32 (value, key)
-// -> [y (B, T, H, N), s_last (B, H, N, N), starts (B, H, ceil(T / CHUNK), N, N), sa (B, T, H, N)];
-// without save (no backward to come) starts and sa are empty and nothing is written to them
-std::vector<torch::Tensor> forward(std::vector<torch::Tensor> xs, torch::Tensor s0, bool save) {
-  check_all(xs, s0);
-  const int64_t B = xs[0].size(0), T = xs[0].size(1), H = xs[0].size(2), N = xs[0].size(3);
-  const int64_t n_chunks = (T + CHUNK - 1) / CHUNK;
-  auto y = torch::empty_like(xs[0]);
-  auto s_last = s0.transpose(-1, -2).contiguous();  // the forward walks S by columns: (key, value)
-  auto starts = torch::empty({save ? B : 0, H, n_chunks, N, N}, s0.options());
-  auto sa = save ? torch::empty_like(xs[0]) : torch::empty({0}, s0.options());
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; bh++) {
-      const int64_t off = (bh / H) * T * H * N + (bh % H) * N;  // (batch, t = 0, head, 0)
-      float* st = save ? starts.data_ptr<float>() + bh * n_chunks * N * N : nullptr;
-      float* sa_out = save ? sa.data_ptr<float>() + off : nullptr;
-      float* S = s_last.data_ptr<float>() + bh * N * N;
-      float* yp = y.data_ptr<float>() + off;
-      if (N == 64)
-        head_forward<64>(S, step_of(xs, off), T, N, yp, st, sa_out);
-      else
-        head_forward<0>(S, step_of(xs, off), T, N, yp, st, sa_out);
-    }
-  });
-  return {y, s_last.transpose(-1, -2), starts, sa};
-}
-
-// xs as above, starts and sa from forward(save = true), dy (B, T, H, N), ds_last (B, H, N, N)
-// -> [dr, dw, dk, dv, da, db (each (B, T, H, N)), ds0 (B, H, N, N)]
-std::vector<torch::Tensor> backward(std::vector<torch::Tensor> xs, torch::Tensor starts, torch::Tensor sa,
-                                    torch::Tensor dy, torch::Tensor ds_last) {
-  check_all(xs, ds_last);
-  check(dy, xs[0].sizes(), "dy");
-  check(sa, xs[0].sizes(), "sa");
-  const int64_t B = xs[0].size(0), T = xs[0].size(1), H = xs[0].size(2), N = xs[0].size(3);
-  const int64_t n_chunks = (T + CHUNK - 1) / CHUNK;
-  check(starts, {B, H, n_chunks, N, N}, "the saved states");
-  std::vector<torch::Tensor> grads;
-  for (int i = 0; i < 6; i++) grads.push_back(torch::empty_like(xs[0]));
-  auto ds0 = ds_last.clone();  // the backward's dS by rows: (value, key), as the caller's state
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> states((CHUNK + 1) * N * N), dSc(N * N);
-    for (int64_t bh = begin; bh < end; bh++) {
-      const int64_t off = (bh / H) * T * H * N + (bh % H) * N;
-      std::array<float*, 6> g;
-      for (int i = 0; i < 6; i++) g[i] = grads[i].data_ptr<float>() + off;
-      const float* st = starts.data_ptr<float>() + bh * n_chunks * N * N;
-      const float *dyp = dy.data_ptr<float>() + off, *sap = sa.data_ptr<float>() + off;
-      float* dS = ds0.data_ptr<float>() + bh * N * N;
-      if (N == 64)
-        head_backward<64>(dS, step_of(xs, off), dyp, sap, g, st, T, N, states.data(), dSc.data());
-      else
-        head_backward<0>(dS, step_of(xs, off), dyp, sap, g, st, T, N, states.data(), dSc.data());
-    }
-  });
-  grads.push_back(ds0);
-  return grads;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "WKV-7 forward on the CPU (see wkv7_cpu.cpp)");
-  m.def("backward", &backward, "WKV-7 backward on the CPU (see wkv7_cpu.cpp)");
-}
+}  // namespace rwkv_disha
