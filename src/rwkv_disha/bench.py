@@ -70,7 +70,7 @@ class Config:
     n_layer: int = opt(0, "step: blocks (0: from --shape)")
     n_embd: int = opt(0, "step: width (0: from --shape)")
     vocab_size: int = opt(65536, "step: vocabulary size")
-    version: str = opt("x070", "step: model version", MODEL_VERSIONS)
+    version: str = opt("x070", "model version (kernel: x070 times WKV-7, x060 / x052 WKV-6)", MODEL_VERSIONS)
     adapter: str = opt(
         "bone",
         "step: none (frozen base, only --train_parts train), bone, bat, lora, state, full",
@@ -108,11 +108,13 @@ class Config:
 def run_kernel(cfg: Config, device: str, ops: list[str]) -> dict:
     from rwkv_disha.model.init import DTYPES
 
-    steps = {op: kernel_step(op, cfg.B, cfg.T, cfg.H, cfg.N, device, DTYPES[cfg.kernel_dtype]) for op in ops}
+    dtype = DTYPES[cfg.kernel_dtype]
+    steps = {op: kernel_step(op, cfg.B, cfg.T, cfg.H, cfg.N, device, dtype, cfg.version) for op in ops}
     times = interleaved_times(steps, cfg.repeat, device)
     first = ops[0]
     return {
         "what": "kernel",
+        "version": cfg.version,
         "shape": dict(B=cfg.B, T=cfg.T, H=cfg.H, N=cfg.N),
         "dtype": cfg.kernel_dtype,
         "device": device,

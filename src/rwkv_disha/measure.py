@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from rwkv_disha.kernels import get_wkv7
+from rwkv_disha.kernels import get_wkv6, get_wkv7
 
 
 def _sync(device: torch.device | str) -> None:
@@ -123,19 +123,29 @@ def step_peak_bytes(step, device: torch.device | str = "cpu") -> int:
 
 
 # --- --what kernel -----------------------------------------------------------------------------------
-def wkv_inputs(B: int, T: int, H: int, N: int, device: str = "cpu", seed: int = 0, dtype=torch.float32):
+def wkv_inputs(
+    B: int, T: int, H: int, N: int, device: str = "cpu", seed: int = 0, dtype=torch.float32, version="x070"
+):
+    """Random leaves for a WKV kernel: RWKV-7's (r, log_w, k, v, a, b), or RWKV-6 / 5.2's (r, log_w, k,
+    v, u (H, N)), each in its model's range of decays."""
     g = torch.Generator().manual_seed(seed)
     r, k, v = (torch.randn(B, T, H, N, generator=g) for _ in range(3))
-    log_w = -0.6065 * torch.rand(B, T, H, N, generator=g)
-    kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, generator=g), dim=-1)
-    a_gate = torch.rand(B, T, H, N, generator=g)
-    return [t.to(device=device, dtype=dtype).requires_grad_() for t in (r, log_w, k, v, -kk, kk * a_gate)]
+    if version == "x070":
+        log_w = -0.6065 * torch.rand(B, T, H, N, generator=g)
+        kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, generator=g), dim=-1)
+        a_gate = torch.rand(B, T, H, N, generator=g)
+        xs = (r, log_w, k, v, -kk, kk * a_gate)
+    else:  # per-step decays from ~0.99 down to ~1e-9, as trained RWKV-6 channels have
+        xs = (r, -torch.exp(1.5 * torch.randn(B, T, H, N, generator=g)), k, v, torch.randn(H, N, generator=g))
+    return [t.to(device=device, dtype=dtype).requires_grad_() for t in xs]
 
 
-def kernel_step(op: str, B: int, T: int, H: int, N: int, device: str = "cpu", dtype=torch.float32):
-    """A function running one forward + backward of the WKV-7 op on random inputs of ``dtype``."""
-    fn = get_wkv7(op)
-    xs = wkv_inputs(B, T, H, N, device, dtype=dtype)
+def kernel_step(
+    op: str, B: int, T: int, H: int, N: int, device: str = "cpu", dtype=torch.float32, version: str = "x070"
+):
+    """One forward + backward of the WKV op of ``version`` on random inputs of ``dtype``, as a function."""
+    fn = get_wkv7(op) if version == "x070" else get_wkv6(op)
+    xs = wkv_inputs(B, T, H, N, device, dtype=dtype, version=version)
 
     def step():
         y, s = fn(*xs)

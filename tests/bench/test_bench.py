@@ -97,6 +97,26 @@ def test_kernel_bench_feeds_bf16_inputs_when_asked(monkeypatch, capsys):
     assert seen and set(seen) == {torch.bfloat16}
 
 
+@pytest.mark.parametrize("version", ["x060", "x052"])
+def test_kernel_bench_times_the_wkv6_kernels_for_rwkv6_and_5(monkeypatch, capsys, version):
+    """--version x060 / x052 times the WKV-6 kernels (with the bonus u), not RWKV-7's."""
+    from rwkv_disha import kernels
+
+    seen = []
+    chunked = kernels._WKV6["torch"]
+
+    def spy(*xs, **kw):
+        seen.append([tuple(x.shape) for x in xs])
+        return chunked(*xs, **kw)
+
+    monkeypatch.setitem(kernels._WKV6, "torch", spy)
+    argv = ["bench", "--what", "kernel", "--ops", "torch,loop", "--T", "16", "--H", "2", "--N", "16"]
+    assert main([*argv, "--repeat", "1", "--version", version]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["version"] == version and res["speedup_of_torch"]["loop"] > 0
+    assert seen and seen[0] == [(1, 16, 2, 16)] * 4 + [(2, 16)]
+
+
 def test_cpu_without_native_bf16_trains_fp32_with_a_notice(monkeypatch, capsys):
     monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
     assert hardware.cpu_precision("bf16")[0] == "fp32" and hardware.cpu_precision("fp32") == ("fp32", None)
