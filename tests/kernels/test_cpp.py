@@ -100,12 +100,46 @@ def test_inference_keeps_no_chunk_states():
 def test_the_binding_refuses_wrong_inputs():
     x = torch.zeros(1, 16, 1, 64)
     s = torch.zeros(1, 1, 64, 64)
-    with pytest.raises(RuntimeError, match="wkv7 cpp: an input must be a contiguous fp32 CPU tensor"):
+    with pytest.raises(RuntimeError, match="wkv7 cpp: b must be a contiguous fp32 CPU tensor"):
         cpp.extension().wkv7_forward([x, x, x, x, x, x.double()], s, True)
     with pytest.raises(RuntimeError, match="wkv7 cpp: the state has shape"):
         cpp.extension().wkv7_forward([x] * 6, torch.zeros(1, 1, 64, 32), True)
     with pytest.raises(RuntimeError, match="wkv7 cpp: the saved states has shape"):
         cpp.extension().wkv7_backward([x] * 6, torch.zeros(1, 1, 2, 64, 64), x, x, s)
+
+
+@needs_build
+@pytest.mark.parametrize("kernel", ["wkv7", "wkv6"])
+def test_the_callers_state_is_never_written_and_the_returned_one_is_its_own(kernel):
+    """At head size 1 the transposed start state is already contiguous: the kernel once walked the caller's
+    tensor itself (a tuned time_state changed under its owner's feet)."""
+    make, fn = (make_inputs, cpp.wkv7_cpp) if kernel == "wkv7" else (make_inputs6, cpp.wkv6_cpp)
+    for N in (1, 64):
+        xs = make(1, 6, 2, N, dtype=torch.float32, seed=0)
+        tuned = torch.nn.Parameter(torch.ones(2, N, N))
+        y, s = fn(*xs, state=tuned.expand(1, 2, N, N))
+        assert torch.equal(tuned.detach(), torch.ones(2, N, N)), N
+        assert s.is_contiguous() and s.data_ptr() != tuned.data_ptr()
+        s.detach().add_(1)  # the caller may change the returned state in place
+
+
+@needs_build
+def test_no_grad_keeps_nothing_even_for_inputs_that_require_grad(monkeypatch):
+    """Under torch.no_grad() autograd still reports needs_input_grad for such inputs; the wrapper asks
+    grad mode itself, so inference never allocates the chunk states and sa."""
+    ext, saves = cpp.extension(), []
+
+    class Spy:
+        def wkv7_forward(self, xs, s0, save):
+            saves.append(save)
+            return ext.wkv7_forward(xs, s0, save)
+
+    monkeypatch.setattr(cpp, "extension", lambda: Spy())
+    xs = [x.requires_grad_() for x in make_inputs(1, 20, 2, 64, dtype=torch.float32, seed=1)]
+    with torch.no_grad():
+        cpp.wkv7_cpp(*xs)
+    cpp.wkv7_cpp(*xs)
+    assert saves == [False, True]
 
 
 def test_cpp_on_another_device_is_refused():

@@ -46,3 +46,12 @@ def output_grads(r, dy, ds_last, dy_dtype) -> tuple:
     if ds_last is None:  # the final state fed nothing
         ds_last = r.new_zeros(B, H, N, N, dtype=torch.float32)
     return dy, ds_last.float().contiguous()
+
+
+def backward_to_come(*xs) -> bool:
+    """Whether autograd will ask these tensors' kernel for gradients; if not, its forward keeps nothing for a
+    backward. Asked before the autograd Function: inside its forward, grad mode is always off (and
+    ``ctx.needs_input_grad`` is True under ``torch.no_grad()`` for inputs that require grad)."""
+    import torch
+
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from rwkv_disha.kernels.compiled import build_extension, build_tools_missing, output_grads
+from rwkv_disha.kernels.compiled import backward_to_come, build_extension, build_tools_missing, output_grads
 
 Tensor = torch.Tensor
 SOURCES = Path(__file__).parent
@@ -61,9 +61,8 @@ class _WKV7(torch.autograd.Function):
     """(r, w, k, v, a, b) (B, T, H, N) fp32 contiguous, w the log-decay, s0 (B, H, N, N) fp32 -> (y, s_T)."""
 
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, s0):
+    def forward(ctx, r, w, k, v, a, b, s0, save):
         d = torch.exp(w)  # the kernel takes the decay itself and returns the log-decay's gradient
-        save = any(ctx.needs_input_grad)  # inference: no chunk-start states kept
         y, s_last, starts, sa = extension().wkv7_forward([r, d, k, v, a, b], s0, save)
         ctx.save_for_backward(r, d, k, v, a, b, starts, sa)
         return y, s_last
@@ -73,19 +72,20 @@ class _WKV7(torch.autograd.Function):
     def backward(ctx, dy, ds_last):
         r, d, k, v, a, b, starts, sa = ctx.saved_tensors
         dy, ds_last = output_grads(r, dy, ds_last, torch.float32)
-        return tuple(extension().wkv7_backward([r, d, k, v, a, b], starts, sa, dy, ds_last))
+        return (*extension().wkv7_backward([r, d, k, v, a, b], starts, sa, dy, ds_last), None)
 
 
 @torch.compiler.disable  # --compile 1: dynamo cannot trace the extension; run it eagerly between graphs
 def wkv7_cpp(r, w, k, v, a, b, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Same contract as :func:`rwkv_disha.kernels.wkv7.wkv7_loop`, on CPU tensors: (B, T, H, N) inputs,
-    ``w`` the log-decay -> (y (B, T, H, N) in r's dtype, state (B, H, N, N) fp32 as (value, key))."""
+    ``w`` the log-decay -> (y (B, T, H, N) in r's dtype, state (B, H, N, N) fp32 as (value, key)); computed
+    in fp32 whatever the inputs' dtype (fp64 ones too)."""
     _check_cpu(r)
     B, _, H, N = r.shape
     with torch.autocast(device_type="cpu", enabled=False):
         xs = [x.float().contiguous() for x in (r, w, k, v, a, b)]
         s0 = r.new_zeros(B, H, N, N, dtype=torch.float32) if state is None else state.float().contiguous()
-        y, s_last = _WKV7.apply(*xs, s0)
+        y, s_last = _WKV7.apply(*xs, s0, backward_to_come(*xs, s0))
     return y.to(r.dtype), s_last
 
 
@@ -93,9 +93,8 @@ class _WKV6(torch.autograd.Function):
     """(r, w, k, v) (B, T, H, N) fp32 contiguous, w the log-decay, u (H, N), s0 (B, H, N, N) -> (y, s_T)."""
 
     @staticmethod
-    def forward(ctx, r, w, k, v, u, s0):
+    def forward(ctx, r, w, k, v, u, s0, save):
         d = torch.exp(w)
-        save = any(ctx.needs_input_grad)
         y, s_last, starts = extension().wkv6_forward([r, d, k, v], u, s0, save)
         ctx.save_for_backward(r, d, k, v, u, starts)
         return y, s_last
@@ -106,17 +105,18 @@ class _WKV6(torch.autograd.Function):
         r, d, k, v, u, starts = ctx.saved_tensors
         dy, ds_last = output_grads(r, dy, ds_last, torch.float32)
         dr, dw, dk, dv, du, ds0 = extension().wkv6_backward([r, d, k, v], u, starts, dy, ds_last)
-        return dr, dw, dk, dv, du.sum(0), ds0  # u is shared by the batch
+        return dr, dw, dk, dv, du.sum(0), ds0, None  # u is shared by the batch
 
 
 @torch.compiler.disable  # --compile 1: dynamo cannot trace the extension; run it eagerly between graphs
 def wkv6_cpp(r, w, k, v, u, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Same contract as :func:`rwkv_disha.kernels.wkv6.wkv6_loop`, on CPU tensors: (B, T, H, N) inputs,
-    ``w`` the log-decay, u (H, N) -> (y (B, T, H, N) in r's dtype, state (B, H, N, N) fp32 (value, key))."""
+    ``w`` the log-decay, u (H, N) -> (y (B, T, H, N) in r's dtype, state (B, H, N, N) fp32 (value, key));
+    computed in fp32 whatever the inputs' dtype."""
     _check_cpu(r)
     B, _, H, N = r.shape
     with torch.autocast(device_type="cpu", enabled=False):
         xs = [x.float().contiguous() for x in (r, w, k, v, u)]
         s0 = r.new_zeros(B, H, N, N, dtype=torch.float32) if state is None else state.float().contiguous()
-        y, s_last = _WKV6.apply(*xs, s0)
+        y, s_last = _WKV6.apply(*xs, s0, backward_to_come(*xs, s0))
     return y.to(r.dtype), s_last

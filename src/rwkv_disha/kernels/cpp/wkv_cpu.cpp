@@ -21,15 +21,17 @@ void check(const torch::Tensor& x, at::IntArrayRef sizes, const char* who, const
   TORCH_CHECK(x.sizes() == sizes, who, ": ", name, " has shape ", x.sizes(), ", expected ", sizes);
 }
 
-// xs: n_inputs tensors (B, T, H, N); state (B, H, N, N) -> B, T, H, N
+constexpr const char* NAMES[] = {"r", "decay", "k", "v", "a", "b"};
+
+// xs: r, decay, k, v (, a, b) (B, T, H, N); state (B, H, N, N) named `state_name` -> B, T, H, N
 std::array<int64_t, 4> check_all(const std::vector<torch::Tensor>& xs, size_t n_inputs, const torch::Tensor& state,
-                                 const char* who) {
+                                 const char* state_name, const char* who) {
   TORCH_CHECK(xs.size() == n_inputs, who, ": expected ", n_inputs, " inputs, got ", xs.size());
   const auto& r = xs[0];
   TORCH_CHECK(r.dim() == 4 && r.size(3) >= 1 && r.size(3) <= MAX_N, who, ": inputs must be (B, T, H, N), N <= ",
               MAX_N, ", got ", r.sizes());
-  for (const auto& x : xs) check(x, r.sizes(), who, "an input");
-  check(state, {r.size(0), r.size(2), r.size(3), r.size(3)}, who, "the state");
+  for (size_t i = 0; i < n_inputs; i++) check(xs[i], r.sizes(), who, NAMES[i]);
+  check(state, {r.size(0), r.size(2), r.size(3), r.size(3)}, who, state_name);
   return {r.size(0), r.size(1), r.size(2), r.size(3)};
 }
 
@@ -56,10 +58,10 @@ Step6 step6(const std::vector<torch::Tensor>& xs, const torch::Tensor& u, int64_
 // -> [y (B, T, H, N), s_last (B, H, N, N), starts (B, H, ceil(T / CHUNK), N, N), sa (B, T, H, N)];
 // without save (no backward to come) starts and sa are empty and nothing is written to them
 std::vector<torch::Tensor> wkv7_forward(std::vector<torch::Tensor> xs, torch::Tensor s0, bool save) {
-  const auto dims = check_all(xs, 6, s0, "wkv7 cpp");
+  const auto dims = check_all(xs, 6, s0, "the state", "wkv7 cpp");
   const int64_t B = dims[0], T = dims[1], H = dims[2], N = dims[3];
   auto y = torch::empty_like(xs[0]);
-  auto s_last = s0.transpose(-1, -2).contiguous();
+  auto s_last = s0.transpose(-1, -2).clone(at::MemoryFormat::Contiguous);  // never s0 itself (N = 1)
   auto starts = torch::empty({save ? B : 0, H, n_chunks(T), N, N}, s0.options());
   auto sa = save ? torch::empty_like(xs[0]) : torch::empty({0}, s0.options());
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
@@ -74,14 +76,14 @@ std::vector<torch::Tensor> wkv7_forward(std::vector<torch::Tensor> xs, torch::Te
         head_forward<0>(S, step7(xs, off, H * N), T, N, yp, st, sa_out);
     }
   });
-  return {y, s_last.transpose(-1, -2), starts, sa};
+  return {y, s_last.transpose(-1, -2).contiguous(), starts, sa};
 }
 
 // RWKV-7. xs as above, starts and sa from wkv7_forward(save = true), dy (B, T, H, N), ds_last (B, H, N, N)
 // -> [dr, dw, dk, dv, da, db (each (B, T, H, N)), ds0 (B, H, N, N)]
 std::vector<torch::Tensor> wkv7_backward(std::vector<torch::Tensor> xs, torch::Tensor starts, torch::Tensor sa,
                                          torch::Tensor dy, torch::Tensor ds_last) {
-  const auto dims = check_all(xs, 6, ds_last, "wkv7 cpp");
+  const auto dims = check_all(xs, 6, ds_last, "the final state's gradient", "wkv7 cpp");
   const int64_t B = dims[0], T = dims[1], H = dims[2], N = dims[3];
   check(dy, xs[0].sizes(), "wkv7 cpp", "dy");
   check(sa, xs[0].sizes(), "wkv7 cpp", "sa");
@@ -112,11 +114,11 @@ std::vector<torch::Tensor> wkv7_backward(std::vector<torch::Tensor> xs, torch::T
 // -> [y (B, T, H, N), s_last (B, H, N, N), starts (B, H, ceil(T / CHUNK), N, N), or empty without save]
 std::vector<torch::Tensor> wkv6_forward(std::vector<torch::Tensor> xs, torch::Tensor u, torch::Tensor s0,
                                         bool save) {
-  const auto dims = check_all(xs, 4, s0, "wkv6 cpp");
+  const auto dims = check_all(xs, 4, s0, "the state", "wkv6 cpp");
   const int64_t B = dims[0], T = dims[1], H = dims[2], N = dims[3];
   check(u, {H, N}, "wkv6 cpp", "u");
   auto y = torch::empty_like(xs[0]);
-  auto s_last = s0.transpose(-1, -2).contiguous();
+  auto s_last = s0.transpose(-1, -2).clone(at::MemoryFormat::Contiguous);  // never s0 itself (N = 1)
   auto starts = torch::empty({save ? B : 0, H, n_chunks(T), N, N}, s0.options());
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; bh++) {
@@ -129,14 +131,14 @@ std::vector<torch::Tensor> wkv6_forward(std::vector<torch::Tensor> xs, torch::Te
         head_forward6<0>(S, step6(xs, u, bh, off, H, H * N), T, N, yp, st);
     }
   });
-  return {y, s_last.transpose(-1, -2), starts};
+  return {y, s_last.transpose(-1, -2).contiguous(), starts};
 }
 
 // RWKV-6 / 5.2. xs, u as above, starts from wkv6_forward(save = true), dy (B, T, H, N), ds_last (B, H, N, N)
 // -> [dr, dw, dk, dv (each (B, T, H, N)), du (B, H, N): each batch's share, ds0 (B, H, N, N)]
 std::vector<torch::Tensor> wkv6_backward(std::vector<torch::Tensor> xs, torch::Tensor u, torch::Tensor starts,
                                          torch::Tensor dy, torch::Tensor ds_last) {
-  const auto dims = check_all(xs, 4, ds_last, "wkv6 cpp");
+  const auto dims = check_all(xs, 4, ds_last, "the final state's gradient", "wkv6 cpp");
   const int64_t B = dims[0], T = dims[1], H = dims[2], N = dims[3];
   check(u, {H, N}, "wkv6 cpp", "u");
   check(dy, xs[0].sizes(), "wkv6 cpp", "dy");

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rwkv_disha.kernels.compiled import build_extension, output_grads
+from rwkv_disha.kernels.compiled import backward_to_come, build_extension, output_grads
 
 Tensor = torch.Tensor
 SOURCES = Path(__file__).parent
@@ -46,9 +46,8 @@ class _WKV7(torch.autograd.Function):
     """(r, w, k, v, a, b) (B, T, H, 64), T a multiple of T_MULTIPLE, s0 (B, H, 64, 64) fp32 -> (y, s_T)."""
 
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, s0):
+    def forward(ctx, r, w, k, v, a, b, s0, save):
         stream = torch.cuda.current_stream(r.device).cuda_stream
-        save = any(ctx.needs_input_grad)  # inference: the kernel skips the states a backward would need
         y, s_last, s_saved, sa = extension().forward(r, w, k, v, a, b, s0, save, stream)
         ctx.save_for_backward(r, w, k, v, a, b, sa, s_saved)
         return y, s_last
@@ -59,7 +58,7 @@ class _WKV7(torch.autograd.Function):
         r, w, k, v, a, b, sa, s_saved = ctx.saved_tensors
         dy, ds_last = output_grads(r, dy, ds_last, r.dtype)
         stream = torch.cuda.current_stream(r.device).cuda_stream
-        return tuple(extension().backward(r, w, k, v, a, b, sa, s_saved, dy, ds_last, stream))
+        return (*extension().backward(r, w, k, v, a, b, sa, s_saved, dy, ds_last, stream), None)
 
 
 def wkv7_cuda(r, w, k, v, a, b, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -77,5 +76,5 @@ def wkv7_cuda(r, w, k, v, a, b, state: Tensor | None = None) -> tuple[Tensor, Te
         xs = [x.to(dt) for x in (r, w, k, v, a, b)]
         xs = [(F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x).contiguous() for x in xs]  # no copy when T fits
         s0 = r.new_zeros(B, H, N, N, dtype=torch.float32) if state is None else state.float().contiguous()
-        y, s_last = _WKV7.apply(*xs, s0)
+        y, s_last = _WKV7.apply(*xs, s0, backward_to_come(*xs, s0))  # no: the kernel saves nothing
     return y[:, :T].to(out_dtype), s_last
