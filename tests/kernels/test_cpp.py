@@ -153,8 +153,8 @@ def test_cpp_on_another_device_is_refused():
 @needs_build
 def test_registry_knows_cpp():
     assert "cpp" in available_ops() and resolve_op("cpp") == "cpp"
-    assert get_wkv7("cpp") is cpp.wkv7_cpp
-    assert get_wkv6("cpp") is cpp.wkv6_cpp
+    # behind torch.compiler.disable, which keeps the function it wraps
+    assert get_wkv7("cpp").__wrapped__ is cpp.wkv7_cpp and get_wkv6("cpp").__wrapped__ is cpp.wkv6_cpp
     for version in ("x070", "x060", "x052"):
         check_op_fits("cpp", version, 16)  # any version, any head size
 
@@ -293,3 +293,32 @@ def test_train_rwkv6_and_5_with_op_cpp_matches_op_torch(tmp_path, version):
     b = _train(tmp_path / "torch", base, "torch")
     assert len(a) == len(b) == 6 and a[0] == pytest.approx(b[0], rel=1e-5)
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4 * max(b)
+
+
+@needs_build
+@pytest.mark.parametrize("version", ["x070", "x060"])
+def test_a_model_on_op_cpp_pickles_and_copies(version):
+    """Its kernel sits behind torch.compiler.disable, a wrapper pickle cannot name: the attention module
+    leaves it out and looks it up again on load."""
+    import copy
+    import pickle
+
+    from rwkv_disha.model.init import make_config
+    from rwkv_disha.model.load import build_model
+
+    model = build_model(make_config(1, 64, 64, 32, version), op="cpp", device="cpu")
+    idx = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(0))
+    for other in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert other.blocks[0].att.op == "cpp" and torch.equal(other(idx), model(idx))
+
+
+def test_importing_the_kernels_does_not_import_dynamo():
+    """torch.compiler.disable imports dynamo (and Triton where installed); the registry applies it when a
+    model takes a kernel, so `import rwkv_disha.kernels` stays light (and make test-fla-cpu can still
+    switch Triton to its interpreter after importing us)."""
+    import subprocess
+    import sys
+
+    code = "import sys, rwkv_disha.kernels; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

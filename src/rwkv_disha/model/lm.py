@@ -8,6 +8,7 @@ value, which later blocks mix towards), and None for RWKV-6 / 5.2, whose blocks 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -17,6 +18,32 @@ from torch.utils.checkpoint import checkpoint
 from rwkv_disha.model.config import ModelConfig
 
 Tensor = torch.Tensor
+
+
+class KernelChoice:
+    """The ``op`` of an attention module. Its WKV kernel (``self._wkv``) is looked up (checked, and a
+    compiled one built) when ``op`` is set, not on every forward, where ``--compile 1`` would trace the
+    registry. The kernel is left out of pickles and looked up again on load: it may be a wrapper that
+    pickle cannot name. ``lookup``: ``kernels.get_wkv7`` or ``get_wkv6``."""
+
+    lookup: Callable[[str], Callable]
+
+    @property
+    def op(self) -> str:
+        return self._op
+
+    @op.setter
+    def op(self, op: str) -> None:
+        self._op, self._wkv = op, type(self).lookup(op)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("_wkv", None)
+        return state
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._wkv = type(self).lookup(self._op)
 
 
 class LayerState(NamedTuple):

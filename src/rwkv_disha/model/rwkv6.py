@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from rwkv_disha.kernels import get_wkv6
 from rwkv_disha.model.config import ModelConfig
-from rwkv_disha.model.lm import RWKVLM, Block
+from rwkv_disha.model.lm import RWKVLM, Block, KernelChoice
 from rwkv_disha.model.rwkv7 import token_shift
 from rwkv_disha.model.tensor_init import orthogonal, small, uniform
 
@@ -34,7 +34,7 @@ Tensor = torch.Tensor
 LN_X_EPS = 64e-5  # rwkv package, att_seq_v6_0 / att_seq_v5_2: group_norm(out, eps=64e-5), out not divided
 
 
-class WKVHeads(nn.Module):
+class WKVHeads(KernelChoice, nn.Module):
     """What RWKV-6 and 5.2 attention share after r, k, v, g and the decay: the WKV recurrence per head
     (bonus ``time_faaaa``), GroupNorm over heads (``ln_x``), the gate, ``output``.
 
@@ -44,14 +44,7 @@ class WKVHeads(nn.Module):
     n_head: int
     head_size: int
     time_state: nn.Parameter | None
-
-    @property
-    def op(self) -> str:
-        return self._op
-
-    @op.setter
-    def op(self, op: str) -> None:
-        self._op, self._wkv = op, get_wkv6(op)  # checked once here, not on every forward (as in RWKV-7)
+    lookup = staticmethod(get_wkv6)
 
     def mix_heads(self, r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, g: Tensor, wkv: Tensor | None):
         """r, log_w, k, v, g (B, T, C), state (B, H, N, N) or None -> (out (B, T, C), final state)."""

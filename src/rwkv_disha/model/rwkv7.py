@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from rwkv_disha.kernels import get_wkv7
 from rwkv_disha.model.config import ModelConfig
-from rwkv_disha.model.lm import RWKVLM, Block
+from rwkv_disha.model.lm import RWKVLM, Block, KernelChoice
 from rwkv_disha.model.tensor_init import orthogonal, small, uniform
 
 Tensor = torch.Tensor
@@ -39,25 +39,17 @@ def token_shift(x: Tensor, last: Tensor | None) -> Tensor:
     return torch.cat([prev, x[:, :-1]], dim=1)
 
 
-class TimeMix(nn.Module):
+class TimeMix(KernelChoice, nn.Module):
     """RWKV-7 attention ("att"): low-rank data-dependent decay, in-context learning rate a, WKV state."""
 
-    @property
-    def op(self) -> str:
-        return self._op
-
-    @op.setter
-    def op(self, op: str) -> None:
-        # the kernel is looked up (checked, and a compiled one built) once here, not on every forward, where
-        # --compile 1 would trace the registry's checks
-        self._op, self._wkv = op, get_wkv7(op)
+    lookup = staticmethod(get_wkv7)
 
     def __init__(self, cfg: ModelConfig, layer_id: int, op: str = "auto"):
         super().__init__()
         C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
         self.layer_id, self.n_head, self.head_size = layer_id, H, N
         self.first = layer_id == 0  # forward reads this, not layer_id (one compiled graph for blocks 1..L-1)
-        self.op = op  # checks the kernel here; forward calls the one found (see the property)
+        self.op = op  # checks the kernel here; forward calls the one found (KernelChoice)
         for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a"):
             setattr(self, name, nn.Parameter(torch.zeros(1, 1, C)))
         self.w1 = nn.Parameter(torch.zeros(C, cfg.d_decay))

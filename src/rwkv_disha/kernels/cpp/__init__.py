@@ -75,7 +75,6 @@ class _WKV7(torch.autograd.Function):
         return (*extension().wkv7_backward([r, d, k, v, a, b], starts, sa, dy, ds_last), None)
 
 
-@torch.compiler.disable  # --compile 1: dynamo cannot trace the extension; run it eagerly between graphs
 def wkv7_cpp(r, w, k, v, a, b, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Same contract as :func:`rwkv_disha.kernels.wkv7.wkv7_loop`, on CPU tensors: (B, T, H, N) inputs,
     ``w`` the log-decay -> (y (B, T, H, N) in r's dtype, state (B, H, N, N) fp32 as (value, key)); computed
@@ -108,7 +107,6 @@ class _WKV6(torch.autograd.Function):
         return dr, dw, dk, dv, du.sum(0), ds0, None  # u is shared by the batch
 
 
-@torch.compiler.disable  # --compile 1: dynamo cannot trace the extension; run it eagerly between graphs
 def wkv6_cpp(r, w, k, v, u, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Same contract as :func:`rwkv_disha.kernels.wkv6.wkv6_loop`, on CPU tensors: (B, T, H, N) inputs,
     ``w`` the log-decay, u (H, N) -> (y (B, T, H, N) in r's dtype, state (B, H, N, N) fp32 (value, key));
