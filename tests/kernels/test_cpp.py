@@ -16,52 +16,39 @@ from rwkv_disha.kernels import available_ops, check_op_fits, cpp, get_wkv6, get_
 from rwkv_disha.kernels.compiled import build_extension
 from rwkv_disha.kernels.wkv6 import wkv6_loop
 from rwkv_disha.kernels.wkv7 import wkv7_loop
+from tests.kernels.compare import errors_against_the_loop, rel
 from tests.kernels.test_wkv6 import make_inputs as make_inputs6
 from tests.kernels.test_wkv7 import make_inputs
 
 needs_build = pytest.mark.skipif(cpp.missing() is not None, reason=f"--op cpp needs {cpp.missing()}")
 
 
-def _rel(got, want) -> float:
-    return ((got.double() - want).abs().max() / want.abs().max().clamp(min=1e-30)).item()
+RWKV7 = ["r", "w", "k", "v", "a", "b"]
+RWKV6 = ["r", "w", "k", "v", "u"]
 
 
 def _against_the_loop(xs, state, dtype, use_y=True, use_state=True):
-    """wkv7_cpp on `dtype` copies of xs vs autograd through the fp64 loop on the same values."""
-    rounded = [x.to(dtype) for x in xs]
-    leaves = [x.clone().requires_grad_() for x in rounded]
-    s0 = None if state is None else state.clone().requires_grad_()
-    y, s = cpp.wkv7_cpp(*leaves, state=s0)
-    assert y.dtype == dtype and y.shape == xs[0].shape and s.dtype == torch.float32
-    ref = [x.double().requires_grad_() for x in rounded]
-    ref_s0 = None if state is None else state.double().requires_grad_()
-    y_ref, s_ref = wkv7_loop(*ref, state=ref_s0)
-    weight = torch.cos(y_ref.detach())
+    return errors_against_the_loop(cpp.wkv7_cpp, wkv7_loop, xs, state, dtype, RWKV7, use_y, use_state)
 
-    def loss(y, s):
-        return (y.double() * weight).sum() * use_y + s.double().sum() * use_state
 
-    loss(y, s).backward()
-    loss(y_ref, s_ref).backward()
-    errors = {"y": _rel(y.detach(), y_ref.detach()), "state": _rel(s.detach(), s_ref.detach())}
-    pairs = list(zip(["r", "w", "k", "v", "a", "b"], leaves, ref))
-    if state is not None:
-        pairs.append(("state0", s0, ref_s0))
-    for name, got, want in pairs:
-        assert got.grad.dtype == got.dtype
-        errors["d" + name] = _rel(got.grad, want.grad)
-    return errors
+KERNELS = {  # make_inputs (without the start state), kernel, loop, input names
+    "wkv7": (make_inputs, cpp.wkv7_cpp, wkv7_loop, RWKV7),
+    "wkv6": (make_inputs6, cpp.wkv6_cpp, wkv6_loop, RWKV6),
+}
 
 
 @needs_build
+@pytest.mark.parametrize("kernel", ["wkv7", "wkv6"])
 @pytest.mark.parametrize("T", [1, 16, 37])
 @pytest.mark.parametrize("N", [64, 16])
 @pytest.mark.parametrize("decay", ["fast", "mixed", "slow"])
-def test_cpp_kernel_equals_the_loop(T, N, decay):
-    """T = 37 ends in a partial chunk of 5 (chunks of 16); N = 16 takes the runtime head-size path."""
-    xs = make_inputs(2, T, 3, N, decay, dtype=torch.float32, seed=T + N)
+def test_cpp_kernel_equals_the_loop(kernel, T, N, decay):
+    """T = 37 ends in a partial chunk of 5 (chunks of 16); N = 16 takes the runtime head-size path.
+    RWKV-6's "fast" decays reach ~1e-9 per step: the step-by-step walk needs no log-space care."""
+    make, fn, loop, names = KERNELS[kernel]
+    xs = make(2, T, 3, N, decay, dtype=torch.float32, seed=T + N)
     state = torch.randn(2, 3, N, N, generator=torch.Generator().manual_seed(1))
-    errors = _against_the_loop(xs, state, torch.float32)
+    errors = errors_against_the_loop(fn, loop, xs, state, torch.float32, names)
     assert max(errors.values()) < 1e-5, errors
 
 
@@ -93,7 +80,7 @@ def test_inference_keeps_no_chunk_states():
     with torch.no_grad():
         y, s = cpp.wkv7_cpp(*xs)
     y_ref, s_ref = wkv7_loop(*(x.double() for x in xs))
-    assert _rel(y, y_ref) < 1e-5 and _rel(s, s_ref) < 1e-5
+    assert rel(y, y_ref) < 1e-5 and rel(s, s_ref) < 1e-5
 
 
 @needs_build
@@ -237,35 +224,7 @@ def test_generate_and_eval_with_op_cpp_equal_op_torch(tmp_path, make_checkpoint,
 
 
 def _wkv6_against_the_loop(xs, state, dtype):
-    """wkv6_cpp on `dtype` copies of (r, w, k, v, u) vs autograd through the fp64 loop."""
-    rounded = [x.to(dtype) for x in xs]
-    leaves = [x.clone().requires_grad_() for x in rounded]
-    s0 = state.clone().requires_grad_()
-    y, s = cpp.wkv6_cpp(*leaves, state=s0)
-    assert y.dtype == dtype and y.shape == xs[0].shape and s.dtype == torch.float32
-    ref = [x.double().requires_grad_() for x in rounded]
-    ref_s0 = state.double().requires_grad_()
-    y_ref, s_ref = wkv6_loop(*ref, state=ref_s0)
-    weight = torch.cos(y_ref.detach())
-    ((y.double() * weight).sum() + s.double().sum()).backward()
-    ((y_ref * weight).sum() + s_ref.sum()).backward()
-    errors = {"y": _rel(y.detach(), y_ref.detach()), "state": _rel(s.detach(), s_ref.detach())}
-    for name, got, want in zip(["r", "w", "k", "v", "u", "state0"], [*leaves, s0], [*ref, ref_s0]):
-        assert got.grad.dtype == got.dtype
-        errors["d" + name] = _rel(got.grad, want.grad)
-    return errors
-
-
-@needs_build
-@pytest.mark.parametrize("T", [1, 16, 37])
-@pytest.mark.parametrize("N", [64, 16])
-@pytest.mark.parametrize("decay", ["slow", "mixed", "fast"])
-def test_wkv6_cpp_kernel_equals_the_loop(T, N, decay):
-    """RWKV-6's decays reach ~1e-9 per step ("fast"): the step-by-step walk needs no log-space care."""
-    xs = make_inputs6(2, T, 3, N, decay, dtype=torch.float32, seed=T + N)
-    state = torch.randn(2, 3, N, N, generator=torch.Generator().manual_seed(3))
-    errors = _wkv6_against_the_loop(xs, state, torch.float32)
-    assert max(errors.values()) < 1e-5, errors
+    return errors_against_the_loop(cpp.wkv6_cpp, wkv6_loop, xs, state, dtype, RWKV6)
 
 
 @needs_build

@@ -20,6 +20,7 @@ import torch
 
 from rwkv_disha.kernels import cuda
 from rwkv_disha.kernels.wkv7 import wkv7_loop
+from tests.kernels.compare import errors_against_the_loop, rel
 from tests.kernels.test_wkv7 import make_inputs
 
 HEADERS = Path(__file__).parent / "cuda_on_cpu"
@@ -116,30 +117,9 @@ def on_cpu(lib, monkeypatch):
     return ext
 
 
-def _rel(got, want) -> float:
-    return ((got.double() - want).abs().max() / want.abs().max()).item()
-
-
 def _against_the_loop(xs, state, dtype):
-    """Run wkv7_cuda on `dtype` copies and autograd through the fp64 loop on the same (rounded) values;
-    both backward from y . cos(y_ref) + sum(state) -> {name: relative error}."""
-    rounded = [x.to(dtype) for x in xs]
-    leaves = [x.clone().requires_grad_() for x in rounded]
-    s0 = state.clone().requires_grad_()
-    y, s = cuda.wkv7_cuda(*leaves, state=s0)
-    assert y.dtype == dtype and y.shape == xs[0].shape and s.dtype == torch.float32
-
-    ref = [x.double().requires_grad_() for x in rounded]
-    ref_s0 = state.double().requires_grad_()
-    y_ref, s_ref = wkv7_loop(*ref, state=ref_s0)
-    weight = torch.cos(y_ref.detach())
-    (y.double() * weight).sum().add(s.double().sum()).backward()
-    (y_ref * weight).sum().add(s_ref.sum()).backward()
-    errors = {"y": _rel(y.detach(), y_ref.detach()), "state": _rel(s.detach(), s_ref.detach())}
-    for name, got, want in zip(["r", "w", "k", "v", "a", "b", "state0"], [*leaves, s0], [*ref, ref_s0]):
-        assert got.grad.dtype == got.dtype
-        errors["d" + name] = _rel(got.grad, want.grad)
-    return errors
+    names = ["r", "w", "k", "v", "a", "b"]
+    return errors_against_the_loop(cuda.wkv7_cuda, wkv7_loop, xs, state, dtype, names)
 
 
 @pytest.mark.slow
@@ -169,5 +149,5 @@ def test_inference_saves_nothing_and_gives_the_same_output(on_cpu):
     with torch.no_grad():
         y, s = cuda.wkv7_cuda(*xs)
     y_ref, s_ref = wkv7_loop(*(x.double() for x in xs))
-    assert _rel(y, y_ref) < 1e-5 and _rel(s, s_ref) < 1e-5
+    assert rel(y, y_ref) < 1e-5 and rel(s, s_ref) < 1e-5
     assert on_cpu.calls == [("forward", False, 8)]

@@ -28,4 +28,33 @@ void transpose(const float* __restrict__ src, float* __restrict__ dst, int64_t n
     for (int64_t j = 0; j < N; j++) dst[j * N + i] = src[i * N + j];
 }
 
+// One step's vectors for recompute_rows: the decay d, k, v, and for RWKV-7's delta rule sa and b.
+struct RowStep {
+  const float *d, *k, *v, *sa, *b;
+};
+
+// A chunk's states by rows (value i, key j), recomputed from its saved start: states[s + 1] =
+// states[s] diag(d) + v k^T (+ sa b^T if DELTA) for s < len, with step s's vectors from at(s).
+template <int64_t NC, bool DELTA, typename At>
+inline void recompute_rows(float* __restrict__ states, const float* start, int64_t len, int64_t n, At at) {
+  const int64_t N = NC > 0 ? NC : n;
+  std::copy(start, start + N * N, states);
+  for (int64_t s = 0; s < len; s++) {
+    const RowStep x = at(s);
+    const float *__restrict__ d = x.d, *__restrict__ k = x.k, *__restrict__ b = x.b;
+    const float* __restrict__ prev = states + s * N * N;
+    float* __restrict__ next = states + (s + 1) * N * N;
+    for (int64_t i = 0; i < N; i++) {
+      const float vi = x.v[i], sai = DELTA ? x.sa[i] : 0.f;
+      if constexpr (DELTA) {
+#pragma omp simd
+        for (int64_t j = 0; j < N; j++) next[i * N + j] = prev[i * N + j] * d[j] + sai * b[j] + vi * k[j];
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < N; j++) next[i * N + j] = prev[i * N + j] * d[j] + vi * k[j];
+      }
+    }
+  }
+}
+
 }  // namespace rwkv_disha

@@ -97,20 +97,10 @@ void head_backward(float* __restrict__ dSr, const Step& x, const float* dy, cons
   transpose<NC>(dSr, dSc, N);
   for (int64_t c = (T + CHUNK - 1) / CHUNK - 1; c >= 0; c--) {
     const int64_t t0 = c * CHUNK, len = std::min(CHUNK, T - t0);
-    std::copy(starts + c * N * N, starts + (c + 1) * N * N, states);
-    for (int64_t s = 0; s < len; s++) {  // states[s + 1] = S after step t0 + s, by rows
+    recompute_rows<NC, true>(states, starts + c * N * N, len, N, [&](int64_t s) {
       const int64_t o = (t0 + s) * x.stride;
-      const float* __restrict__ sa = sa_in + o;
-      const float *__restrict__ d = x.w + o, *__restrict__ k = x.k + o, *__restrict__ v = x.v + o;
-      const float* __restrict__ b = x.b + o;
-      const float* __restrict__ prev = states + s * N * N;
-      float* __restrict__ next = states + (s + 1) * N * N;
-      for (int64_t i = 0; i < N; i++) {
-        const float sai = sa[i], vi = v[i];
-#pragma omp simd
-        for (int64_t j = 0; j < N; j++) next[i * N + j] = prev[i * N + j] * d[j] + sai * b[j] + vi * k[j];
-      }
-    }
+      return RowStep{x.w + o, x.k + o, x.v + o, sa_in + o, x.b + o};
+    });
     for (int64_t s = len - 1; s >= 0; s--) {
       const int64_t o = (t0 + s) * x.stride;
       const float *__restrict__ S_t = states + (s + 1) * N * N, *__restrict__ S_prev = states + s * N * N;
