@@ -165,12 +165,12 @@ def test_a_failed_build_is_one_line_naming_what_still_runs(monkeypatch, tmp_path
         build_extension("cpp", "CPU", "torch", "x", [tmp_path / "x.cpp"])
 
 
-def _train(proj, base, op):
+def _train(proj, base, op, *extra):
     argv = ["train", "--load_model", str(base), "--proj_dir", str(proj), "--data_type", "dummy",
             "--ctx_len", "40", "--micro_bsz", "2", "--epoch_steps", "6", "--epoch_count", "1",
             "--lr_init", "1e-2", "--lr_final", "1e-2", "--accelerator", "cpu", "--precision", "fp32",
             "--progress_bar", "0", "--random_seed", "1", "--op", op,
-            "--disha_config", '{"mode":"bone","load":"","r":16}']  # fmt: skip
+            "--disha_config", '{"mode":"bone","load":"","r":16}', *extra]  # fmt: skip
     assert main(argv) == 0
     return [float(r["loss"]) for r in csv.DictReader((proj / "metrics.csv").read_text().splitlines())]
 
@@ -182,6 +182,19 @@ def test_train_with_op_cpp_matches_op_torch(tmp_path, make_checkpoint):
     b = _train(tmp_path / "torch", base, "torch")
     assert len(a) == len(b) == 6 and a[0] == pytest.approx(b[0], rel=1e-5)
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4 * max(b)
+
+
+@needs_build
+@pytest.mark.parametrize(
+    "extra", [["--grad_cp", "1"], ["--train_type", "infctx", "--chunk_ctx", "16"]], ids=["grad_cp", "infctx"]
+)
+def test_grad_cp_and_infctx_with_op_cpp_match_op_torch(tmp_path, make_checkpoint, extra):
+    """grad_cp runs each block's forward again in the backward; infctx carries the state across chunks
+    and backpropagates into it."""
+    base = make_checkpoint(2, 128, 256, style="pretrain", seed=2)
+    a = _train(tmp_path / "cpp", base, "cpp", *extra)
+    b = _train(tmp_path / "torch", base, "torch", *extra)
+    assert len(a) == len(b) == 6 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4 * max(b)
 
 
 @needs_build
