@@ -51,6 +51,7 @@ def main() -> int:
 
     def use(version):
         kernels._WKV7["torch"], kernels._WKV7["auto"], loss._HeadCE = version
+        ts.model.set_op(ts.model.blocks[0].att.op)  # attention takes its kernel when its op is set
 
     cfg = Config(shape="0.1B", ctx_len=512, precision=args.precision, adapter="bone", r=64, device="cpu")
     ts = TrainStep(cfg, torch.device("cpu"), args.precision)
