@@ -29,7 +29,7 @@
 namespace rwkv_disha {
 
 struct Step {  // pointers to one (batch, head)'s vectors at step t: index t * stride
-  const float *r, *w, *k, *v, *a, *b;
+  const float *r, *d, *k, *v, *a, *b;  // d: the decay exp(w)
   int64_t stride;
 };
 
@@ -42,7 +42,7 @@ inline void step_forward(float* __restrict__ St, const Step& x, int64_t t, int64
                          float* __restrict__ y) {
   const int64_t N = NC > 0 ? NC : n;
   const int64_t o = t * x.stride;
-  const float *__restrict__ r = x.r + o, *__restrict__ d = x.w + o, *__restrict__ k = x.k + o;
+  const float *__restrict__ r = x.r + o, *__restrict__ d = x.d + o, *__restrict__ k = x.k + o;
   const float *__restrict__ v = x.v + o, *__restrict__ a = x.a + o, *__restrict__ b = x.b + o;
   for (int64_t ib = 0; ib < N; ib += W) {  // values ib .. ib + w: rows of S, lanes here
     const int64_t w = block<NC>(ib, N);
@@ -99,13 +99,13 @@ void head_backward(float* __restrict__ dSr, const Step& x, const float* dy, cons
     const int64_t t0 = c * CHUNK, len = std::min(CHUNK, T - t0);
     recompute_rows<NC, true>(states, starts + c * N * N, len, N, [&](int64_t s) {
       const int64_t o = (t0 + s) * x.stride;
-      return RowStep{x.w + o, x.k + o, x.v + o, sa_in + o, x.b + o};
+      return RowStep{x.d + o, x.k + o, x.v + o, sa_in + o, x.b + o};
     });
     for (int64_t s = len - 1; s >= 0; s--) {
       const int64_t o = (t0 + s) * x.stride;
       const float *__restrict__ S_t = states + (s + 1) * N * N, *__restrict__ S_prev = states + s * N * N;
       const float *__restrict__ sa = sa_in + o, *__restrict__ dy_t = dy + o;
-      const float *__restrict__ r = x.r + o, *__restrict__ d = x.w + o, *__restrict__ k = x.k + o;
+      const float *__restrict__ r = x.r + o, *__restrict__ d = x.d + o, *__restrict__ k = x.k + o;
       const float *__restrict__ v = x.v + o, *__restrict__ a = x.a + o, *__restrict__ b = x.b + o;
       // columns: dS += dy r^T; dv = dS k, dsa = dS b
       for (int64_t ib = 0; ib < N; ib += W) {
