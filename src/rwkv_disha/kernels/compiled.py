@@ -19,7 +19,7 @@ def build_tools_missing() -> str | None:
     if shutil.which(get_cxx_compiler()) is None:
         return f"a C++ compiler ({get_cxx_compiler()}: install g++ or clang)"
     if not is_ninja_available():
-        return "ninja (pip install ninja)"
+        return "ninja (pip install ninja, or the cpp extra: pip install 'rwkv-disha[cpp]')"
     return None
 
 
