@@ -33,7 +33,7 @@ from rwkv_disha.choices import (
 )
 from rwkv_disha.config import opt
 from rwkv_disha.errors import RWKVDishaError
-from rwkv_disha.kernels import CPU_OPS, GPU_OPS, check_op_fits, resolve_op
+from rwkv_disha.kernels import check_op_device, check_op_fits
 from rwkv_disha.measure import (  # noqa: F401  (re-exported: benchmarks/ import them from here)
     MatmulProbe,
     _available_bytes,
@@ -412,7 +412,7 @@ def _validate_step(cfg: Config, device: torch.device) -> None:
             )
         if importlib.util.find_spec("bitsandbytes") is None:
             raise RWKVDishaError(f"--quant {cfg.quant} needs bitsandbytes: pip install bitsandbytes")
-    check_op_device(cfg.op, device, "--op")
+    _check_op_device(cfg.op, device, "--op")
     mcfg = model_shape(cfg)  # n_embd a multiple of 64, version known: one line each
     check_op_fits(cfg.op, mcfg.version, mcfg.head_size)
     need, have = parameter_count(mcfg) * 4, _available_bytes()
@@ -423,13 +423,8 @@ def _validate_step(cfg: Config, device: torch.device) -> None:
         )
 
 
-def check_op_device(op: str, device: torch.device, flag: str) -> None:
-    """A kernel that runs on one kind of device only, asked to time on the other: one line naming the fix."""
-    name = resolve_op(op)
-    if name in GPU_OPS and device.type != "cuda":
-        raise RWKVDishaError(f"{flag} {op} runs on CUDA tensors only: add --device cuda")
-    if name in CPU_OPS and device.type != "cpu":
-        raise RWKVDishaError(f"{flag} {op} runs on CPU tensors only: use --device cpu")
+def _check_op_device(op: str, device: torch.device, flag: str) -> None:
+    check_op_device(op, device.type == "cuda", "add --device cuda", "use --device cpu", flag)
 
 
 def validate(cfg: Config) -> tuple[torch.device, list[str]]:
@@ -448,7 +443,7 @@ def validate(cfg: Config) -> tuple[torch.device, list[str]]:
     for op in ops if cfg.what == "kernel" else []:
         if op not in OPS:
             raise RWKVDishaError(f"--ops: unknown kernel {op!r}; choose from {', '.join(OPS)}")
-        check_op_device(op, device, "--ops")
+        _check_op_device(op, device, "--ops")
     if cfg.what == "step":
         _validate_step(cfg, device)
     return device, ops

@@ -9,10 +9,17 @@ import json
 import pytest
 import torch
 
-from rwkv_disha.bench import check_op_device
 from rwkv_disha.cli import main
 from rwkv_disha.errors import RWKVDishaError
-from rwkv_disha.kernels import available_ops, check_op_fits, cpp, get_wkv6, get_wkv7, resolve_op
+from rwkv_disha.kernels import (
+    available_ops,
+    check_op_device,
+    check_op_fits,
+    cpp,
+    get_wkv6,
+    get_wkv7,
+    resolve_op,
+)
 from rwkv_disha.kernels.compiled import build_extension
 from rwkv_disha.kernels.wkv6 import wkv6_loop
 from rwkv_disha.kernels.wkv7 import wkv7_loop
@@ -134,7 +141,7 @@ def test_cpp_on_another_device_is_refused():
     with pytest.raises(ValueError, match="--op cpp runs on CPU tensors, got meta; on a GPU use --op fla"):
         cpp.wkv7_cpp(*xs)
     with pytest.raises(RWKVDishaError, match="--op cpp runs on CPU tensors only: use --device cpu"):
-        check_op_device("cpp", torch.device("cuda"), "--op")
+        check_op_device("cpp", True, "add --device cuda", "use --device cpu")  # as bench words it
 
 
 @needs_build

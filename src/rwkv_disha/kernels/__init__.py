@@ -55,6 +55,16 @@ def resolve_op(op: str) -> str:
     return name
 
 
+def check_op_device(op: str, on_gpu: bool, to_gpu: str, to_cpu: str, flag: str = "--op") -> None:
+    """Refuse a kernel that runs on one kind of device only for a run on the other; ``to_gpu`` / ``to_cpu``
+    say how this command moves the run there."""
+    name = resolve_op(op)
+    if name in GPU_OPS and not on_gpu:
+        raise RWKVDishaError(f"{flag} {op} runs on CUDA tensors only: {to_gpu}")
+    if name in CPU_OPS and on_gpu:
+        raise RWKVDishaError(f"{flag} {op} runs on CPU tensors only: {to_cpu}")
+
+
 def check_op_fits(op: str, version: str, head_size: int) -> None:
     """Refuse, before any work, a kernel that cannot run this model's heads (``--op cuda``: RWKV-7 with head
     size 64, as in every release)."""
@@ -114,6 +124,7 @@ __all__ = [
     "GPU_OPS",
     "OPS",
     "available_ops",
+    "check_op_device",
     "check_op_fits",
     "get_wkv6",
     "get_wkv7",

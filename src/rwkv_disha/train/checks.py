@@ -89,7 +89,7 @@ def _validate_optim(cfg: Config) -> None:
 def _validate_engine(cfg: Config) -> None:
     import torch
 
-    from rwkv_disha.kernels import CPU_OPS, resolve_op
+    from rwkv_disha.kernels import check_op_device
 
     e = cfg.engine
     if e.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
@@ -109,11 +109,8 @@ def _validate_engine(cfg: Config) -> None:
     if e.precision == "fp16" and not on_gpu:
         raise RWKVDishaError("--precision fp16 is GPU-only; on CPU use bf16 or fp32")
     check_compile_flags(e.compile, e.cuda_graphs, on_gpu)
-    if resolve_op(e.op) in CPU_OPS and on_gpu:
-        raise RWKVDishaError(
-            f"--op {e.op} runs on the CPU but this run trains on a GPU: use --op fla, cuda or torch there, "
-            "or --accelerator cpu"
-        )
+    on_cpu_fix = "use --op fla, cuda or torch on a GPU, or --accelerator cpu"
+    check_op_device(e.op, on_gpu, "train with --accelerator gpu", on_cpu_fix)
 
 
 def check_compile_flags(compile: bool, cuda_graphs: bool, on_gpu: bool) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from rwkv_disha.kernels.compiled import backward_to_come, build_extension, build_tools_missing, output_grads
+from rwkv_disha.kernels.wkv7 import _init_state
 
 Tensor = torch.Tensor
 SOURCES = Path(__file__).parent
@@ -52,9 +53,16 @@ def extension():
     return build_extension("cpp", "CPU", "torch", name, sources, extra_cflags=cflags, extra_ldflags=ldflags)
 
 
-def _check_cpu(r: Tensor) -> None:
+def _apply(function, r: Tensor, inputs: tuple, state: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One of the autograd Functions below on fp32 contiguous copies of ``inputs`` and of the start state
+    (zeros if None) -> (y in r's dtype, final state fp32)."""
     if r.device.type != "cpu":
         raise ValueError(f"--op cpp runs on CPU tensors, got {r.device}; on a GPU use --op fla, cuda, torch")
+    with torch.autocast(device_type="cpu", enabled=False):
+        xs = [x.float().contiguous() for x in inputs]
+        s0 = _init_state(r, state, torch.float32).contiguous()
+        y, s_last = function.apply(*xs, s0, backward_to_come(*xs, s0))
+    return y.to(r.dtype), s_last
 
 
 class _WKV7(torch.autograd.Function):
@@ -79,13 +87,7 @@ def wkv7_cpp(r, w, k, v, a, b, state: Tensor | None = None) -> tuple[Tensor, Ten
     """Same contract as :func:`rwkv_disha.kernels.wkv7.wkv7_loop`, on CPU tensors: (B, T, H, N) inputs,
     ``w`` the log-decay -> (y (B, T, H, N) in r's dtype, state (B, H, N, N) fp32 as (value, key)); computed
     in fp32 whatever the inputs' dtype (fp64 ones too)."""
-    _check_cpu(r)
-    B, _, H, N = r.shape
-    with torch.autocast(device_type="cpu", enabled=False):
-        xs = [x.float().contiguous() for x in (r, w, k, v, a, b)]
-        s0 = r.new_zeros(B, H, N, N, dtype=torch.float32) if state is None else state.float().contiguous()
-        y, s_last = _WKV7.apply(*xs, s0, backward_to_come(*xs, s0))
-    return y.to(r.dtype), s_last
+    return _apply(_WKV7, r, (r, w, k, v, a, b), state)
 
 
 class _WKV6(torch.autograd.Function):
@@ -111,10 +113,4 @@ def wkv6_cpp(r, w, k, v, u, state: Tensor | None = None) -> tuple[Tensor, Tensor
     """Same contract as :func:`rwkv_disha.kernels.wkv6.wkv6_loop`, on CPU tensors: (B, T, H, N) inputs,
     ``w`` the log-decay, u (H, N) -> (y (B, T, H, N) in r's dtype, state (B, H, N, N) fp32 (value, key));
     computed in fp32 whatever the inputs' dtype."""
-    _check_cpu(r)
-    B, _, H, N = r.shape
-    with torch.autocast(device_type="cpu", enabled=False):
-        xs = [x.float().contiguous() for x in (r, w, k, v, u)]
-        s0 = r.new_zeros(B, H, N, N, dtype=torch.float32) if state is None else state.float().contiguous()
-        y, s_last = _WKV6.apply(*xs, s0, backward_to_come(*xs, s0))
-    return y.to(r.dtype), s_last
+    return _apply(_WKV6, r, (r, w, k, v, u), state)

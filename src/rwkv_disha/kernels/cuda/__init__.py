@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from rwkv_disha.kernels.compiled import backward_to_come, build_extension, output_grads
+from rwkv_disha.kernels.wkv7 import _init_state
 
 Tensor = torch.Tensor
 SOURCES = Path(__file__).parent
@@ -75,6 +76,7 @@ def wkv7_cuda(r, w, k, v, a, b, state: Tensor | None = None) -> tuple[Tensor, Te
         # zero padding is exact: w = 0 is decay 1 and k = v = a = b = 0 adds nothing to the state
         xs = [x.to(dt) for x in (r, w, k, v, a, b)]
         xs = [(F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x).contiguous() for x in xs]  # no copy when T fits
-        s0 = r.new_zeros(B, H, N, N, dtype=torch.float32) if state is None else state.float().contiguous()
-        y, s_last = _WKV7.apply(*xs, s0, backward_to_come(*xs, s0))  # no: the kernel saves nothing
+        s0 = _init_state(r, state, torch.float32).contiguous()
+        # no backward to come (inference): the kernel saves no states for one
+        y, s_last = _WKV7.apply(*xs, s0, backward_to_come(*xs, s0))
     return y[:, :T].to(out_dtype), s_last
