@@ -93,7 +93,7 @@ def test_block_state_does_not_pin_the_sequence(version):
         assert s.ffn_x.untyped_storage().nbytes() == B * C * 4
 
 
-def _compiled_graphs(version: str, n_layer: int) -> int:
+def _compiled_graphs(version: str, n_layer: int, op: str = "torch") -> int:
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -101,7 +101,7 @@ def _compiled_graphs(version: str, n_layer: int) -> int:
     from rwkv_disha.model.load import build_model, infer_config
 
     sd = init_state_dict(n_layer, 64, 97, style="random", seed=1, version=version)
-    model = build_model(infer_config(sd), op="torch", device="cpu")
+    model = build_model(infer_config(sd), op=op, device="cpu")
     model.load_state_dict(sd)
     compile_blocks(model, backend="eager")
     torch._dynamo.reset()

@@ -72,3 +72,21 @@ def test_cuda_kernel_without_grad_skips_the_saved_states_and_gives_the_same_outp
         y0, st0 = cuda.wkv7_cuda(*xs, state=s0)
     y1, st1 = cuda.wkv7_cuda(*[x.clone().requires_grad_() for x in xs], state=s0)
     assert torch.equal(y0, y1.detach()) and torch.equal(st0, st1.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_custom_op_agrees_with_its_fake_and_autograd_registrations(dtype):
+    """What --compile 1 traces: the fake outputs against the real kernel's, autograd, aot_autograd."""
+    xs = [x.to(dtype).requires_grad_() for x in inputs(1, 32, 2, 64, seed=8)]
+    s0 = torch.randn(1, 2, 64, 64, device="cuda", requires_grad=True)
+    result = torch.library.opcheck(cuda._wkv7, (*xs, s0, True))
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_the_kernel_compiles_into_one_graph_and_equals_eager():
+    torch._dynamo.reset()
+    compiled = torch.compile(cuda.wkv7_cuda, backend="aot_eager", fullgraph=True)
+    xs, s0 = inputs(2, 37, 2, 64, seed=9), torch.randn(2, 2, 64, 64, device="cuda")
+    eager, traced = _run(cuda.wkv7_cuda, xs, s0, torch.float32), _run(compiled, xs, s0, torch.float32)
+    for a, b in zip([*eager[:2], *eager[2]], [*traced[:2], *traced[2]]):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)

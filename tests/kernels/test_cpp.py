@@ -147,8 +147,7 @@ def test_cpp_on_another_device_is_refused():
 @needs_build
 def test_registry_knows_cpp():
     assert "cpp" in available_ops() and resolve_op("cpp") == "cpp"
-    # behind torch.compiler.disable, which keeps the function it wraps
-    assert get_wkv7("cpp").__wrapped__ is cpp.wkv7_cpp and get_wkv6("cpp").__wrapped__ is cpp.wkv6_cpp
+    assert get_wkv7("cpp") is cpp.wkv7_cpp and get_wkv6("cpp") is cpp.wkv6_cpp
     for version in ("x070", "x060", "x052"):
         check_op_fits("cpp", version, 16)  # any version, any head size
 
@@ -205,14 +204,55 @@ def test_grad_cp_and_infctx_with_op_cpp_match_op_torch(tmp_path, make_checkpoint
 
 
 @needs_build
+@pytest.mark.parametrize("kernel", ["wkv7", "wkv6"])
+@pytest.mark.parametrize("save", [True, False])
+def test_the_custom_ops_agree_with_their_fake_and_autograd_registrations(kernel, save):
+    """torch's own check of a custom op: its schema, its fake (meta) outputs against the real ones,
+    the autograd registration, and tracing under aot_autograd with dynamic shapes."""
+    make, op = (make_inputs, cpp._wkv7) if kernel == "wkv7" else (make_inputs6, cpp._wkv6)
+    xs = [x.requires_grad_(save) for x in make(1, 19, 2, 16, dtype=torch.float32, seed=4)]
+    s0 = torch.randn(1, 2, 16, 16, requires_grad=save)
+    result = torch.library.opcheck(op, (*xs, s0, save))
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+@needs_build
+@pytest.mark.parametrize("kernel", ["wkv7", "wkv6"])
+def test_the_kernel_compiles_into_one_graph_and_equals_eager(kernel):
+    """fullgraph=True: torch.compile traces through the kernel (no graph break), and the compiled
+    function's output, state and every gradient equal eager's."""
+    make, fn = (make_inputs, cpp.wkv7_cpp) if kernel == "wkv7" else (make_inputs6, cpp.wkv6_cpp)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    results = []
+    for f in (fn, compiled):
+        xs = [x.requires_grad_() for x in make(2, 21, 2, 32, dtype=torch.float32, seed=6)]
+        s0 = torch.randn(2, 2, 32, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        y, s = f(*xs, state=s0)
+        (y.square().sum() + s.sin().sum()).backward()
+        results.append([y, s, *(x.grad for x in xs), s0.grad])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+@needs_build
 def test_compiled_blocks_around_the_cpp_kernel_equal_eager(make_checkpoint):
-    """--compile 1 --op cpp: dynamo cannot trace into the extension call, so each block's graph breaks
-    there and runs it eagerly; values and every gradient stay those of eager."""
+    """--compile 1 --op cpp: the blocks' graphs take the kernel in; values and every gradient stay eager's."""
     from rwkv_disha.model.load import load_model
     from tests.bench.test_speed_paths import _compiled_equals_eager
 
     torch._dynamo.reset()
     _compiled_equals_eager(load_model(make_checkpoint(2, 64, 200), op="cpp").train(), "aot_eager")
+
+
+@needs_build
+@pytest.mark.parametrize("version", ["x070", "x060"])
+def test_compiled_blocks_take_the_kernel_in_without_a_graph_break(version):
+    """Two graphs for any depth (block 0, and the blocks after it), as with the torch kernel: the custom op
+    breaks no graph (RWKV-6's chunked torch kernel does, at an .item())."""
+    from tests.bench.test_speed_paths import _compiled_graphs
+
+    assert _compiled_graphs(version, 3, "cpp") == _compiled_graphs(version, 5, "cpp") == 2
 
 
 @needs_build
@@ -277,8 +317,7 @@ def test_train_rwkv6_and_5_with_op_cpp_matches_op_torch(tmp_path, version):
 @needs_build
 @pytest.mark.parametrize("version", ["x070", "x060"])
 def test_a_model_on_op_cpp_pickles_and_copies(version):
-    """Its kernel sits behind torch.compiler.disable, a wrapper pickle cannot name: the attention module
-    leaves it out and looks it up again on load."""
+    """The attention module leaves its kernel out of a pickle and looks it up again on load."""
     import copy
     import pickle
 
@@ -292,9 +331,9 @@ def test_a_model_on_op_cpp_pickles_and_copies(version):
 
 
 def test_importing_the_kernels_does_not_import_dynamo():
-    """torch.compiler.disable imports dynamo (and Triton where installed); the registry applies it when a
-    model takes a kernel, so `import rwkv_disha.kernels` stays light (and make test-fla-cpu can still
-    switch Triton to its interpreter after importing us)."""
+    """Registering the custom ops imports no dynamo (nor Triton where installed): `import
+    rwkv_disha.kernels` stays light, and make test-fla-cpu can still switch Triton to its interpreter
+    after importing us."""
     import subprocess
     import sys
 

@@ -151,3 +151,27 @@ def test_inference_saves_nothing_and_gives_the_same_output(on_cpu):
     y_ref, s_ref = wkv7_loop(*(x.double() for x in xs))
     assert rel(y, y_ref) < 1e-5 and rel(s, s_ref) < 1e-5
     assert on_cpu.calls == [("forward", False, 8)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_custom_op_agrees_with_its_fake_and_autograd_registrations(on_cpu, dtype):
+    """torch's check of the op --compile 1 traces: the fake outputs (the saved states' chunk count by dtype)
+    against what the kernel source allocates, the autograd registration, aot_autograd tracing."""
+    xs = [x.to(dtype).requires_grad_() for x in make_inputs(1, 16, 1, 64, dtype=torch.float32, seed=2)]
+    s0 = torch.randn(1, 1, 64, 64, requires_grad=True)
+    result = torch.library.opcheck(cuda._wkv7, (*xs, s0, True))
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_the_wrapper_compiles_into_one_graph_and_equals_eager(on_cpu):
+    """fullgraph=True traces the wrapper (padding, casts) and the kernel's op without a break."""
+    torch._dynamo.reset()
+    compiled = torch.compile(cuda.wkv7_cuda, backend="aot_eager", fullgraph=True)
+    results = []
+    for f in (cuda.wkv7_cuda, compiled):
+        xs = [x.requires_grad_() for x in make_inputs(1, 20, 2, 64, dtype=torch.float32, seed=5)]
+        y, s = f(*xs)
+        (y.square().sum() + s.sum()).backward()
+        results.append([y, s, *(x.grad for x in xs)])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)

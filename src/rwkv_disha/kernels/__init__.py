@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
-
 from rwkv_disha.choices import OPS
 from rwkv_disha.errors import RWKVDishaError
 from rwkv_disha.kernels import cpp, cuda
@@ -26,7 +24,6 @@ _ALIASES = {"triton": "fla"}
 GPU_OPS = ("fla", "cuda")  # run on CUDA tensors only
 CPU_OPS = ("cpp",)  # run on CPU tensors only
 _BUILT = {"cuda": cuda, "cpp": cpp}  # compiled at first use: built while the flags are checked
-_EAGER = ("cpp",)  # their extension calls are opaque to dynamo: under --compile 1 they run between graphs
 
 
 def _missing(name: str) -> str | None:
@@ -100,23 +97,14 @@ _WKV7 = {
 _WKV6 = {"auto": wkv6_auto, "torch": wkv6_chunked, "loop": wkv6_loop, "fla": wkv6_fla, "cpp": cpp.wkv6_cpp}
 
 
-def _eager(name: str, fn: Callable) -> Callable:
-    """``fn`` as ``--compile 1`` must see it: ops in _EAGER behind torch.compiler.disable (a clean graph
-    break; dynamo would otherwise trace into the Function and warn at the extension call). Decorated here,
-    when a model takes its kernel, not at import: that would import dynamo (and Triton) with the package."""
-    return torch.compiler.disable(fn) if name in _EAGER else fn
-
-
 def get_wkv7(op: str) -> Callable:
-    name = resolve_op(op)
-    return _eager(name, _WKV7[name])
+    return _WKV7[resolve_op(op)]
 
 
 def get_wkv6(op: str) -> Callable:
     op = resolve_op(op)
     # no RWKV-6 CUDA kernel of our own: `cuda` runs fla there, so fla must be installed
-    name = resolve_op("fla") if op == "cuda" else op
-    return _eager(name, _WKV6[name])
+    return _WKV6[resolve_op("fla") if op == "cuda" else op]
 
 
 __all__ = [

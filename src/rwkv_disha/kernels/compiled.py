@@ -1,6 +1,6 @@
 """What our compiled kernels (``--op cuda``, ``--op cpp``) share: the build by torch's cpp_extension at
 first use, cached by it (``~/.cache/torch_extensions``; a failed build is one error line), and the
-autograd glue of their backward."""
+autograd glue that makes each kernel's forward custom op differentiable through its backward op."""
 
 from __future__ import annotations
 
@@ -34,6 +34,26 @@ def build_extension(op: str, what: str, instead: str, name: str, sources: list[P
         last = (str(e).strip().splitlines() or ["?"])[-1]  # the build log is long; its last line says why
         msg = f"--op {op}: building the {what} kernel failed ({last}); use --op {instead}"
         raise RWKVDishaError(msg) from e
+
+
+def register_wkv_autograd(forward_op, backward_op) -> None:
+    """Make a WKV kernel's custom op differentiable through its backward op.
+
+    forward_op  (*inputs, s0, save) -> (y, s_T, *saved)        saved: what the kernel keeps for backward
+    backward_op (*inputs, *saved, dy, ds_T) -> the gradients of (*inputs, s0)
+
+    Unused outputs' gradients arrive as None, not as zeros of the saved tensors' size."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*inputs[:-2], *output[2:])
+
+    def backward(ctx, dy, ds_last, *_):
+        saved = ctx.saved_tensors
+        dy, ds_last = output_grads(saved[0], dy, ds_last, saved[0].dtype)
+        return (*backward_op(*saved, dy, ds_last), None)  # None: `save` is no tensor
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
 
 
 def output_grads(r, dy, ds_last, dy_dtype) -> tuple:

@@ -23,8 +23,8 @@ Tensor = torch.Tensor
 class KernelChoice:
     """The ``op`` of an attention module. Its WKV kernel (``self._wkv``) is looked up (checked, and a
     compiled one built) when ``op`` is set, not on every forward, where ``--compile 1`` would trace the
-    registry. The kernel is left out of pickles and looked up again on load: it may be a wrapper that
-    pickle cannot name. ``lookup``: ``kernels.get_wkv7`` or ``get_wkv6``."""
+    registry. The kernel is left out of pickles and looked up again on load, where it is checked (and
+    built) on the loading machine. ``lookup``: ``kernels.get_wkv7`` or ``get_wkv6``."""
 
     lookup: Callable[[str], Callable]
 

@@ -16,11 +16,17 @@ from pathlib import Path
 
 import torch
 
-from rwkv_disha.kernels.compiled import backward_to_come, build_extension, build_tools_missing, output_grads
+from rwkv_disha.kernels.compiled import (
+    backward_to_come,
+    build_extension,
+    build_tools_missing,
+    register_wkv_autograd,
+)
 from rwkv_disha.kernels.wkv7 import _init_state
 
 Tensor = torch.Tensor
 SOURCES = Path(__file__).parent
+CHUNK = 16  # steps between the states a forward saves for its backward (common.h)
 # Vector instructions by the CPU torch itself dispatches to; the build's name carries them, so a cache
 # shared between different CPUs never loads code built for another's instructions.
 _ISA_FLAGS = {
@@ -53,64 +59,111 @@ def extension():
     return build_extension("cpp", "CPU", "torch", name, sources, extra_cflags=cflags, extra_ldflags=ldflags)
 
 
-def _apply(function, r: Tensor, inputs: tuple, state: Tensor | None) -> tuple[Tensor, Tensor]:
-    """One of the autograd Functions below on fp32 contiguous copies of ``inputs`` and of the start state
-    (zeros if None) -> (y in r's dtype, final state fp32)."""
+def _apply(op, r: Tensor, inputs: tuple, state: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One of the ops below on fp32 contiguous copies of ``inputs`` and of the start state (zeros if None)
+    -> (y in r's dtype, final state fp32)."""
     if r.device.type != "cpu":
         raise ValueError(f"--op cpp runs on CPU tensors, got {r.device}; on a GPU use --op fla, cuda, torch")
     with torch.autocast(device_type="cpu", enabled=False):
         xs = [x.float().contiguous() for x in inputs]
         s0 = _init_state(r, state, torch.float32).contiguous()
-        y, s_last = function.apply(*xs, s0, backward_to_come(*xs, s0))
+        y, s_last, *_ = op(*xs, s0, backward_to_come(*xs, s0))
     return y.to(r.dtype), s_last
 
 
-class _WKV7(torch.autograd.Function):
-    """(r, w, k, v, a, b) (B, T, H, N) fp32 contiguous, w the log-decay, s0 (B, H, N, N) fp32 -> (y, s_T)."""
+def _saved_states(r: Tensor, save: bool) -> Tensor:
+    """The chunk start states a forward keeps for its backward: (B, H, ceil(T / CHUNK), N, N), or (0, ...)."""
+    B, T, H, N = r.shape
+    return r.new_empty(B if save else 0, H, (T + CHUNK - 1) // CHUNK, N, N)
 
-    @staticmethod
-    def forward(ctx, r, w, k, v, a, b, s0, save):
-        d = torch.exp(w)  # the kernel takes the decay itself and returns the log-decay's gradient
-        y, s_last, starts, sa = extension().wkv7_forward([r, d, k, v, a, b], s0, save)
-        ctx.save_for_backward(r, d, k, v, a, b, starts, sa)
-        return y, s_last
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernel's gradients carry no graph of their own
-    def backward(ctx, dy, ds_last):
-        r, d, k, v, a, b, starts, sa = ctx.saved_tensors
-        dy, ds_last = output_grads(r, dy, ds_last, torch.float32)
-        return (*extension().wkv7_backward([r, d, k, v, a, b], starts, sa, dy, ds_last), None)
+# torch custom ops (not autograd Functions), so that torch.compile traces through them: --compile 1 --op cpp
+# makes one graph per block, with no break at the kernel (tests/kernels/test_cpp.py)
+@torch.library.custom_op("rwkv_disha::wkv7_cpp", mutates_args=())
+def _wkv7(
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: Tensor, save: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(r, w, k, v, a, b) (B, T, H, N) fp32 contiguous, w the log-decay, s0 (B, H, N, N) fp32
+    -> (y, s_T, the chunk start states, sa (B, T, H, N)); the last two empty without ``save``."""
+    # the kernel takes the decay itself and returns the log-decay's gradient
+    return tuple(extension().wkv7_forward([r, torch.exp(w), k, v, a, b], s0, save))
+
+
+@_wkv7.register_fake
+def _(r, w, k, v, a, b, s0, save):
+    return (
+        torch.empty_like(r),
+        torch.empty_like(s0),
+        _saved_states(r, save),
+        r.new_empty(r.shape if save else 0),
+    )
+
+
+@torch.library.custom_op("rwkv_disha::wkv7_cpp_backward", mutates_args=())
+def _wkv7_backward(
+    r: Tensor,
+    w: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    starts: Tensor,
+    sa: Tensor,
+    dy: Tensor,
+    ds_last: Tensor,
+) -> list[Tensor]:
+    """-> the gradients of (r, w, k, v, a, b, s0)."""
+    return extension().wkv7_backward([r, torch.exp(w), k, v, a, b], starts, sa, dy, ds_last)
+
+
+@_wkv7_backward.register_fake
+def _(r, w, k, v, a, b, starts, sa, dy, ds_last):
+    return [*(torch.empty_like(r) for _ in range(6)), torch.empty_like(ds_last)]
+
+
+register_wkv_autograd(_wkv7, _wkv7_backward)
 
 
 def wkv7_cpp(r, w, k, v, a, b, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Same contract as :func:`rwkv_disha.kernels.wkv7.wkv7_loop`, on CPU tensors: (B, T, H, N) inputs,
     ``w`` the log-decay -> (y (B, T, H, N) in r's dtype, state (B, H, N, N) fp32 as (value, key)); computed
     in fp32 whatever the inputs' dtype (fp64 ones too)."""
-    return _apply(_WKV7, r, (r, w, k, v, a, b), state)
+    return _apply(_wkv7, r, (r, w, k, v, a, b), state)
 
 
-class _WKV6(torch.autograd.Function):
-    """(r, w, k, v) (B, T, H, N) fp32 contiguous, w the log-decay, u (H, N), s0 (B, H, N, N) -> (y, s_T)."""
+@torch.library.custom_op("rwkv_disha::wkv6_cpp", mutates_args=())
+def _wkv6(
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor, s0: Tensor, save: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(r, w, k, v) (B, T, H, N) fp32 contiguous, w the log-decay, u (H, N), s0 (B, H, N, N)
+    -> (y, s_T, the chunk start states; empty without ``save``)."""
+    return tuple(extension().wkv6_forward([r, torch.exp(w), k, v], u, s0, save))
 
-    @staticmethod
-    def forward(ctx, r, w, k, v, u, s0, save):
-        d = torch.exp(w)
-        y, s_last, starts = extension().wkv6_forward([r, d, k, v], u, s0, save)
-        ctx.save_for_backward(r, d, k, v, u, starts)
-        return y, s_last
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy, ds_last):
-        r, d, k, v, u, starts = ctx.saved_tensors
-        dy, ds_last = output_grads(r, dy, ds_last, torch.float32)
-        dr, dw, dk, dv, du, ds0 = extension().wkv6_backward([r, d, k, v], u, starts, dy, ds_last)
-        return dr, dw, dk, dv, du.sum(0), ds0, None  # u is shared by the batch
+@_wkv6.register_fake
+def _(r, w, k, v, u, s0, save):
+    return torch.empty_like(r), torch.empty_like(s0), _saved_states(r, save)
+
+
+@torch.library.custom_op("rwkv_disha::wkv6_cpp_backward", mutates_args=())
+def _wkv6_backward(
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor, starts: Tensor, dy: Tensor, ds_last: Tensor
+) -> list[Tensor]:
+    """-> the gradients of (r, w, k, v, u, s0)."""
+    dr, dw, dk, dv, du, ds0 = extension().wkv6_backward([r, torch.exp(w), k, v], u, starts, dy, ds_last)
+    return [dr, dw, dk, dv, du.sum(0), ds0]  # u is shared by the batch
+
+
+@_wkv6_backward.register_fake
+def _(r, w, k, v, u, starts, dy, ds_last):
+    return [*(torch.empty_like(r) for _ in range(4)), torch.empty_like(u), torch.empty_like(ds_last)]
+
+
+register_wkv_autograd(_wkv6, _wkv6_backward)
 
 
 def wkv6_cpp(r, w, k, v, u, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Same contract as :func:`rwkv_disha.kernels.wkv6.wkv6_loop`, on CPU tensors: (B, T, H, N) inputs,
     ``w`` the log-decay, u (H, N) -> (y (B, T, H, N) in r's dtype, state (B, H, N, N) fp32 (value, key));
     computed in fp32 whatever the inputs' dtype."""
-    return _apply(_WKV6, r, (r, w, k, v, u), state)
+    return _apply(_wkv6, r, (r, w, k, v, u), state)

@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rwkv_disha.kernels.compiled import backward_to_come, build_extension, output_grads
+from rwkv_disha.kernels.compiled import backward_to_come, build_extension, register_wkv_autograd
 from rwkv_disha.kernels.wkv7 import _init_state
 
 Tensor = torch.Tensor
 SOURCES = Path(__file__).parent
 HEAD_SIZE = 64
-T_MULTIPLE = 16  # the kernel walks whole chunks of 8 (fp32) or 16 (bf16) steps (wkv7.cu)
+CHUNK = {torch.float32: 8, torch.bfloat16: 16}  # steps per chunk by input dtype (wkv7.cu, wkv7_cuda_chunk)
+T_MULTIPLE = 16  # the kernel walks whole chunks: T padded to a multiple of both
 CUDA_FLAGS = ["-O3", "--use_fast_math", "-Xptxas", "-O3"]
 
 
@@ -43,23 +44,53 @@ def extension():
     return build_extension("cuda", "CUDA", "fla or torch", "rwkv_disha_wkv7", sources, **flags)
 
 
-class _WKV7(torch.autograd.Function):
-    """(r, w, k, v, a, b) (B, T, H, 64), T a multiple of T_MULTIPLE, s0 (B, H, 64, 64) fp32 -> (y, s_T)."""
+def _stream(r: Tensor) -> int:
+    return torch.cuda.current_stream(r.device).cuda_stream
 
-    @staticmethod
-    def forward(ctx, r, w, k, v, a, b, s0, save):
-        stream = torch.cuda.current_stream(r.device).cuda_stream
-        y, s_last, s_saved, sa = extension().forward(r, w, k, v, a, b, s0, save, stream)
-        ctx.save_for_backward(r, w, k, v, a, b, sa, s_saved)
-        return y, s_last
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernel's gradients carry no graph of their own
-    def backward(ctx, dy, ds_last):
-        r, w, k, v, a, b, sa, s_saved = ctx.saved_tensors
-        dy, ds_last = output_grads(r, dy, ds_last, r.dtype)
-        stream = torch.cuda.current_stream(r.device).cuda_stream
-        return (*extension().backward(r, w, k, v, a, b, sa, s_saved, dy, ds_last, stream), None)
+# torch custom ops (not an autograd Function), so that torch.compile traces through the kernel: with
+# --compile 1 each block is one graph, and --cuda_graphs 1 records the kernel's launches inside it
+@torch.library.custom_op("rwkv_disha::wkv7_cuda", mutates_args=())
+def _wkv7(
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: Tensor, save: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(r, w, k, v, a, b) (B, T, H, 64), T a multiple of T_MULTIPLE, s0 (B, H, 64, 64) fp32
+    -> (y, s_T, the saved states (B, H, T / chunk, 64, 64), sa (B, T, H, 64) fp32); empty without save."""
+    return tuple(extension().forward(r, w, k, v, a, b, s0, save, _stream(r)))
+
+
+@_wkv7.register_fake
+def _(r, w, k, v, a, b, s0, save):
+    B, T, H, N = r.shape
+    chunk = CHUNK[r.dtype]
+    f32 = dict(dtype=torch.float32)
+    s_saved = r.new_empty(B, H, T // chunk, N, N, **f32) if save else r.new_empty(0, **f32)
+    return torch.empty_like(r), torch.empty_like(s0), s_saved, r.new_empty(r.shape if save else 0, **f32)
+
+
+@torch.library.custom_op("rwkv_disha::wkv7_cuda_backward", mutates_args=())
+def _wkv7_backward(
+    r: Tensor,
+    w: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    s_saved: Tensor,
+    sa: Tensor,
+    dy: Tensor,
+    ds_last: Tensor,
+) -> list[Tensor]:
+    """-> the gradients of (r, w, k, v, a, b) in r's dtype and of s0 (fp32)."""
+    return extension().backward(r, w, k, v, a, b, sa, s_saved, dy, ds_last, _stream(r))
+
+
+@_wkv7_backward.register_fake
+def _(r, w, k, v, a, b, s_saved, sa, dy, ds_last):
+    return [*(torch.empty_like(r) for _ in range(6)), torch.empty_like(ds_last)]
+
+
+register_wkv_autograd(_wkv7, _wkv7_backward)
 
 
 def wkv7_cuda(r, w, k, v, a, b, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -78,5 +109,5 @@ def wkv7_cuda(r, w, k, v, a, b, state: Tensor | None = None) -> tuple[Tensor, Te
         xs = [(F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x).contiguous() for x in xs]  # no copy when T fits
         s0 = _init_state(r, state, torch.float32).contiguous()
         # no backward to come (inference): the kernel saves no states for one
-        y, s_last = _WKV7.apply(*xs, s0, backward_to_come(*xs, s0))
+        y, s_last, *_ = _wkv7(*xs, s0, backward_to_come(*xs, s0))
     return y[:, :T].to(out_dtype), s_last
