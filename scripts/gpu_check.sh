@@ -100,6 +100,8 @@ run_extras() {
   part "bench 0.1B --compile 1 (inductor + Triton), with --cuda_graphs 1, and the compile-equals-eager test"
   [ "$(left)" -gt 100 ] && bench_01b compile --adapter bone --r 64 --compile 1
   [ "$(left)" -gt 100 ] && bench_01b cudagraphs --adapter bone --r 64 --compile 1 --cuda_graphs 1
+  # --op cuda is a custom op that the compiled block takes in: one graph (and one CUDA graph) per block
+  [ "$(left)" -gt 100 ] && bench_01b cudagraphs_opcuda --adapter bone --r 64 --op cuda --compile 1 --cuda_graphs 1
   [ "$(left)" -gt 40 ] && RWKV_DISHA_TEST_INDUCTOR=1 timeout $(( $(left) - 20 )) python3 -m pytest -q \
     -p no:cacheprovider -o addopts="" tests/bench/test_speed_paths.py -k compiled 2>&1 | tail -3 \
     | tee "$OUT/compile_test.log"
