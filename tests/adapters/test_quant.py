@@ -117,3 +117,14 @@ def test_bf16_autocast_forward_backward():
 def test_unknown_quant_mode_is_refused():
     with pytest.raises(RWKVDishaError, match="unknown --quant 'int4'"):
         QuantizedWeight(_weight(), "int4")
+
+
+def test_quantizing_prints_nothing():
+    """bitsandbytes' import warns, on a CPU with AVX-512 BF16, about an optional hub kernel for 4-bit
+    matmuls that quantizing never uses: a --quant run keeps that line off the user's terminal."""
+    import subprocess
+    import sys
+
+    code = "import torch; from rwkv_disha.adapters.quant import QuantizedWeight; QuantizedWeight(torch.ones(8, 64), 'nf4')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "kernels-community" not in done.stderr and done.stdout == ""

@@ -12,6 +12,8 @@ quantized.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -26,6 +28,11 @@ FOUR_BIT_BLOCKSIZE = 64  # bitsandbytes' default for nf4 / fp4
 
 
 def _bnb_functional():
+    # On a CPU with AVX-512 BF16, importing bitsandbytes warns that its optional hub kernel for 4-bit matmuls
+    # is missing; we only quantize and dequantize, which never use it, so that warning is noise to a user
+    cpu_ops_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = cpu_ops_log.level
+    cpu_ops_log.setLevel(logging.ERROR)
     try:
         import bitsandbytes.functional as bnbf
     except ImportError:
@@ -33,6 +40,8 @@ def _bnb_functional():
             "--quant needs bitsandbytes, which is not installed: pip install 'bitsandbytes>=0.45' "
             "(or pip install -e '.[quant]'), or drop --quant"
         ) from None
+    finally:
+        cpu_ops_log.setLevel(level)
     return bnbf
 
 
