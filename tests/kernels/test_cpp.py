@@ -171,6 +171,20 @@ def test_a_failed_build_is_one_line_naming_what_still_runs(monkeypatch, tmp_path
         build_extension("cpp", "CPU", "torch", "x", [tmp_path / "x.cpp"])
 
 
+def test_the_first_build_says_so_and_a_cached_one_is_silent(monkeypatch, tmp_path, capsys):
+    """The first build is half a minute without output: one line says why; loading the cached build
+    prints nothing."""
+    import torch.utils.cpp_extension as ext
+
+    monkeypatch.setattr(ext, "load", lambda **kwargs: "module")
+    monkeypatch.setattr(ext, "_get_build_directory", lambda name, verbose: str(tmp_path))
+    assert build_extension("cpp", "CPU", "torch", "x", [tmp_path / "x.cpp"]) == "module"
+    assert capsys.readouterr().err == "--op cpp: building the CPU kernel (first use only, 30-60 s)\n"
+    (tmp_path / "x.so").write_bytes(b"")
+    build_extension("cpp", "CPU", "torch", "x", [tmp_path / "x.cpp"])
+    assert capsys.readouterr().err == ""
+
+
 def _train(proj, base, op, *extra):
     argv = ["train", "--load_model", str(base), "--proj_dir", str(proj), "--data_type", "dummy",
             "--ctx_len", "40", "--micro_bsz", "2", "--epoch_steps", "6", "--epoch_count", "1",

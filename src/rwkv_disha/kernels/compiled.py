@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import shutil
+import sys
 from pathlib import Path
 
 from rwkv_disha.errors import RWKVDishaError
@@ -28,6 +29,8 @@ def build_extension(op: str, what: str, instead: str, name: str, sources: list[P
     naming the ops that still run (``instead``)."""
     from torch.utils.cpp_extension import load
 
+    if not _built_before(name):  # the first build is silent for half a minute or more: say why
+        print(f"--op {op}: building the {what} kernel (first use only, 30-60 s)", file=sys.stderr, flush=True)
     try:
         return load(name=name, sources=[str(s) for s in sources], **flags)
     except (OSError, RuntimeError) as e:  # compiler missing or failing: say which op still runs
@@ -54,6 +57,15 @@ def register_wkv_autograd(forward_op, backward_op) -> None:
         return (*backward_op(*saved, dy, ds_last), None)  # None: `save` is no tensor
 
     forward_op.register_autograd(backward, setup_context=setup_context)
+
+
+def _built_before(name: str) -> bool:
+    """Whether torch's extension cache holds a build of ``name`` (True when that cannot be told)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # private: where load() builds
+    except ImportError:
+        return True
+    return (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").is_file()
 
 
 def output_grads(r, dy, ds_last, dy_dtype) -> tuple:
