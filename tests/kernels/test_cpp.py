@@ -166,6 +166,7 @@ def test_a_failed_build_is_one_line_naming_what_still_runs(monkeypatch, tmp_path
         raise RuntimeError("ninja: build stopped\nError building extension 'x'")
 
     monkeypatch.setattr(ext, "load", fail)
+    monkeypatch.setattr(ext, "_get_build_directory", lambda name, verbose: str(tmp_path))
     msg = r"--op cpp: building the CPU kernel failed \(Error building extension 'x'\); use --op torch"
     with pytest.raises(RWKVDishaError, match=msg):
         build_extension("cpp", "CPU", "torch", "x", [tmp_path / "x.cpp"])
