@@ -204,8 +204,8 @@ def test_file_for_another_model_shape(base, make_checkpoint, tmp_path):
     with_sidecar = save_adapter_file(other, cfg, tmp_path / "a" / "rwkv-0.pth")
     _expect(
         lambda: load_adapter_file(_fresh(base, cfg), with_sidecar, cfg),
-        "was trained on a L2 C192 V300",
-        "but this base is L2 C128 V300",
+        "was trained on a RWKV-7 L2 C192 V300",
+        "but this base is RWKV-7 L2 C128 V300",
         "use the base model the adapter was trained on",
     )
     torch.save(adapter_state_dict(other, cfg), tmp_path / "peft.pth")  # no sidecar: shapes decide

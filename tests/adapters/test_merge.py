@@ -143,12 +143,34 @@ def test_merge_refuses_a_base_of_another_shape_and_leaves_no_output(
     other = make_checkpoint(2, 192, 300)
     out = tmp_path / "never" / "merged.pth"
     argv = ["--base_model", str(other), "--peft_checkpoint", str(adapter), "--output", str(out)]
-    _merge_error(argv, capsys, "was trained on a L2 C128 V300", "model but this base is L2 C192 V300")
+    _merge_error(
+        argv, capsys, "was trained on a RWKV-7 L2 C128 V300", "model but this base is RWKV-7 L2 C192 V300"
+    )
     assert not out.exists()
     # without the sidecar, the tensor shapes refuse it
     adapter.with_suffix(".json").unlink()
     _merge_error(argv, capsys, "does not fit")
     assert not out.exists() and (not out.parent.exists() or not any(out.parent.iterdir()))
+
+
+def test_merge_names_the_versions_when_the_base_is_another_rwkv_version(make_checkpoint, tmp_path, capsys):
+    """An RWKV-6 adapter on an RWKV-7 base of the same size: the message names both versions."""
+    v6 = make_checkpoint(2, 128, 300, version="x060")
+    cfg = config("bone", 32)
+    adapter = save_adapter_file(adapted(v6, cfg, seed=3), cfg, tmp_path / "rwkv-0.pth")
+    out = tmp_path / "merged.pth"
+    argv = [
+        "--base_model",
+        str(make_checkpoint(2, 128, 300)),
+        "--peft_checkpoint",
+        str(adapter),
+        "--output",
+        str(out),
+    ]
+    _merge_error(
+        argv, capsys, "trained on a RWKV-6 L2 C128 V300", "this base is RWKV-7 L2 C128", "differs in version"
+    )
+    assert not out.exists()
 
 
 def test_merge_argument_errors(base, bone_file, tmp_path, capsys):

@@ -229,6 +229,7 @@ def test_state_bad_inputs(steer_path, count_data, train_args, tmp_path, capsys):
     merge = ["merge", "--output", str(out), "--state", str(state), "--base_model"]
     _refused([*merge, str(other_same_shape)], capsys, tmp_path, "different base model")
     _refused([*merge, str(wider)], capsys, tmp_path, "trained on a")
+    _refused([*merge, str(steer_path), "--quant", "nf4"], capsys, tmp_path, "adapts no layer")
     # without its sidecar the shapes still give it away
     bare = tmp_path / "bare"
     bare.mkdir()

@@ -36,18 +36,29 @@ def _shapes_and_tensors(source: nn.Module | Mapping[str, Tensor]) -> tuple[dict[
     return {k: tuple(v.shape) for k, v in source.items()}, source
 
 
-def shape_summary(shapes: Mapping[str, tuple]) -> dict[str, int | None]:
-    """The RWKV-7 shape of a model from its tensor shapes (None where a key is absent)."""
+def _version(shapes: Mapping[str, tuple]) -> str | None:
+    """The RWKV version whose marker key block 0 holds (model/registry.py), or None."""
+    from rwkv_disha.model.registry import MODELS
+
+    return next((v for v, m in MODELS.items() if f"blocks.0.{m.marker}" in shapes), None)
+
+
+def shape_summary(shapes: Mapping[str, tuple]) -> dict[str, int | str | None]:
+    """The version and shape of a model from its tensor shapes (None where a key is absent; the low-rank
+    widths are RWKV-7's)."""
+    from rwkv_disha.model.registry import MODELS
 
     def dim(key: str, i: int) -> int | None:
         return int(shapes[key][i]) if key in shapes else None
 
+    version = _version(shapes)
     layers = {int(m.group(1)) for k in shapes if (m := _BLOCK.match(k))}
     return {
+        "version": version,
         "n_layer": (max(layers) + 1) if layers else 0,
         "n_embd": dim("emb.weight", 1),
         "vocab_size": dim("emb.weight", 0),
-        "head_size": dim("blocks.0.att.r_k", 1),
+        "head_size": dim(f"blocks.0.{MODELS[version].head_key}", 1) if version else None,
         "dim_ffn": dim("blocks.0.ffn.key.weight", 0),
         "d_decay": dim("blocks.0.att.w1", 1),
         "d_aaa": dim("blocks.0.att.a1", 1),
@@ -57,9 +68,12 @@ def shape_summary(shapes: Mapping[str, tuple]) -> dict[str, int | None]:
 
 
 def _describe_shape(s: Mapping[str, Any]) -> str:
+    from rwkv_disha.model.registry import version_name
+
+    version = f"{version_name(s['version'])} " if s.get("version") else ""  # older sidecars lack it
+    head = f" head_size {s['head_size']}" if s.get("head_size") is not None else ""
     return (
-        f"L{s.get('n_layer')} C{s.get('n_embd')} V{s.get('vocab_size')} ffn {s.get('dim_ffn')} "
-        f"head_size {s.get('head_size')}"
+        f"{version}L{s.get('n_layer')} C{s.get('n_embd')} V{s.get('vocab_size')} ffn {s.get('dim_ffn')}{head}"
     )
 
 
@@ -87,6 +101,7 @@ def check_fingerprint(expected: Mapping[str, Any], actual: Mapping[str, Any], so
     """Raise unless ``actual`` (this base) is the base ``expected`` (recorded in a sidecar) describes."""
     want, have = expected.get("shape", {}), actual.get("shape", {})
     diff = [k for k in want if want.get(k) is not None and want.get(k) != have.get(k)]
+    diff.sort(key=lambda k: k != "version")  # another version explains every other difference
     if diff:
         raise RWKVDishaError(
             f"{source} was trained on a {_describe_shape(want)} model but this base is "
@@ -113,7 +128,8 @@ def check_fingerprint_types(fingerprint: Any, source: str) -> None:
     sums = fingerprint.get("checksums", {}) if isinstance(fingerprint, dict) else None
     ok = (
         isinstance(shape, dict)
-        and all(isinstance(v, int) or v is None for v in shape.values())
+        and all(isinstance(v, int) or v is None for k, v in shape.items() if k != "version")
+        and isinstance(shape.get("version"), (str, type(None)))
         and isinstance(fingerprint.get("hash"), (str, type(None)))
         and isinstance(sums, dict)
         and all(

@@ -78,8 +78,13 @@ def _reads(cfg, name: str) -> bool:
 
 
 def _resolve_quant(file: AdapterFile, quant: str | None, log: Callable[[str], None]) -> str:
-    trained = file.cfg.quant
-    quant = check_quant_mode(quant) if quant else trained
+    trained, given = file.cfg.quant, check_quant_mode(quant) if quant else None
+    quant = given or trained
+    if given not in (None, "none") and not file.cfg.adapts_layers:  # it would change nothing: say so
+        raise RWKVDishaError(
+            f"--quant {quant} rounds the adapted layers' base weights, but {file.source} adapts no layer "
+            f"({file.cfg.describe()}): drop --quant"
+        )
     if quant != trained:
         log(f"note: the adapter was trained with --quant {trained}, merging with --quant {quant}")
     return quant
