@@ -82,6 +82,20 @@ def test_merge_refuses_a_non_finite_adapter_file(base, work, capsys, bad):
     )
 
 
+def test_merge_refuses_an_adapter_with_integer_tensors(base, work, capsys):
+    """Integer tensors are no trained weights (a damaged or foreign file): merge would have added them."""
+    root, adapter, _ = work
+    tensors = torch.load(adapter, weights_only=True)
+    tensors["blocks.1.att.value.disha"] = tensors["blocks.1.att.value.disha"].to(torch.int32)
+    torch.save(tensors, adapter)
+    merge_refused(
+        argv_for(base, adapter, root / "merged.pth"),
+        capsys,
+        root,
+        f"adapter file {adapter} holds non-float tensors (blocks.1.att.value.disha (torch.int32))",
+    )
+
+
 def test_every_reader_refuses_a_non_finite_adapter(base, work):
     """generate, eval and train --load read through the same module, so they refuse the same file."""
     _, adapter, _ = work

@@ -279,7 +279,14 @@ class AdapterFile:
 
 
 def _refuse_non_finite(tensors: Mapping[str, Tensor], source: str) -> None:
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    """Every trained tensor is floating point and finite."""
+    ints = [f"{k} ({t.dtype})" for k, t in tensors.items() if not t.is_floating_point()]
+    if ints:
+        raise RWKVDishaError(
+            f"{source} holds non-float tensors ({_list(ints)}): trained weights are float, so the file is "
+            f"damaged or not an adapter"
+        )
+    bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
     if bad:
         raise RWKVDishaError(
             f"{source} holds non-finite weights (NaN/inf) in {_list(bad)}: probably from a diverged run; "
@@ -378,6 +385,19 @@ def _check_keys(file: AdapterFile, expected: Mapping[str, Tensor], cfg: AdapterC
         )
 
 
+def check_adapter_fits(
+    file: AdapterFile, model: nn.Module, cfg: AdapterConfig, base: nn.Module | Mapping[str, Tensor]
+) -> dict[str, nn.Parameter]:
+    """Everything :func:`load_adapter_file` refuses, without loading: ``model`` injected with ``cfg`` (a
+    meta-device one will do: only names and shapes are read), ``base`` the model or its state dict (for the
+    sidecar's fingerprint). Returns the model's parameters the file fills, by name."""
+    _check_same_settings(file, cfg)
+    check_base(file, base)
+    expected = _saved_parameters(model, cfg)
+    _check_keys(file, expected, cfg)
+    return expected
+
+
 def load_adapter_file(model: nn.Module, source: str | Path | AdapterFile, cfg: AdapterConfig) -> list[str]:
     """Load every tensor of an adapter file (a path, or one :func:`open_adapter_file` read) into ``model``
     (already injected with ``cfg``), strictly. Returns the names loaded.
@@ -389,10 +409,7 @@ def load_adapter_file(model: nn.Module, source: str | Path | AdapterFile, cfg: A
     if cfg.adapts_layers and not any(True for _ in adapter_modules(model)):
         raise RWKVDishaError("load_adapter_file: the model has no adapter layers; call inject_adapters first")
     file = source if isinstance(source, AdapterFile) else open_adapter_file(source, cfg.lora_alpha)
-    _check_same_settings(file, cfg)
-    check_base(file, model)
-    expected = _saved_parameters(model, cfg)
-    _check_keys(file, expected, cfg)
+    expected = check_adapter_fits(file, model, cfg, model)
     with torch.no_grad():
         for name, p in expected.items():
             p.copy_(file.tensors[name])
