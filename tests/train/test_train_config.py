@@ -52,7 +52,8 @@ def _old_flat(cfg: Config) -> dict:
 
 
 def test_saved_config_grouped_and_older_flat_shape(tmp_path):
-    _, cfg = parse_config("train", ["--load_model", "m.pth", "--lr_init", "1e-3", "--train_parts", "emb"])
+    paths = ["--load_model", str(tmp_path / "m.pth"), "--proj_dir", str(tmp_path / "out")]  # stored as is
+    _, cfg = parse_config("train", [*paths, "--lr_init", "1e-3", "--train_parts", "emb"])
     grouped, flat = tmp_path / "grouped.json", tmp_path / "flat.json"
     grouped.write_text(json.dumps(config_json(cfg)))
     flat.write_text(json.dumps(_old_flat(cfg)))  # what train_config.json looked like before the groups
@@ -64,17 +65,18 @@ def test_saved_config_grouped_and_older_flat_shape(tmp_path):
 def test_resume_keeps_flags_given_at_their_default(tmp_path, shape):
     old = dataclasses.replace(
         Config(),
-        load_model="base.pth",
+        load_model=str(tmp_path / "base.pth"),
         optim=dataclasses.replace(Config().optim, grad_clip=0.5, lr_init=1e-3),
     )
     saved = config_json(old) if shape == "grouped" else flat_dict(old)
     (tmp_path / "train_config.json").write_text(json.dumps(saved))
+    (tmp_path / "resume.ckpt").write_bytes(b"")  # resolve_resume only asks that it is there
     # --grad_clip 1.0 is the default: given explicitly, it still wins over the old run's 0.5
     _, cfg = parse_config("train", ["--resume", str(tmp_path), "--grad_clip", "1.0"])
     cfg = resolve_resume(cfg)
     assert cfg.optim.grad_clip == 1.0
-    assert cfg.optim.lr_init == 1e-3 and cfg.load_model == "base.pth"  # not given: the old run's
-    assert cfg.resume == str(tmp_path)
+    assert cfg.optim.lr_init == 1e-3 and cfg.load_model == str(tmp_path / "base.pth")  # the old run's
+    assert cfg.resume == cfg.proj_dir == str(tmp_path)
 
 
 def test_jsonl_run_of_three_epochs_tokenises_once(tmp_path, base_path, train_args, monkeypatch):

@@ -14,8 +14,6 @@ POSITIVE = ("epoch_steps", "epoch_count", "epoch_save", "accumulate_grad_batches
 
 def validate(cfg: Config) -> None:
     """Every option on its own and together, without touching the model or the data."""
-    if cfg.resume and not (Path(cfg.resume) / "resume.ckpt").exists():
-        raise RWKVDishaError(f"--resume {cfg.resume}: no resume.ckpt there (it is written at each epoch end)")
     if not cfg.load_model:
         raise RWKVDishaError("--load_model is required: the base RWKV .pth to fine-tune")
     if Path(cfg.load_model).is_dir():
@@ -148,8 +146,8 @@ def check_model_shape(cfg: Config):
     return mcfg
 
 
-def trainable_shapes(mcfg, acfg, op: str) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor this run trains, from an empty (meta-device) model: no weights read."""
+def _meta_model(mcfg, acfg, op: str):
+    """An empty (meta-device) model with this run's adapters injected and trainable: names and shapes only."""
     from rwkv_disha.adapters import AdapterConfig, inject_adapters, mark_trainable
     from rwkv_disha.model.load import build_model
 
@@ -157,7 +155,26 @@ def trainable_shapes(mcfg, acfg, op: str) -> dict[str, tuple[int, ...]]:
     plain = AdapterConfig.from_dict({**acfg.to_dict(), "quant": "none", "load": ""})  # same shapes
     inject_adapters(model, plain)
     mark_trainable(model, plain)
-    return {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    return model
+
+
+def trainable_shapes(mcfg, acfg, op: str) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor this run trains, from an empty (meta-device) model: no weights read."""
+    return {n: tuple(p.shape) for n, p in _meta_model(mcfg, acfg, op).named_parameters() if p.requires_grad}
+
+
+def check_adapter_load(cfg: Config, mcfg, acfg) -> None:
+    """The adapter to start from ("load"): a missing, damaged or NaN file, or one of another kind, r, base
+    or set of tensors than this run's, is refused here, before proj_dir exists (building the model checks
+    the same again)."""
+    from rwkv_disha.adapters import open_adapter_file
+    from rwkv_disha.adapters.adapter_file import check_adapter_fits
+    from rwkv_disha.model.load import load_state_dict
+
+    file = open_adapter_file(acfg.load, acfg.lora_alpha)
+    # only a sidecar records the base's fingerprint; a .pth base is memory-mapped (a few KB are read)
+    base = load_state_dict(cfg.load_model) if (file.meta or {}).get("base") else {}
+    check_adapter_fits(file, _meta_model(mcfg, acfg, cfg.engine.op), acfg, base)
 
 
 def check_proj_dir(cfg: Config) -> None:
@@ -172,6 +189,16 @@ def check_proj_dir(cfg: Config) -> None:
         probe.unlink()
     except OSError as e:
         raise RWKVDishaError(f"--proj_dir {cfg.proj_dir} is not writable ({os_error_cause(e)})") from None
+
+
+def check_resume_folder(cfg: Config) -> None:
+    """A resumed run continues in its own folder: a --proj_dir naming another one (which would skip the
+    earlier-run check of that folder) is refused."""
+    if cfg.resume and Path(cfg.proj_dir).resolve() != Path(cfg.resume).resolve():
+        raise RWKVDishaError(
+            f"--proj_dir {cfg.proj_dir} is not the folder being resumed ({cfg.resume}): a resumed run "
+            "continues in its own folder; drop --proj_dir, or copy the run there and resume the copy"
+        )
 
 
 def check_fresh_folder(cfg: Config) -> None:

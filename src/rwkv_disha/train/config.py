@@ -193,11 +193,33 @@ SAVED_CONFIG = "train_config.json"
 RESUME_FILE = "resume.ckpt"
 
 
-def config_json(cfg: Config) -> dict[str, Any]:
-    """What ``train_config.json`` holds: the resolved options, by group."""
-    import dataclasses
+# the paths a resumed run reads again: stored absolute, so --resume works from any folder
+PATH_OPTIONS = ("load_model", "data_file", "proj_dir")
+ADAPTER_JSON = ("disha_config", "lora_config", "bone_config", "pissa_config", "peft_config")
+LOAD_KEYS = ("load", "lora_load", "bone_load", "pissa_load")  # the adapter file to start from
 
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if not k.startswith("_")}
+
+def config_json(cfg: Config) -> dict[str, Any]:
+    """What ``train_config.json`` holds: the resolved options, by group, with absolute paths."""
+    import dataclasses
+    import os
+
+    out = {k: v for k, v in dataclasses.asdict(cfg).items() if not k.startswith("_")}
+    for part in (out, out["data"]):
+        for name in PATH_OPTIONS:
+            if part.get(name):
+                part[name] = os.path.abspath(part[name])
+    for name in ADAPTER_JSON:
+        try:
+            opts = json.loads(out["adapter"][name] or "null")
+        except json.JSONDecodeError:
+            continue  # the JSON of a peft this run does not use is never read
+        loads = [k for k in LOAD_KEYS if isinstance(opts, dict) and isinstance(opts.get(k), str) and opts[k]]
+        for k in loads:
+            opts[k] = os.path.abspath(opts[k])
+        if loads:
+            out["adapter"][name] = json.dumps(opts)
+    return out
 
 
 def _check_saved_types(values: dict[str, Any], source: str) -> None:
@@ -241,21 +263,56 @@ def load_saved_config(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_resume(cfg: Config) -> Config:
-    """With ``--resume``, every option not given (as a flag or in ``--config``) takes the value of the run
-    being resumed; options given keep their value, even when it equals the default."""
+    """With ``--resume DIR``, every option not given (as a flag or in ``--config``) takes the value of the
+    run being resumed; options given keep their value, even when it equals the default. The run continues
+    in DIR itself (a copied or moved run never writes back into the folder it came from). Refused here:
+    DIR without resume.ckpt or train_config.json, a train_config.json that describes no run, and a
+    relative path stored by an older version that is not found from the current folder."""
     if not cfg.resume:
         return cfg
-    saved = Path(cfg.resume) / SAVED_CONFIG
+    folder = Path(cfg.resume)
+    if not (folder / RESUME_FILE).exists():
+        raise RWKVDishaError(
+            f"--resume {cfg.resume}: no {RESUME_FILE} there (it is written at each epoch end)"
+        )
+    saved = folder / SAVED_CONFIG
     if not saved.is_file():
-        return cfg
+        raise RWKVDishaError(
+            f"--resume {cfg.resume}: no {SAVED_CONFIG} there (every run writes it when training starts): "
+            'restore it, or start a new run from the last adapter ("load" in --disha_config)'
+        )
     given = given_options(cfg)
+    stored = load_saved_config(saved)
+    if not isinstance(stored.get("load_model"), str) or not stored["load_model"]:
+        raise RWKVDishaError(f"--resume {cfg.resume}: {saved} does not describe a run (it has no load_model)")
+    _check_stored_paths(stored, given, saved)
     mine = flat_dict(cfg)
-    merged = {k: v for k, v in load_saved_config(saved).items() if k not in given}
+    merged = {k: v for k, v in stored.items() if k not in given}
     merged.update({k: mine[k] for k in given})
     merged["resume"] = cfg.resume
+    if "proj_dir" not in given:  # a given one must name this folder too (checks.check_resume_folder)
+        merged["proj_dir"] = cfg.resume
     out = from_mapping(Config, merged, source=f"options in {saved}")
     object.__setattr__(out, "_given", given)
     return out
+
+
+def _lost(value: Any) -> bool:
+    """A relative path (older versions stored them as typed) that does not exist from this folder."""
+    if not isinstance(value, str) or not value or Path(value).is_absolute():
+        return False
+    return not any(Path(value + ext).exists() for ext in ("", ".idx", ".bin"))  # a file or binidx prefix
+
+
+def _check_stored_paths(stored: dict[str, Any], given: frozenset[str], saved: Path) -> None:
+    lost = [n for n in ("load_model", "data_file") if n not in given and _lost(stored.get(n))]
+    if lost:
+        shown = ", ".join(f"{n} {stored[n]}" for n in lost)
+        flags = " and ".join(f"--{n}" for n in lost)
+        raise RWKVDishaError(
+            f"{saved} stores {shown} relative to the folder that run started in, not found from here: pass "
+            f"{flags} with the path (or resume from that folder)"
+        )
 
 
 def non_finite_option(cfg: Config) -> str | None:

@@ -2,12 +2,16 @@
 
 Lightning's ``trainer.fit(ckpt_path=...)`` would call ``torch.load`` with torch's default, which an
 environment variable (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``) or an older torch turns into a full unpickle
-that runs code from the file. So the file is read here, checked (structure, the shape of every trainable
-tensor, finite values), and Lightning gets the checked dict through :class:`PreloadedCheckpointIO`.
+that runs code from the file. So the file is read here, checked, and Lightning gets the checked dict
+through :class:`PreloadedCheckpointIO`. Checked is every part Lightning and torch will read: the trainable
+tensors, the optimizer state (a moment of the wrong shape makes the fused AdamW kernel write out of
+bounds), the LR scheduler, the loop progress, the scaler; each against what this run's objects would
+save (their own ``state_dict()`` as the template), so a damaged file is one line before any work.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +44,7 @@ def read_resume_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{what} is not an rwkv-disha resume checkpoint, or it holds objects other than tensors "
             f"(refused: {first})"
         ) from None
-    parts = ("state_dict", "optimizer_states", "loops", KEY)
+    parts = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "pytorch-lightning_version", KEY)
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in parts):
         raise RWKVDishaError(f"{what} is not an rwkv-disha resume checkpoint (missing its training state)")
     if not isinstance(ckpt["state_dict"], dict):
@@ -73,6 +77,164 @@ def check_resume_checkpoint(ckpt: dict[str, Any], expected: dict[str, tuple[int,
     counts = (ours.get("tokens_seen"), ours.get("epoch_batches", 0))
     if not all(isinstance(n, int) and n >= 0 for n in counts):
         raise RWKVDishaError(f"--resume: {path} is not an rwkv-disha resume checkpoint (bad progress record)")
+    groups = _param_groups(expected)
+    _check_lightning_parts(ckpt, len(groups), path)
+    _check_optimizer(ckpt["optimizer_states"], groups, expected, path)
+
+
+def _damaged(path: str, what: str) -> RWKVDishaError:
+    return RWKVDishaError(
+        f"--resume: {path} {what}: it is damaged or was not written by rwkv-disha train; resume from a good "
+        'copy, or start a new run from the last adapter ("load" in --disha_config, and --epoch_begin)'
+    )
+
+
+def _param_groups(expected: dict[str, tuple[int, ...]]) -> list[list[str]]:
+    """The trained tensors' names by optimizer group, in the order DishaModule._param_groups makes them:
+    one group, or with --train_state next to other tensors, the initial states as a second group."""
+    from rwkv_disha.adapters.state import is_state_key
+
+    rest = [n for n in expected if not is_state_key(n)]
+    states = [n for n in expected if is_state_key(n)]
+    return [rest, states] if rest and states else [list(expected)]
+
+
+def _same_form(template: Any, got: Any, exact: bool) -> bool:
+    """``got`` has ``template``'s structure: its keys (all of them, or with ``exact=False`` a subset), list
+    lengths and leaf types; numbers finite and >= 0."""
+    if isinstance(template, dict):
+        keys_ok = isinstance(got, dict) and (
+            got.keys() == template.keys() or not exact and got.keys() <= template.keys()
+        )
+        return keys_ok and all(_same_form(template[k], v, exact) for k, v in got.items())
+    if isinstance(template, (list, tuple)):
+        return (
+            isinstance(got, (list, tuple))
+            and len(got) == len(template)
+            and all(_same_form(t, g, exact) for t, g in zip(template, got))
+        )
+    if isinstance(template, bool) or template is None:
+        return type(got) is type(template)
+    if isinstance(template, int):
+        return type(got) is int and got >= 0
+    if isinstance(template, float):
+        return type(got) in (int, float) and math.isfinite(got) and got >= 0
+    return False
+
+
+def _check_lightning_parts(ckpt: dict[str, Any], n_groups: int, path: str) -> None:
+    """The loops, scheduler, scaler, callbacks and version entries, against what Lightning and torch save."""
+    from lightning.pytorch.loops import _FitLoop
+    from packaging.version import InvalidVersion, Version
+
+    version = ckpt["pytorch-lightning_version"]
+    try:  # an older checkpoint would go through Lightning's migrations, which assume a sound file
+        ok = isinstance(version, str) and Version(version) >= Version("2.0.0")
+    except InvalidVersion:
+        ok = False
+    if not ok:
+        raise _damaged(path, f"has a bad pytorch-lightning_version ({version!r})")
+    loops = ckpt["loops"]
+    if not (
+        isinstance(loops, dict)
+        and _same_form(_FitLoop(trainer=None).state_dict(), loops.get("fit_loop"), True)
+    ):
+        raise _damaged(path, "has no sound training-loop position (loops)")
+    params = [{"params": [torch.zeros(1)]} for _ in range(n_groups)]
+    sched = torch.optim.lr_scheduler.LambdaLR(torch.optim.AdamW(params), lambda step: 1.0).state_dict()
+    got = ckpt["lr_schedulers"]
+    if not (
+        isinstance(got, list) and len(got) == 1 and _same_form(sched, got[0], False) and "base_lrs" in got[0]
+    ):
+        raise _damaged(path, "has no sound LR scheduler state (lr_schedulers)")
+    scaler = torch.amp.GradScaler("cpu").state_dict()  # fp16's loss scaler, under the precision plugin's name
+    for key in ("MixedPrecision", "FSDPPrecision", "native_amp_scaling_state"):
+        if key in ckpt and not _same_form(scaler, ckpt[key], True):
+            raise _damaged(path, f"has no sound loss-scaler state ({key})")
+    if not isinstance(ckpt.get("callbacks", {}), dict):
+        raise _damaged(path, "has a bad callbacks entry")
+
+
+def _check_optimizer(states: Any, groups: list[list[str]], expected: dict[str, tuple], path: str) -> None:
+    """One AdamW state whose groups hold this run's tensors and whose moments fit them: torch pairs saved
+    and live parameters by position, and the fused kernel trusts the moments' shapes."""
+    one = states[0] if isinstance(states, list) and len(states) == 1 else None
+    if not (
+        isinstance(one, dict)
+        and isinstance(one.get("state"), dict)
+        and isinstance(one.get("param_groups"), list)
+    ):
+        raise _damaged(path, "has no optimizer state for this run's one optimizer (optimizer_states)")
+    saved = one["param_groups"]
+    if len(saved) != len(groups) or not all(isinstance(g, dict) for g in saved):
+        raise _damaged(path, f"has {len(saved)} optimizer param_groups, this run has {len(groups)}")
+    names: dict[Any, str] = {}
+    for g, mine in zip(saved, groups):
+        ids = g.get("params")
+        if not (isinstance(ids, list) and len(ids) == len(mine) and all(type(i) in (int, str) for i in ids)):
+            raise _damaged(
+                path, f"has optimizer param_groups that do not hold this run's {len(mine)} tensors"
+            )
+        names.update(zip(ids, mine))
+        _check_hyperparameters(g, path)
+    if len(names) != len(expected):
+        raise _damaged(path, "has optimizer param_groups that name a tensor twice")
+    if not one["state"]:
+        raise _damaged(path, "holds no optimizer moments (a resumed run would restart Adam from zero)")
+    for key, entry in one["state"].items():
+        if key not in names:
+            raise _damaged(path, f"has optimizer state for a tensor this run does not train ({key!r})")
+        _check_moments(entry, names[key], expected[names[key]], path)
+
+
+def _check_hyperparameters(group: dict[str, Any], path: str) -> None:
+    """The group's numbers replace this run's (torch restores them): finite, in range; no other algorithm."""
+
+    def number(x: Any) -> bool:
+        return type(x) in (int, float) and math.isfinite(x) and x >= 0
+
+    betas = group.get("betas")
+    ok = (
+        all(number(group.get(k)) for k in ("lr", "eps", "weight_decay"))
+        and number(group.get("initial_lr", 0.0))
+        and isinstance(betas, (list, tuple))
+        and len(betas) == 2
+        and all(number(b) and b < 1 for b in betas)
+        and all(group.get(k, False) is False for k in ("amsgrad", "maximize", "capturable", "differentiable"))
+        and all(group.get(k) in (None, True, False) for k in ("foreach", "fused"))
+    )
+    if not ok:
+        shown = {k: v for k, v in group.items() if k != "params"}
+        raise _damaged(path, f"has bad optimizer param_groups settings ({str(shown)[:160]})")
+
+
+def _check_moments(entry: Any, name: str, shape: tuple, path: str) -> None:
+    """AdamW's per-tensor state: a scalar step and two float32 moments of the tensor's shape, finite."""
+    keys = ("step", "exp_avg", "exp_avg_sq")
+    fits = (
+        isinstance(entry, dict)
+        and set(entry) == set(keys)
+        and all(isinstance(entry[k], torch.Tensor) and entry[k].dtype == torch.float32 for k in keys)
+        and entry["step"].dim() == 0
+        and all(tuple(entry[k].shape) == tuple(shape) for k in keys[1:])
+    )
+    if not fits:
+        got = (
+            {
+                k: (tuple(v.shape), str(v.dtype)[6:]) if isinstance(v, torch.Tensor) else v
+                for k, v in entry.items()
+            }
+            if isinstance(entry, dict)
+            else entry
+        )
+        needs = f"a float32 step and exp_avg, exp_avg_sq of shape {tuple(shape)}"
+        raise _damaged(
+            path, f"has an optimizer state of {name} that does not fit it ({repr(got)[:160]}; needs {needs})"
+        )
+    if not all(bool(torch.isfinite(entry[k]).all()) for k in keys):
+        raise _damaged(path, f"holds non-finite optimizer state of {name}")
+    if not (bool((entry["exp_avg_sq"] >= 0).all()) and float(entry["step"]) >= 0):
+        raise _damaged(path, f"holds a negative step or exp_avg_sq in the optimizer state of {name}")
 
 
 class PreloadedCheckpointIO(TorchCheckpointIO):

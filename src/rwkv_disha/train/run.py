@@ -47,9 +47,11 @@ def setup(cfg: Config, extra_callbacks: list | None = None) -> int:
     from rwkv_disha.fsio import clean_stale_temps, folder_lock
     from rwkv_disha.train.build import build_adapter_config, build_dataset
     from rwkv_disha.train.checks import (
+        check_adapter_load,
         check_fresh_folder,
         check_model_shape,
         check_proj_dir,
+        check_resume_folder,
         trainable_shapes,
         uses_gpu,
         validate,
@@ -72,15 +74,14 @@ def setup(cfg: Config, extra_callbacks: list | None = None) -> int:
         from rwkv_disha.train.modes import check_state_gradients
 
         check_state_gradients(cfg.engine.op, torch.device("cuda"))  # both need the initial state's gradient
-    if acfg.load:  # the adapter to start from: a missing, damaged or NaN file is refused before any write
-        from rwkv_disha.adapters import open_adapter_file
-
-        open_adapter_file(acfg.load, acfg.lora_alpha)
+    if acfg.load:  # the adapter to start from: refused before any write unless it fits this run
+        check_adapter_load(cfg, mcfg, acfg)
     checkpoint = None
     if cfg.resume:
         path = Path(cfg.resume) / RESUME_FILE
         checkpoint = read_resume_checkpoint(path)
         check_resume_checkpoint(checkpoint, shapes, str(path))
+        check_resume_folder(cfg)
     dataset = build_dataset(cfg, mcfg.vocab_size)  # once per run: tokenised / scanned here only
     if cfg.dry_run:  # checked above; report instead of training, before anything is created or locked
         from rwkv_disha.train.dry_run import dry_run
