@@ -17,7 +17,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -31,7 +31,7 @@ from rwkv_disha.choices import (
     PRECISIONS,
     QUANT_CHOICES,
 )
-from rwkv_disha.config import opt
+from rwkv_disha.config import given_options, opt
 from rwkv_disha.errors import RWKVDishaError
 from rwkv_disha.kernels import check_op_device, check_op_fits
 from rwkv_disha.measure import (  # noqa: F401  (re-exported: benchmarks/ import them from here)
@@ -61,16 +61,21 @@ assert tuple(SHAPES) == BENCH_SHAPES
 @dataclass
 class Config:
     what: str = opt(
-        "step", "step: one training step; kernel: the WKV-7 ops; matmul: this machine's peak", BENCH_WHAT
+        "step",
+        "what to time: step (one training step), kernel (the WKV ops) or matmul (this machine's peak)",
+        BENCH_WHAT,
     )
     device: str = opt("auto", "auto (cuda when visible), cpu, cuda or cuda:N")
-    json: str = opt("", "also write the result to this JSON file")
+    json: str = opt("", "also write the result to this JSON file (a new file in an existing folder)")
+    overwrite: bool = opt(False, "replace an existing --json file (refused otherwise)")
     # --what step
     shape: str = opt("0.1B", "step: model shape (n_layer / n_embd 12/768 ... 32/4096)", BENCH_SHAPES)
     n_layer: int = opt(0, "step: blocks (0: from --shape)")
     n_embd: int = opt(0, "step: width (0: from --shape)")
     vocab_size: int = opt(65536, "step: vocabulary size")
-    version: str = opt("x070", "model version (kernel: x070 times WKV-7, x060 / x052 WKV-6)", MODEL_VERSIONS)
+    version: str = opt(
+        "x070", "step and kernel: model version (kernel: x070 times WKV-7, x060 / x052 WKV-6)", MODEL_VERSIONS
+    )
     adapter: str = opt(
         "bone",
         "step: none (frozen base, only --train_parts train), bone, bat, lora, state, full",
@@ -102,6 +107,15 @@ class Config:
     kernel_dtype: str = opt(
         "fp32", "kernel: dtype of the inputs (bf16: as a bf16 run feeds the kernel)", ("fp32", "bf16")
     )
+
+
+# The --what modes that read each flag, from its help ("step: ...", "kernel: ..."); a flag not listed
+# (--what, --device, --json, --overwrite) is read by every mode.
+FLAG_MODES = {
+    f.name: tuple(f.metadata["help"].split(":")[0].split(" and "))
+    for f in fields(Config)
+    if f.metadata["help"].startswith(("step:", "kernel:", "step and kernel:"))
+}
 
 
 # --- timing and memory ----------------------------------------------------------------------------------
@@ -159,6 +173,14 @@ def train_config(cfg: Config, precision: str, device: torch.device):
     else:  # none (frozen: trainables fixed after the build), state, full (= train's --peft none)
         values["peft"] = {"state": "state"}.get(cfg.adapter, "none")
     return from_mapping(TrainConfig, values, source="bench options")
+
+
+def shape_label(cfg: Config) -> str | None:
+    """What --shape gave the model that ran: its name, the name and the overrides, or None (both set)."""
+    overrides = [f"{name} {getattr(cfg, name)}" for name in ("n_layer", "n_embd") if getattr(cfg, name)]
+    if len(overrides) == 2:
+        return None
+    return ", ".join([cfg.shape, *overrides])
 
 
 def model_shape(cfg: Config):
@@ -312,7 +334,9 @@ def run_step(cfg: Config, device: torch.device) -> dict:
     head = {
         "what": "step",
         "model": bench.mcfg.summary(),
-        "shape": cfg.shape if not (cfg.n_layer or cfg.n_embd) else None,
+        "shape": shape_label(cfg),
+        "n_layer": bench.mcfg.n_layer,
+        "n_embd": bench.mcfg.n_embd,
         "adapter": cfg.adapter if cfg.adapter in ("none", "state", "full") else f"{cfg.adapter} r{cfg.r}",
         "train_parts": list(cfg.train_parts),
         "ctx_len": cfg.ctx_len,
@@ -412,9 +436,15 @@ def _validate_step(cfg: Config, device: torch.device) -> None:
             )
         if importlib.util.find_spec("bitsandbytes") is None:
             raise RWKVDishaError(f"--quant {cfg.quant} needs bitsandbytes: pip install bitsandbytes")
-    _check_op_device(cfg.op, device, "--op")
+    if "shape" in given_options(cfg) and cfg.n_layer and cfg.n_embd:
+        raise RWKVDishaError(
+            f"--shape {cfg.shape} is unused when both --n_layer and --n_embd are given: drop --shape, or "
+            "one of --n_layer / --n_embd to take it from --shape"
+        )
     mcfg = model_shape(cfg)  # n_embd a multiple of 64, version known: one line each
     check_op_fits(cfg.op, mcfg.version, mcfg.head_size)
+    _check_op_device(cfg.op, device, "--op")
+    check_adapter(cfg, mcfg, device)
     need, have = parameter_count(mcfg) * 4, _available_bytes()
     if device.type == "cpu" and have is not None and need > have:
         raise RWKVDishaError(
@@ -423,26 +453,95 @@ def _validate_step(cfg: Config, device: torch.device) -> None:
         )
 
 
+def adapter_config(cfg: Config, device: torch.device):
+    """The AdapterConfig train builds from these options (train.build.build_adapter_config's call), made
+    here without importing Lightning, so that a bad option is refused in a second, not after four."""
+    from rwkv_disha.adapters import AdapterConfig
+
+    a = train_config(cfg, cfg.precision, device).adapter
+    return AdapterConfig.from_cli(
+        a.peft, a.disha_config, a.lora_config, a.train_parts, a.quant, train_state=a.train_state
+    )
+
+
+def check_adapter(cfg: Config, mcfg, device: torch.device) -> None:
+    """--train_parts, and --r against the shapes of the layers it adapts (read from an empty meta-device
+    model), before the model is built: one line naming bench's flags (not train's JSON keys)."""
+    from rwkv_disha.adapters.inject import adapter_targets, find_targets
+    from rwkv_disha.model.load import build_model
+
+    acfg = adapter_config(cfg, device)  # unknown --train_parts: one line
+    if cfg.adapter == "none" and not acfg.train_parts:
+        raise RWKVDishaError(
+            "--adapter none with no --train_parts: nothing trains; give --train_parts (e.g. time ln) "
+            "or another --adapter"
+        )
+    if not acfg.adapts_layers:
+        return
+    model = build_model(mcfg, op="torch", device="meta")
+    targets = find_targets(model, acfg.targets or list(adapter_targets(model)))
+    shapes: dict[tuple[int, int], str] = {}  # each (out, in) once, with the first layer of that shape
+    for name, m in targets.items():
+        shapes.setdefault(tuple(m.weight.shape), name)
+    kind = acfg.layer_class
+
+    def problem(r: int) -> str | None:
+        return next((p for (o, i), n in shapes.items() if (p := kind.shape_problem(r, o, i, n))), None)
+
+    why = problem(cfg.r)
+    if why:
+        widest = max(max(shape) for shape in shapes)
+        best = next((r for r in range(min(cfg.r - 1, widest), 0, -1) if problem(r) is None), None)
+        fix = f"the largest --r that fits is {best}" if best else "choose another --adapter"
+        raise RWKVDishaError(f"--adapter {cfg.adapter} --r {cfg.r} {why}; {fix}")
+
+
+def check_mode_flags(cfg: Config) -> None:
+    """Refuse a flag given for another --what (``--op`` with --what kernel, which times ``--ops``): the
+    mode would silently ignore it."""
+    given = given_options(cfg)
+    bad = [name for name, modes in FLAG_MODES.items() if name in given and cfg.what not in modes]
+    if not bad:
+        return
+    names = ", ".join(f"--{name}" for name in bad)
+    them = "it" if len(bad) == 1 else "them"
+    owners = {FLAG_MODES[name] for name in bad}
+    whose = ""
+    if len(owners) == 1:  # all of one mode: name it
+        verb = "is a flag" if len(bad) == 1 else "are flags"
+        whose = f"{names} {verb} of --what {' and '.join(owners.pop())}; "
+    pair = {"kernel": ("op", "ops"), "step": ("ops", "op")}.get(cfg.what)
+    if pair and pair[0] in bad:  # the near-twin flag, easily taken for the other
+        hint = f"--what {cfg.what} takes --{pair[1]}" + (" (drop the others)" if len(bad) > 1 else "")
+    elif whose:
+        hint = f"--what {cfg.what} does not read {them}: drop {them}"
+    else:
+        hint = f"--what {cfg.what} does not read {names}: drop {them}"
+    raise RWKVDishaError(whose + hint)
+
+
 def _check_op_device(op: str, device: torch.device, flag: str) -> None:
     check_op_device(op, device.type == "cuda", "add --device cuda", "use --device cpu", flag)
 
 
 def validate(cfg: Config) -> tuple[torch.device, list[str]]:
     """Every option checked before any tensor is made; returns the device and the kernels to time."""
+    check_mode_flags(cfg)
     for name in ("B", "T", "H", "N", "repeat"):
         if getattr(cfg, name) < 1:
             raise RWKVDishaError(f"--{name} must be positive, got {getattr(cfg, name)}")
     device = resolve_device(cfg.device)
     if cfg.json:
-        from rwkv_disha.fsio import check_output_path
+        from rwkv_disha.fsio import check_new_file
 
-        check_output_path(cfg.json, "--json")
+        check_new_file(cfg.json, "--json", cfg.overwrite)
     ops = [o.strip() for o in cfg.ops.split(",") if o.strip()]
     if cfg.what == "kernel" and not ops:
         raise RWKVDishaError("--ops is empty: give kernels to time, e.g. --ops torch,loop")
     for op in ops if cfg.what == "kernel" else []:
         if op not in OPS:
             raise RWKVDishaError(f"--ops: unknown kernel {op!r}; choose from {', '.join(OPS)}")
+        check_op_fits(op, cfg.version, cfg.N, "--ops", "--N is")
         _check_op_device(op, device, "--ops")
     if cfg.what == "step":
         _validate_step(cfg, device)
@@ -470,5 +569,5 @@ def run(cfg: Config) -> int:
     if cfg.json:
         from rwkv_disha.fsio import atomic_write_json
 
-        atomic_write_json(cfg.json, result, "--json")
+        atomic_write_json(cfg.json, result, "--json", overwrite=cfg.overwrite)
     return 0

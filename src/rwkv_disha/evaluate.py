@@ -37,7 +37,8 @@ class Config:
     compare: list[str] = opt(
         [], "more models on the same tokens: adapter files (applied to --load_model) or merged models"
     )
-    json: str = opt("", "also write the results to this JSON file")
+    json: str = opt("", "also write the results to this JSON file (a new file in an existing folder)")
+    overwrite: bool = opt(False, "replace an existing --json file (refused otherwise)")
 
 
 def perplexity(loss: float) -> float:
@@ -55,7 +56,7 @@ def evaluate_loss(model, dataset, micro_bsz: int, max_samples: int) -> dict:
         n = min(n, dataset.n_items)  # one document at most once
     total, count, correct = 0.0, 0.0, 0.0
     for start in range(0, n, micro_bsz):
-        batch = collate([dataset[i] for i in range(start, min(start + micro_bsz, n))])
+        batch = collate([counted_part(dataset[i]) for i in range(start, min(start + micro_bsz, n))])
         logits = model(batch["input_ids"]).float().flatten(0, 1)
         labels, mask = batch["labels"].flatten(), batch["mask"].flatten()
         ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
@@ -68,9 +69,17 @@ def evaluate_loss(model, dataset, micro_bsz: int, max_samples: int) -> dict:
     return {"loss": loss, "ppl": perplexity(loss), "acc": correct / count, "tokens": int(count), "samples": n}
 
 
+def counted_part(sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``sample`` cut after its last position that counts (mask > 0): the model is causal, so the cut
+    changes no counted logit, and a batch is padded to its longest sample, not to --ctx_len."""
+    counted = torch.nonzero(sample["mask"]).flatten()
+    end = int(counted[-1]) + 1 if counted.numel() else 1
+    return {key: t[:end] for key, t in sample.items()}
+
+
 def validate(cfg: Config) -> None:
     """Every option checked before the model loads (non-finite floats are refused by the CLI)."""
-    from rwkv_disha.generate import check_input_file
+    from rwkv_disha.generate import check_input_file, check_op_for_model
     from rwkv_disha.kernels import resolve_op
 
     if not cfg.load_model:
@@ -83,9 +92,9 @@ def validate(cfg: Config) -> None:
     for path in cfg.compare:
         check_input_file(path, "--compare")
     if cfg.json:
-        from rwkv_disha.fsio import check_output_path
+        from rwkv_disha.fsio import check_new_file
 
-        check_output_path(cfg.json, "--json")
+        check_new_file(cfg.json, "--json", cfg.overwrite)
     if cfg.data_type != "dummy" and not cfg.data_file:
         raise RWKVDishaError("--data_file is required (a binidx prefix, or a file for other data types)")
     for name in ("ctx_len", "micro_bsz"):
@@ -95,6 +104,8 @@ def validate(cfg: Config) -> None:
         raise RWKVDishaError(f"--max_samples must be >= 0 (0: one pass over the data), got {cfg.max_samples}")
     if cfg.dataload == "only" and cfg.micro_bsz != 1:
         raise RWKVDishaError(f"--dataload only needs --micro_bsz 1 (got {cfg.micro_bsz})")
+    for path in [cfg.load_model, *(p for p in cfg.compare if model_kind(p) == "merged")]:
+        check_op_for_model(cfg.op, path)  # every model the kernel will run, before any loads
     resolve_op(cfg.op)
 
 
@@ -127,7 +138,7 @@ def run(cfg: Config) -> int:
     if cfg.json:
         from rwkv_disha.fsio import atomic_write_json
 
-        atomic_write_json(cfg.json, rows if cfg.compare else rows[0], what="eval results")
+        atomic_write_json(cfg.json, rows if cfg.compare else rows[0], "--json", cfg.overwrite)
     if not cfg.compare:  # one model: the one JSON line scripts (and the demo) read
         print(json.dumps({k: v for k, v in rows[0].items() if k not in ("model", "kind")}))
     else:

@@ -97,6 +97,38 @@ def check_output_path(path: str | os.PathLike, flag: str = "--output", overwrite
     return p
 
 
+def check_new_file(path: str | os.PathLike, flag: str, overwrite: bool = False) -> Path:
+    """Refuse, before any work, an output file that cannot be written as asked: a name that is a folder or
+    ends with a slash, an existing file (unless ``overwrite``), a folder that does not exist, or one where
+    no file can be created. The last is tried for real (a temporary file made and removed): root passes
+    ``os.access`` on read-only mounts and on /proc alike."""
+    text = os.fspath(path)
+    p = Path(text)
+    if p.is_dir():
+        raise RWKVDishaError(f"{flag} {p} is a directory: give a file name")
+    if text.endswith(("/", os.sep)):
+        raise RWKVDishaError(f"{flag} {text} ends with a slash, as a folder does: give a file name")
+    if (p.exists() or p.is_symlink()) and not overwrite:
+        raise RWKVDishaError(f"{flag} {p} already exists: choose another name or pass --overwrite 1")
+    folder = p.parent
+    above = folder
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if above.exists() and not above.is_dir():
+        raise RWKVDishaError(f"{flag} {p}: {above} is a file, not a folder")
+    if not folder.is_dir():
+        raise RWKVDishaError(f"{flag} {p}: the folder {folder} does not exist; create it or choose another")
+    try:
+        temp_path(p).unlink()
+    except OSError as e:
+        # ENOENT from an existing folder: a virtual file system (/proc) that takes no new files
+        cause = "" if e.errno == errno.ENOENT else f": {os_error_cause(e)}"
+        raise RWKVDishaError(
+            f"{flag} {p}: no file can be created in {folder}{cause}; choose another folder"
+        ) from None
+    return p
+
+
 def check_folder_creatable(folder: str | os.PathLike, label: str) -> None:
     """Refuse a folder that could not be created (or written, when it exists), without creating it: its
     nearest existing ancestor must be a writable folder. ``label`` starts the error line."""
@@ -109,11 +141,14 @@ def check_folder_creatable(folder: str | os.PathLike, label: str) -> None:
         raise RWKVDishaError(f"{label} {probe} is not writable")
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], what: str = "output") -> Path:
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[Path], Any], what: str = "output", overwrite: bool = True
+) -> Path:
     """Call ``write(tmp)`` to fill a temporary file, then move it to ``path`` atomically.
 
     Creates missing parent folders. Any failure removes the temporary file; an OS error (full disk, not
     writable, path is a directory) becomes one :class:`RWKVDishaError` line naming ``path`` and the cause.
+    Without ``overwrite``, a file that appeared at ``path`` since the checks is kept and refused.
     """
     p = Path(path)
     tmp: Path | None = None
@@ -125,7 +160,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], what: st
         tmp = temp_path(p)
         write(tmp)
         os.chmod(tmp, _umask_mode())
-        os.replace(tmp, p)
+        if overwrite:
+            os.replace(tmp, p)
+        else:
+            _move_to_new(tmp, p, what)
         tmp = None
     except BaseException as e:
         if tmp is not None:
@@ -136,18 +174,41 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], what: st
     return p
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, what: str = "output") -> Path:
+def _move_to_new(tmp: Path, p: Path, what: str) -> None:
+    """Move ``tmp`` to ``p`` only if ``p`` does not exist: a hard link fails on an existing name, where
+    ``os.replace`` would clobber it; a file system without hard links gets a last check and the rename."""
+    try:
+        os.link(tmp, p)
+    except FileExistsError:
+        raise RWKVDishaError(
+            f"{what} {p} already exists: choose another name or pass --overwrite 1"
+        ) from None
+    except OSError:
+        if p.exists() or p.is_symlink():
+            raise RWKVDishaError(
+                f"{what} {p} already exists: choose another name or pass --overwrite 1"
+            ) from None
+        os.replace(tmp, p)
+        return
+    tmp.unlink()
+
+
+def atomic_write_text(
+    path: str | os.PathLike, text: str, what: str = "output", overwrite: bool = True
+) -> Path:
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
 
-    return atomic_write(path, write, what)
+    return atomic_write(path, write, what, overwrite)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, what: str = "output") -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n", what)
+def atomic_write_json(
+    path: str | os.PathLike, obj: Any, what: str = "output", overwrite: bool = True
+) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n", what, overwrite)
 
 
 def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:

@@ -35,6 +35,16 @@ def check_input_file(path: str, flag: str) -> None:
         raise RWKVDishaError(f"{flag} {path}: file not found")
 
 
+def check_op_for_model(op: str, path: str) -> None:
+    """Refuse a kernel that cannot run the heads of the model in ``path`` (its shape read by mmap, before
+    a compiled kernel is built or the weights load)."""
+    from rwkv_disha.kernels import check_op_fits
+    from rwkv_disha.model.load import infer_config, load_state_dict
+
+    mcfg = infer_config(load_state_dict(path), source=path)
+    check_op_fits(op, mcfg.version, mcfg.head_size)
+
+
 def check_finite(tensors, what: str) -> None:
     """Refuse NaN / inf in any floating-point tensor of ``tensors`` (name -> tensor): one line, not a
     traceback (or garbage text) later."""
@@ -231,6 +241,7 @@ def validate(cfg: Config) -> None:
             raise RWKVDishaError("give --prompt or --prompt_file, not both")
     if cfg.chat_loop and (cfg.prompt or cfg.prompt_file):
         raise RWKVDishaError("--chat_loop reads the user's turns from stdin: drop --prompt / --prompt_file")
+    check_op_for_model(cfg.op, cfg.load_model)
     resolve_op(cfg.op)
 
 

@@ -355,3 +355,58 @@ def test_importing_the_kernels_does_not_import_dynamo():
     code = "import sys, rwkv_disha.kernels; print('torch._dynamo' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+# --- heads wider than the kernel's MAX_N: one line in every command, before any work
+
+
+def test_check_op_fits_knows_cpps_head_size_limit():
+    """No build needed: the limit is data, and it is the one common.h compiles in."""
+    import re
+
+    from rwkv_disha.kernels import HEAD_SIZE_LIMITS
+
+    max_n = int(re.search(r"MAX_N = (\d+);", (cpp.SOURCES / "common.h").read_text())[1])
+    assert HEAD_SIZE_LIMITS["cpp"][2] == max_n == 256
+    for version in ("x070", "x060", "x052"):
+        check_op_fits("cpp", version, 1)
+        check_op_fits("cpp", version, 256)
+        msg = "--op cpp runs heads of size <= 256; this model's are 512: use --op torch"
+        with pytest.raises(RWKVDishaError, match=f"^{msg}$"):
+            check_op_fits("cpp", version, 512)
+    with pytest.raises(RWKVDishaError, match=r"^--ops cpp runs heads of size <= 256; --N is 300: use --ops"):
+        check_op_fits("cpp", "x070", 300, "--ops", "--N is")
+
+
+def _snapshot(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _one_error(capsys, rc) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
+
+
+@needs_build  # train builds the kernel before it reads the model
+@pytest.mark.parametrize("version", ["x070", "x060"])
+def test_heads_over_256_with_op_cpp_are_one_line_in_every_command(tmp_path, capsys, make_checkpoint, version):
+    """generate, eval, train and bench --what kernel refuse a head size the kernel cannot take, before the
+    model loads or the run folder is written (not a RuntimeError from inside the kernel)."""
+    base = make_checkpoint(1, 512, 256, head_size=512, version=version)
+    data = ["--data_type", "dummy", "--ctx_len", "8"]
+    want = "error: --op cpp runs heads of size <= 256; this model's are 512: use --op torch"
+    runs = {
+        "generate": ["generate", "--load_model", str(base), "--prompt", "a", "--max_tokens", "2"],
+        "eval": ["eval", "--load_model", str(base), *data, "--json", str(tmp_path / "e.json")],
+        "train": ["train", "--load_model", str(base), "--proj_dir", str(tmp_path / "p"), *data,
+                  "--accelerator", "cpu", "--precision", "fp32", "--epoch_steps", "1", "--epoch_count", "1"],
+    }  # fmt: skip
+    before = _snapshot(tmp_path)
+    for name, argv in runs.items():
+        assert _one_error(capsys, main([*argv, "--op", "cpp"])) == want, name
+    assert _snapshot(tmp_path) == before and not (tmp_path / "p").exists()
+    kernel = ["bench", "--what", "kernel", "--ops", "torch,cpp", "--N", "512", "--T", "2", "--H", "1"]
+    line = _one_error(capsys, main([*kernel, "--repeat", "1", "--device", "cpu", "--version", version]))
+    assert line == "error: --ops cpp runs heads of size <= 256; --N is 512: use --ops torch"

@@ -62,14 +62,29 @@ def check_op_device(op: str, on_gpu: bool, to_gpu: str, to_cpu: str, flag: str =
         raise RWKVDishaError(f"{flag} {op} runs on CPU tensors only: {to_cpu}")
 
 
-def check_op_fits(op: str, version: str, head_size: int) -> None:
-    """Refuse, before any work, a kernel that cannot run this model's heads (``--op cuda``: RWKV-7 with head
-    size 64, as in every release)."""
-    if version == "x070" and resolve_op(op) == "cuda" and head_size != cuda.HEAD_SIZE:
-        raise RWKVDishaError(
-            f"--op cuda runs RWKV-7 heads of size {cuda.HEAD_SIZE} only; this model's are {head_size}: "
-            "use --op fla or torch"
-        )
+# Head sizes each compiled kernel runs: op -> (model versions it serves, smallest, largest). cuda: the size
+# wkv7.cu is compiled for (RWKV-6 / 5.2 run fla there); cpp: MAX_N of cpp/common.h (test_cpp.py compares).
+HEAD_SIZE_LIMITS = {
+    "cuda": (("x070",), cuda.HEAD_SIZE, cuda.HEAD_SIZE),
+    "cpp": (("x070", "x060", "x052"), 1, 256),
+}
+_INSTEAD = {"cuda": "fla or torch", "cpp": "torch"}  # what runs any head size where the kernel runs
+
+
+def check_op_fits(
+    op: str, version: str, head_size: int, flag: str = "--op", heads: str = "this model's are"
+) -> None:
+    """Refuse, before any work (and before a compiled kernel is built), a kernel that cannot run heads of
+    ``head_size``; ``flag`` and ``heads`` word the line for the command (bench's ``--ops``, ``--N is``)."""
+    name = _ALIASES.get(op, op)
+    if name not in HEAD_SIZE_LIMITS:
+        return
+    versions, low, high = HEAD_SIZE_LIMITS[name]
+    if version not in versions or low <= head_size <= high:
+        return
+    only = "RWKV-7 " if versions == ("x070",) else ""
+    sizes = f"{only}heads of size {low} only" if low == high else f"heads of size <= {high}"
+    raise RWKVDishaError(f"{flag} {op} runs {sizes}; {heads} {head_size}: use {flag} {_INSTEAD[name]}")
 
 
 def wkv7_auto(r, w, k, v, a, b, state=None):
@@ -110,6 +125,7 @@ def get_wkv6(op: str) -> Callable:
 __all__ = [
     "CPU_OPS",
     "GPU_OPS",
+    "HEAD_SIZE_LIMITS",
     "OPS",
     "available_ops",
     "check_op_device",
