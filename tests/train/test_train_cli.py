@@ -127,3 +127,11 @@ def test_variants_train_and_learn(tmp_path, base_path, count_data, extra, train_
     side = json.loads((proj / "rwkv-0.json").read_text())
     if "--quant" in extra:
         assert side["adapter"]["quant"] == extra[1]
+
+
+def test_train_prints_no_library_adverts_or_deprecations(tmp_path, base_path, count_data, capfd, train_args):
+    """Lightning's logger advert and its use of a torch API torch deprecates are nothing a user can act
+    on: they stay off the terminal (captured at the file descriptors, where Lightning's handler writes)."""
+    assert main(train_args(base_path, count_data, tmp_path / "out", epochs=1, steps=2)) == 0
+    err = capfd.readouterr().err
+    assert "Tip:" not in err and "LeafSpec" not in err, err

@@ -11,6 +11,7 @@ tensors; merge it with `rwkv-disha merge`. `--resume proj_dir` continues an inte
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import warnings
@@ -124,15 +125,37 @@ def main(cfg: Config, acfg, dataset, checkpoint: dict | None, extra_callbacks: l
     ]
     # only when resuming: some strategies (DeepSpeed) take no checkpoint I/O plugin
     plugins = [PreloadedCheckpointIO(checkpoint)] if checkpoint is not None else []
-    trainer = build_trainer(cfg, callbacks, plugins=plugins)
+    with _quiet_lightning():
+        trainer = build_trainer(cfg, callbacks, plugins=plugins)
     ckpt_path = str(Path(cfg.resume) / RESUME_FILE) if checkpoint is not None else None
     return fit(trainer, module, DishaData(cfg, dataset), ckpt_path)
 
 
+class _NoAdverts(logging.Filter):
+    """Drops Lightning's tip that advertises its cloud logger: a line about nothing this run does."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _quiet_lightning():
+    """Keep Lightning's lines that say nothing about this run off the terminal (building and fitting)."""
+    rank_zero_log, no_adverts = logging.getLogger("lightning.pytorch.utilities.rank_zero"), _NoAdverts()
+    rank_zero_log.addFilter(no_adverts)
+    try:
+        with warnings.catch_warnings():
+            # a run stopped mid-epoch resumes at the next micro-batch: DishaData positions the loader itself
+            warnings.filterwarnings("ignore", message=".*ended before the epoch ended.*")
+            # Lightning's own use of a torch API that torch deprecates: nothing a user can act on
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+            yield
+    finally:
+        rank_zero_log.removeFilter(no_adverts)
+
+
 def fit(trainer: L.Trainer, module, data, ckpt_path: str | None) -> int:
     """Run the epochs; the callbacks save, log and summarise (the summary is their on_train_end)."""
-    with warnings.catch_warnings():
-        # a run stopped mid-epoch resumes at the next micro-batch: DishaData positions the loader itself
-        warnings.filterwarnings("ignore", message=".*ended before the epoch ended.*")
+    with _quiet_lightning():
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return 0
