@@ -17,7 +17,7 @@
 set -u
 WHAT=${1:-all}
 case "$WHAT" in all|targets|tests) ;; *) echo "usage: gpu_check.sh [all|targets|tests]"; exit 2 ;; esac
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+OUT=${OUT:-$(mktemp -d /tmp/gpu_check.XXXX)}; mkdir -p "$OUT"  # bench --json refuses existing files
 BUDGET=${BUDGET:-470}  # seconds; each later part is skipped when it would not fit
 export PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=$PWD/.triton  # ignored by git, carried in and packed out again

@@ -389,11 +389,18 @@ def _one_error(capsys, rc) -> str:
     return lines[0]
 
 
-@needs_build  # train builds the kernel before it reads the model
+@needs_build
 @pytest.mark.parametrize("version", ["x070", "x060"])
-def test_heads_over_256_with_op_cpp_are_one_line_in_every_command(tmp_path, capsys, make_checkpoint, version):
+def test_heads_over_256_with_op_cpp_are_one_line_in_every_command(
+    tmp_path, capsys, make_checkpoint, version, monkeypatch
+):
     """generate, eval, train and bench --what kernel refuse a head size the kernel cannot take, before the
-    model loads or the run folder is written (not a RuntimeError from inside the kernel)."""
+    model loads, the run folder is written or the kernel is built (half a minute on first use)."""
+
+    def never(*args):
+        raise AssertionError("built the kernel before checking the heads")
+
+    monkeypatch.setattr(cpp, "extension", never)
     base = make_checkpoint(1, 512, 256, head_size=512, version=version)
     data = ["--data_type", "dummy", "--ctx_len", "8"]
     want = "error: --op cpp runs heads of size <= 256; this model's are 512: use --op torch"

@@ -39,23 +39,24 @@ def available_ops() -> list[str]:
     return [op for op in ("torch", "loop", "fla", "cuda", "cpp") if _missing(op) is None]
 
 
-def resolve_op(op: str) -> str:
-    """Map a user's ``--op`` to a kernel that runs here, or fail naming what does."""
+def resolve_op(op: str, build: bool = True) -> str:
+    """Map a user's ``--op`` to a kernel that runs here, or fail naming what does; ``build``: build (or load)
+    a compiled kernel now, so that a failed build is one error line before any work."""
     if op not in OPS:
         raise RWKVDishaError(f"unknown --op {op!r}; choose one of {', '.join(OPS)}")
     name = _ALIASES.get(op, op)
     lacking = _missing(name)
     if lacking:
         raise RWKVDishaError(f"--op {op} needs {lacking}; available here: {', '.join(available_ops())}")
-    if name in _BUILT:  # build it now (first use: ~0.5-1 min, then cached), so a failed build stops the
-        _BUILT[name].extension()  # run before any work, as one error line
+    if build and name in _BUILT:  # first use: ~0.5-1 min, then cached
+        _BUILT[name].extension()
     return name
 
 
 def check_op_device(op: str, on_gpu: bool, to_gpu: str, to_cpu: str, flag: str = "--op") -> None:
     """Refuse a kernel that runs on one kind of device only for a run on the other; ``to_gpu`` / ``to_cpu``
-    say how this command moves the run there."""
-    name = resolve_op(op)
+    say how this command moves the run there. Builds nothing: the model's head size is checked first."""
+    name = resolve_op(op, build=False)
     if name in GPU_OPS and not on_gpu:
         raise RWKVDishaError(f"{flag} {op} runs on CUDA tensors only: {to_gpu}")
     if name in CPU_OPS and on_gpu:
@@ -66,7 +67,7 @@ def check_op_device(op: str, on_gpu: bool, to_gpu: str, to_cpu: str, flag: str =
 # wkv7.cu is compiled for (RWKV-6 / 5.2 run fla there); cpp: MAX_N of cpp/common.h (test_cpp.py compares).
 HEAD_SIZE_LIMITS = {
     "cuda": (("x070",), cuda.HEAD_SIZE, cuda.HEAD_SIZE),
-    "cpp": (("x070", "x060", "x052"), 1, 256),
+    "cpp": (("x070", "x060", "x052"), 1, cpp.MAX_HEAD_SIZE),
 }
 _INSTEAD = {"cuda": "fla or torch", "cpp": "torch"}  # what runs any head size where the kernel runs
 

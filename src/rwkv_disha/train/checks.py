@@ -129,7 +129,7 @@ def uses_gpu(cfg: Config) -> bool:
 
 def check_model_shape(cfg: Config):
     """Read the checkpoint's shape (mmap, no model built) and refuse flags that disagree with it."""
-    from rwkv_disha.kernels import check_op_fits
+    from rwkv_disha.kernels import check_op_fits, resolve_op
     from rwkv_disha.model.load import check_expected, infer_config, load_state_dict
 
     mcfg = infer_config(load_state_dict(cfg.load_model), source=cfg.load_model)
@@ -143,6 +143,7 @@ def check_model_shape(cfg: Config):
         my_testing=m.my_testing,
     )
     check_op_fits(cfg.engine.op, mcfg.version, mcfg.head_size)
+    resolve_op(cfg.engine.op)  # builds a compiled kernel now (first use), once the heads are known to fit
     return mcfg
 
 

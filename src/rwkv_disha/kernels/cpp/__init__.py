@@ -27,6 +27,7 @@ from rwkv_disha.kernels.wkv7 import _init_state
 Tensor = torch.Tensor
 SOURCES = Path(__file__).parent
 CHUNK = 16  # steps between the states a forward saves for its backward (common.h)
+MAX_HEAD_SIZE = 256  # MAX_N in common.h
 # Vector instructions by the CPU torch itself dispatches to; the build's name carries them, so a cache
 # shared between different CPUs never loads code built for another's instructions.
 _ISA_FLAGS = {
