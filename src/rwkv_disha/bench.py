@@ -411,6 +411,7 @@ def resolve_device(text: str) -> torch.device:
 def _validate_step(cfg: Config, device: torch.device) -> None:
     import importlib.util
 
+    from rwkv_disha.hardware import check_activations_fit
     from rwkv_disha.model.init import parameter_count
     from rwkv_disha.train.checks import check_compile_flags
 
@@ -445,6 +446,7 @@ def _validate_step(cfg: Config, device: torch.device) -> None:
     check_op_fits(cfg.op, mcfg.version, mcfg.head_size)
     _check_op_device(cfg.op, device, "--op")
     check_adapter(cfg, mcfg, device)
+    check_activations_fit(cfg.micro_bsz, cfg.ctx_len, mcfg.n_embd, mcfg.n_layer, device.type == "cuda")
     need, have = parameter_count(mcfg) * 4, _available_bytes()
     if device.type == "cpu" and have is not None and need > have:
         raise RWKVDishaError(

@@ -1,4 +1,5 @@
-"""What this machine can do fast: native bf16 on the CPU, and the precision a run should use there.
+"""What this machine can do: native bf16 on the CPU (and the precision a run should use there), and how much
+memory a run may take.
 
 A CPU without bf16 instructions (AVX-512 BF16 or AMX on x86) emulates bf16 matmuls: measured at
 0.3-1.3 GFLOP/s on an AVX2-only EPYC against ~158 GFLOP/s in fp32, so ``--precision bf16`` trained
@@ -7,9 +8,13 @@ A CPU without bf16 instructions (AVX-512 BF16 or AMX on x86) emulates bf16 matmu
 
 from __future__ import annotations
 
+import contextlib
 import platform
+import resource
 
 import torch
+
+from rwkv_disha.errors import RWKVDishaError
 
 
 def cpu_capabilities() -> dict:
@@ -40,3 +45,38 @@ def cpu_precision(precision: str) -> tuple[str, str | None]:
             "slower than fp32: training in fp32 instead (same results, more memory)"
         )
     return precision, None
+
+
+def memory_bytes(on_gpu: bool) -> int | None:
+    """All the memory a run may use here: the GPU's, or the machine's RAM within this process's cgroup and
+    address-space limits (None when it cannot be told)."""
+    if on_gpu:
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    limits = []
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
+        limits += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:")]
+    with contextlib.suppress(OSError, ValueError), open("/sys/fs/cgroup/memory.max") as f:
+        limits.append(int(f.read().strip()))  # "max" (no limit) raises ValueError
+    address_space = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if address_space != resource.RLIM_INFINITY:
+        limits.append(address_space)
+    return min(limits) if limits else None
+
+
+def activation_floor_bytes(micro_bsz: int, ctx_len: int, n_embd: int, n_layer: int) -> int:
+    """A lower bound of what one training step keeps for backward: even with --grad_cp 1 the input of every
+    block (B, T, C) and a few tensors of the block being recomputed, at 2 bytes a value. A real step keeps
+    ~10x more (docs/BENCHMARKS.md, "grad_cp and activation memory"), so a run above it cannot fit."""
+    return micro_bsz * ctx_len * n_embd * (n_layer + 4) * 2
+
+
+def check_activations_fit(micro_bsz: int, ctx_len: int, n_embd: int, n_layer: int, on_gpu: bool) -> None:
+    """Refuse, before any work, a --ctx_len x --micro_bsz that cannot fit in this machine's memory."""
+    floor, have = activation_floor_bytes(micro_bsz, ctx_len, n_embd, n_layer), memory_bytes(on_gpu)
+    if have is not None and floor > have:
+        where = "this GPU's" if on_gpu else "this machine's"
+        raise RWKVDishaError(
+            f"--ctx_len {ctx_len} x --micro_bsz {micro_bsz} needs more than {floor / 2**30:.0f} GiB of "
+            f"activations on a L{n_layer} C{n_embd} model, above {where} {have / 2**30:.0f} GiB: "
+            f"lower --ctx_len or --micro_bsz"
+        )

@@ -105,6 +105,10 @@ CASES: list[tuple[str, list[str], str]] = [
     ("train-weight_decay-inf", [*TRAIN, "--weight_decay", "inf"], "weight_decay"),
     ("train-random_seed-huge", [*TRAIN, "--random_seed", str(2**70)], "random_seed"),
     ("train-ctx_len-0", [*TRAIN, "--ctx_len", "0"], "ctx_len"),
+    # more activations than this machine holds, even at 2 bytes per value: refused before any work
+    ("train-ctx_len-beyond-memory", [*TRAIN, "--ctx_len", "10000000000"], "lower --ctx_len or --micro_bsz"),
+    ("train-infctx-chunk-beyond-memory", [*TRAIN, "--train_type", "infctx", "--ctx_len", "10000000000",
+                                          "--chunk_ctx", "10000000000"], "lower --ctx_len"),  # fmt: skip
     ("train-cuda_graphs-without-compile", [*TRAIN, "--cuda_graphs", "1"], "add --compile 1"),
     ("bench-cuda_graphs-without-compile", [*BSTEP, "--cuda_graphs", "1"], "add --compile 1"),
     ("train-micro_bsz-0", [*TRAIN, "--micro_bsz", "0"], "micro_bsz"),
@@ -317,6 +321,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("bench-empty-ops", [*BENCH, "--ops", ","], "ops"),
     ("bench-bad-what", [*BENCH, "--what", "flops"], "what"),
     ("bench-step-ctx_len-0", [*BSTEP, "--ctx_len", "0"], "--ctx_len"),
+    ("bench-step-ctx_len-beyond-memory", [*BSTEP, "--ctx_len", "10000000000"], "lower --ctx_len"),
     ("bench-step-micro_bsz-0", [*BSTEP, "--micro_bsz", "0"], "--micro_bsz"),
     ("bench-step-steps-0", [*BSTEP, "--steps", "0"], "--steps"),
     ("bench-step-warmup-negative", [*BSTEP, "--warmup", "-1"], "--warmup"),

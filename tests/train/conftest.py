@@ -1,6 +1,7 @@
 """Fixtures for training tests: a tiny base and a learnable binidx corpus (counting sequences)."""
 
-import numpy as np
+import lightning.pytorch  # noqa: F401  imported at collection: its log handler then writes to the real
+import numpy as np  # stderr, not to the captured stream of whichever test imported it first (closed after)
 import pytest
 
 from rwkv_disha.data.binidx import write_binidx

@@ -129,6 +129,7 @@ def uses_gpu(cfg: Config) -> bool:
 
 def check_model_shape(cfg: Config):
     """Read the checkpoint's shape (mmap, no model built) and refuse flags that disagree with it."""
+    from rwkv_disha.hardware import check_activations_fit
     from rwkv_disha.kernels import check_op_fits, resolve_op
     from rwkv_disha.model.load import check_expected, infer_config, load_state_dict
 
@@ -143,6 +144,9 @@ def check_model_shape(cfg: Config):
         my_testing=m.my_testing,
     )
     check_op_fits(cfg.engine.op, mcfg.version, mcfg.head_size)
+    e, d = cfg.engine, cfg.data
+    tokens = min(d.ctx_len, e.chunk_ctx) if e.train_type == "infctx" else d.ctx_len  # one pass at a time
+    check_activations_fit(d.micro_bsz, tokens, mcfg.n_embd, mcfg.n_layer, uses_gpu(cfg))
     resolve_op(cfg.engine.op)  # builds a compiled kernel now (first use), once the heads are known to fit
     return mcfg
 

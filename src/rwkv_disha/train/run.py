@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rwkv_disha.errors import RWKVDishaError
 from rwkv_disha.train.config import RESUME_FILE, Config
 
 if TYPE_CHECKING:  # Lightning and torch load when training starts, not for `train --help`
@@ -156,6 +157,17 @@ def _quiet_lightning():
 
 def fit(trainer: L.Trainer, module, data, ckpt_path: str | None) -> int:
     """Run the epochs; the callbacks save, log and summarise (the summary is their on_train_end)."""
-    with _quiet_lightning():
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    import torch
+
+    try:
+        with _quiet_lightning():
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "can't allocate memory" not in str(e):
+            raise
+        cfg = module.cfg
+        raise RWKVDishaError(
+            f"out of memory at --ctx_len {cfg.data.ctx_len} x --micro_bsz {cfg.data.micro_bsz}: lower them, "
+            f"or add --grad_cp 1 (the adapters of finished epochs are saved in {cfg.proj_dir})"
+        ) from e
     return 0
