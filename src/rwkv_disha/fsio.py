@@ -83,14 +83,22 @@ def _umask_mode() -> int:
     return 0o666 & ~umask
 
 
+def _file_name(path: str | os.PathLike, flag: str) -> Path:
+    """``path`` as a file's name: refused when it is a folder, or ends with a slash as a folder's does."""
+    text = os.fspath(path)
+    if Path(text).is_dir():
+        raise RWKVDishaError(f"{flag} {Path(text)} is a directory: give a file name")
+    if text.endswith(("/", os.sep)):
+        raise RWKVDishaError(f"{flag} {text} ends with a slash, as a folder does: give a file name")
+    return Path(text)
+
+
 def check_output_path(path: str | os.PathLike, flag: str = "--output", overwrite: bool = True) -> Path:
     """Refuse an output path that is a directory, exists (unless ``overwrite``) or cannot be written.
 
     Call it before long work; :func:`atomic_write` catches what still goes wrong later.
     """
-    p = Path(path)
-    if p.is_dir():
-        raise RWKVDishaError(f"{flag} {p} is a directory: give a file name")
+    p = _file_name(path, flag)
     if p.exists() and not overwrite:
         raise RWKVDishaError(f"{flag} {p} already exists: choose another name or pass --overwrite 1")
     check_folder_creatable(p.parent if str(p.parent) else Path("."), f"{flag} {p}:")
@@ -102,12 +110,7 @@ def check_new_file(path: str | os.PathLike, flag: str, overwrite: bool = False) 
     ends with a slash, an existing file (unless ``overwrite``), a folder that does not exist, or one where
     no file can be created. The last is tried for real (a temporary file made and removed): root passes
     ``os.access`` on read-only mounts and on /proc alike."""
-    text = os.fspath(path)
-    p = Path(text)
-    if p.is_dir():
-        raise RWKVDishaError(f"{flag} {p} is a directory: give a file name")
-    if text.endswith(("/", os.sep)):
-        raise RWKVDishaError(f"{flag} {text} ends with a slash, as a folder does: give a file name")
+    p = _file_name(path, flag)
     if (p.exists() or p.is_symlink()) and not overwrite:
         raise RWKVDishaError(f"{flag} {p} already exists: choose another name or pass --overwrite 1")
     folder = p.parent

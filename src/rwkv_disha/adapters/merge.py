@@ -62,10 +62,10 @@ class Config:
     overwrite: bool = opt(False, "replace an existing --output file")
 
 
-def _check_paths(base_path: Path, adapter_path: Path, output: Path, overwrite: bool) -> None:
+def _check_paths(base_path: Path, adapter_path: Path, output: str | Path, overwrite: bool) -> None:
     """Refuse an --output that is an input, a directory, or (without ``overwrite``) an existing file."""
     inputs = (base_path, adapter_path, sidecar_path(adapter_path))
-    if any(output.resolve() == p.resolve() for p in inputs):
+    if any(Path(output).resolve() == p.resolve() for p in inputs):
         raise RWKVDishaError(
             f"--output {output} would overwrite an input: write the merged model to a new file"
         )
@@ -155,8 +155,8 @@ def merge_adapter_file(
     """
     from rwkv_disha.model.load import infer_config, load_state_dict, save_state_dict
 
+    _check_paths(Path(base_path), Path(adapter_path), output, overwrite)  # output as given: "x/" is no file
     base_path, adapter_path, output = Path(base_path), Path(adapter_path), Path(output)
-    _check_paths(base_path, adapter_path, output, overwrite)
     base = load_state_dict(base_path, what="base model")
     model_cfg = infer_config(base, source=str(base_path))  # refuses an adapter file given as the base
     file = open_adapter_file(adapter_path, lora_alpha=lora_alpha or None)
