@@ -108,8 +108,11 @@ CASES: list[tuple[str, list[str], str]] = [
     ("train-ctx_len-0", [*TRAIN, "--ctx_len", "0"], "ctx_len"),
     # more activations than this machine holds, even at 2 bytes per value: refused before any work
     ("train-ctx_len-beyond-memory", [*TRAIN, "--ctx_len", "10000000000"], "lower --ctx_len or --micro_bsz"),
-    ("train-infctx-chunk-beyond-memory", [*TRAIN, "--train_type", "infctx", "--ctx_len", "10000000000",
-                                          "--chunk_ctx", "10000000000"], "lower --ctx_len"),  # fmt: skip
+    (
+        "train-infctx-chunk-beyond-memory",
+        [*TRAIN, "--train_type", "infctx", "--ctx_len", "10000000000", "--chunk_ctx", "10000000000"],
+        "lower --ctx_len",
+    ),  # fmt: skip
     ("train-cuda_graphs-without-compile", [*TRAIN, "--cuda_graphs", "1"], "add --compile 1"),
     ("bench-cuda_graphs-without-compile", [*BSTEP, "--cuda_graphs", "1"], "add --compile 1"),
     ("train-micro_bsz-0", [*TRAIN, "--micro_bsz", "0"], "micro_bsz"),
