@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import platform
 import resource
+from pathlib import Path
 
 import torch
 
@@ -47,6 +48,22 @@ def cpu_precision(precision: str) -> tuple[str, str | None]:
     return precision, None
 
 
+CGROUP = Path("/sys/fs/cgroup")  # cgroup v2: a container's RAM cap is here, not in /proc/meminfo
+
+
+def _cgroup_bytes(name: str, root: Path | None = None) -> int | None:
+    """A cgroup memory file's value (memory.max, memory.current); None where absent or "max" (no limit)."""
+    with contextlib.suppress(OSError, ValueError):
+        return int(((root or CGROUP) / name).read_text().strip())
+    return None
+
+
+def cgroup_room_bytes(root: Path | None = None) -> int | None:
+    """What this process's cgroup still lets it allocate: memory.max - memory.current (None: no limit)."""
+    limit, used = _cgroup_bytes("memory.max", root), _cgroup_bytes("memory.current", root)
+    return None if limit is None else max(limit - (used or 0), 0)
+
+
 def memory_bytes(on_gpu: bool) -> int | None:
     """All the memory a run may use here: the GPU's, or the machine's RAM within this process's cgroup and
     address-space limits (None when it cannot be told)."""
@@ -55,8 +72,8 @@ def memory_bytes(on_gpu: bool) -> int | None:
     limits = []
     with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
         limits += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:")]
-    with contextlib.suppress(OSError, ValueError), open("/sys/fs/cgroup/memory.max") as f:
-        limits.append(int(f.read().strip()))  # "max" (no limit) raises ValueError
+    if (cgroup := _cgroup_bytes("memory.max")) is not None:
+        limits.append(cgroup)
     address_space = resource.getrlimit(resource.RLIMIT_AS)[0]
     if address_space != resource.RLIM_INFINITY:
         limits.append(address_space)

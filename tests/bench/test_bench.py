@@ -12,6 +12,7 @@ import torch
 import rwkv_disha.hardware as hardware
 from rwkv_disha.bench import Config, TrainStep, flops_per_token, interleaved_times, paired_median_ratio
 from rwkv_disha.cli import main
+from rwkv_disha.errors import RWKVDishaError
 
 TINY = ["--n_layer", "1", "--n_embd", "64", "--vocab_size", "64", "--ctx_len", "16", "--device", "cpu"]
 TINY += ["--steps", "2", "--warmup", "1", "--precision", "fp32", "--r", "16"]
@@ -151,3 +152,27 @@ def test_train_on_a_cpu_without_bf16_runs_fp32(monkeypatch, capsys, tmp_path, ma
 def test_other_adapters_and_grad_cp_run(argv, capsys):
     assert main(["bench", *TINY, "--steps", "1", "--warmup", "0", *argv]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens_per_s"] > 0
+
+
+def test_a_cgroup_limit_bounds_the_memory_a_run_is_told_it_has(tmp_path, monkeypatch):
+    """A container's RAM cap (cgroup v2 memory.max) is not in /proc/meminfo: the memory checks read it."""
+    from rwkv_disha.measure import _available_bytes
+
+    assert hardware.cgroup_room_bytes(tmp_path) is None  # no cgroup files
+    (tmp_path / "memory.max").write_text("max\n")
+    assert hardware.cgroup_room_bytes(tmp_path) is None  # "max": no limit
+    (tmp_path / "memory.max").write_text("1000000\n")
+    (tmp_path / "memory.current").write_text("400000\n")
+    assert hardware.cgroup_room_bytes(tmp_path) == 600000
+    monkeypatch.setattr(hardware, "CGROUP", tmp_path)
+    assert hardware.memory_bytes(False) == 1000000 and _available_bytes() == 600000
+
+
+def test_activations_beyond_memory_are_refused_and_real_runs_are_not(monkeypatch):
+    """The floor (2 bytes x C x (L + 4) per token) is far below what a step keeps, so a 0.1B step at
+    ctx 4096 passes on a 24 GB machine, and the same step over 10M tokens does not."""
+    assert hardware.activation_floor_bytes(1, 512, 768, 12) == 512 * 768 * 16 * 2
+    monkeypatch.setattr(hardware, "memory_bytes", lambda on_gpu: 24 * 2**30)
+    hardware.check_activations_fit(16, 4096, 768, 12, False)
+    with pytest.raises(RWKVDishaError, match=r"--ctx_len 10000000 x --micro_bsz 1 needs more than 229 GiB"):
+        hardware.check_activations_fit(1, 10_000_000, 768, 12, False)
