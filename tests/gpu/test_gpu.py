@@ -112,3 +112,15 @@ def test_train_on_gpu(tmp_path, make_checkpoint, extra):
     losses = _train(tmp_path, base, None, *extra)
     assert len(losses) == 12
     assert (tmp_path / "rwkv-0.pth").is_file()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_resume_on_gpu_continues_the_run(tmp_path, make_checkpoint, precision):
+    """resume.ckpt of a GPU run (fp16: with the loss scaler's state) passes the resume checks and continues
+    the same run for a second epoch in the same folder."""
+    base = make_checkpoint(2, 128, 512, style="pretrain", seed=2)
+    _train(tmp_path, base, None, "--precision", precision)
+    argv = ["train", "--resume", str(tmp_path), "--epoch_count", "2", "--progress_bar", "0"]
+    assert main(argv) == 0
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))
+    assert (tmp_path / "rwkv-1.pth").is_file() and len(rows) == 24
