@@ -85,7 +85,9 @@ def sample_token(
     """One id from logits (V,): greedy at temperature 0, else top-k, then nucleus (top-p) sampling."""
     if temperature <= 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    # shifted so the best logit is 0: a tiny temperature then sends the others to -inf (greedy), not inf / inf
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     if top_k > 0:
         kth = torch.topk(probs, min(top_k, probs.numel())).values[-1]
         probs = torch.where(probs >= kth, probs, 0.0)
@@ -93,6 +95,7 @@ def sample_token(
         sorted_p, order = torch.sort(probs, descending=True)
         cum = torch.cumsum(sorted_p, dim=-1)
         keep = cum - sorted_p < top_p  # the smallest prefix whose mass reaches top_p
+        keep[0] = True  # the likeliest token always (a top_p below float32's range compares as 0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p * keep)
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
@@ -310,7 +313,12 @@ def run(cfg: Config) -> int:
 
 
 def _encode(tok, text: str, vocab: int) -> list[int]:
-    ids = tok.encode(text)
+    try:
+        ids = tok.encode(text)
+    except UnicodeEncodeError as e:  # undecodable bytes (argv, stdin) or a JSON "\ud800" escape
+        raise RWKVDishaError(
+            f"the prompt is not valid Unicode text ({e.reason} at character {e.start}): save it as UTF-8"
+        ) from None
     if ids and max(ids) >= vocab:
         raise RWKVDishaError(
             f"the prompt has World-tokenizer ids up to {max(ids)} but the model's vocabulary is {vocab}: "

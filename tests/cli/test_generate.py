@@ -90,6 +90,29 @@ def test_sampling_filters():
     assert draws == {1}  # the top token alone holds >= 30 % of the mass
 
 
+def test_sampling_at_the_edges_of_float32():
+    """A temperature or top_p below float32's range: greedy, not NaN probabilities (multinomial crashed)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([0.0, 5.0, 4.9, -3.0])
+    assert {sample_token(logits, 1e-45, 1.0, 0, g) for _ in range(20)} == {1}
+    assert {sample_token(logits, 1e-30, 0.85, 2, g) for _ in range(20)} == {1}
+    assert {sample_token(logits, 1.0, 1e-300, 0, g) for _ in range(20)} == {1}
+
+
+def test_a_prompt_that_is_not_unicode_text_is_one_error_line(world_model, tmp_path, capsys, monkeypatch):
+    """Undecodable bytes reach Python as lone surrogates (argv, stdin), as does a JSON "\\ud800" escape."""
+    bad = "caf\udce9"  # b"caf\xe9" as Python's surrogateescape decodes argv
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a \\ud800 b"}\n')
+    monkeypatch.setattr(sys, "stdin", io.StringIO(bad))
+    for extra in (["--prompt", bad], ["--prompt_file", str(jsonl)], []):
+        assert main(["generate", "--load_model", str(world_model), "--max_tokens", "2", *extra]) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "the prompt is not valid Unicode text" in errors[0], err
+        assert "Traceback" not in err
+
+
 def test_stop_string(world_model, capsys):
     full, _ = run(
         capsys, "--load_model", world_model, "--prompt", "a", "--temperature", 0, "--max_tokens", 30
