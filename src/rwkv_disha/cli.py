@@ -62,6 +62,25 @@ class _Parser(argparse.ArgumentParser):
         raise RWKVDishaError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
+def _unique_key_loader():
+    """yaml's SafeLoader refusing a key given twice in one mapping (it would keep the last silently)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} is given twice", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
 def _load_yaml(path: str) -> dict:
     import yaml
 
@@ -71,7 +90,7 @@ def _load_yaml(path: str) -> dict:
     if not p.is_file():
         raise RWKVDishaError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_unique_key_loader()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise RWKVDishaError(f"config file {path} is not valid YAML: {e}".replace("\n", " ")) from None
     if not isinstance(data, dict):
@@ -79,15 +98,25 @@ def _load_yaml(path: str) -> dict:
     return data
 
 
-def _yaml_argv(values: dict) -> list[str]:
-    """YAML values as flags, so they are type-checked (and choice-checked) exactly like flags."""
+def _yaml_argv(values: dict, parser: argparse.ArgumentParser) -> list[str]:
+    """YAML values as flags, so they are type-checked (and choice-checked) exactly like flags. A value is
+    never split into flags of its own: a list only for an option that takes several values, none of its
+    items starting with '-'; true / false only for a 0|1 option; an empty value is refused, not dropped."""
+    actions = {a.dest: a for a in parser._actions}
     argv: list[str] = []
     for key, value in values.items():
+        action = actions.get(key)
+        takes_list = action is not None and action.nargs in ("*", "+")
+        takes_bool = action is not None and action.const is True  # the 0|1 options
         if value is None:
-            continue
+            raise RWKVDishaError(f"{key}: has no value; give one, or leave the key out for its default")
         if isinstance(value, (list, tuple)):
+            if not takes_list or any(isinstance(v, (list, dict)) or str(v).startswith("-") for v in value):
+                raise RWKVDishaError(f"{key}: takes one value, not the list {value!r}")
             argv += [f"--{key}", *map(str, value)]
         elif isinstance(value, bool):
+            if not takes_bool:
+                raise RWKVDishaError(f"{key}: takes a value, not {str(value).lower()}")
             argv.append(f"--{key}={int(value)}")
         elif isinstance(value, dict):
             argv.append(f"--{key}={json.dumps(value)}")
@@ -142,7 +171,9 @@ def parse_config(name: str, argv: list[str]):
         raw = _load_yaml(path)
         from_mapping(module.Config, raw, source=f"option(s) for `{name}`")  # unknown keys, named
         try:
-            values = {k: v for k, v in vars(parser.parse_args(_yaml_argv(raw))).items() if k[0] != "_"}
+            values = {
+                k: v for k, v in vars(parser.parse_args(_yaml_argv(raw, parser))).items() if k[0] != "_"
+            }
         except RWKVDishaError as e:
             raise RWKVDishaError(f"config file {path}: {e}") from None
     values.update({k: v for k, v in vars(ns).items() if not k.startswith("_")})

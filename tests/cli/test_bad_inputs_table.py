@@ -140,6 +140,11 @@ CASES: list[tuple[str, list[str], str]] = [
     ("train-config-not-mapping", [*TRAIN, "--config", "@list_yaml"], "mapping"),
     ("train-config-unknown-key", [*TRAIN, "--config", "@unknown_yaml"], "bogus_option"),
     ("train-config-wrong-type", [*TRAIN, "--config", "@badtype_yaml"], "micro_bsz"),
+    ("init-config-list-injects-flags", [*INIT, "--config", "@inject_yaml"], "n_layer: takes one value"),
+    ("init-config-list-for-scalar", [*INIT, "--config", "@scalarlist_yaml"], "n_layer: takes one value"),
+    ("init-config-bool-for-int", [*INIT, "--config", "@boolint_yaml"], "n_layer: takes a value, not true"),
+    ("init-config-key-twice", [*INIT, "--config", "@twice_yaml"], "given twice"),
+    ("init-config-null", [*INIT, "--config", "@null_yaml"], "output: has no value"),
     ("train-config-is-dir", [*TRAIN, "--config", "@adir"], "directory"),
     # --- train: folders and resume
     ("train-into-used-proj_dir", [*TRAIN, "--proj_dir", "@run"], "overwrite"),
@@ -482,6 +487,12 @@ def inputs(tmp_path_factory, make_checkpoint) -> dict[str, str]:
         "list": "- micro_bsz\n- 2\n",
         "unknown": "bogus_option: 1\n",
         "badtype": "micro_bsz: abc\n",
+        # a list spliced into argv used to add flags of its own: here --overwrite and --output
+        "inject": 'n_layer: [1, "--overwrite=1", "--output=victim.pth"]\nn_embd: 64\n',
+        "scalarlist": "n_layer: [2]\n",
+        "boolint": "n_layer: true\n",
+        "twice": "n_layer: 2\nn_layer: 3\n",
+        "null": "output: null\n",
     }.items():
         (d / f"{name}.yaml").write_text(text)
         paths[f"{name}_yaml"] = d / f"{name}.yaml"

@@ -81,8 +81,28 @@ def test_yaml_values_are_typed_and_checked_like_flags(tmp_path):
 
 
 def test_yaml_argv():
-    argv = _yaml_argv({"a": {"mode": "bone", "r": 8}, "b": [1, "x"], "c": True, "d": None, "e": "-1"})
+    """Each YAML value becomes one flag: a dict as JSON, a list only for a many-valued option, a bool only
+    for a 0|1 option, and a scalar glued to its flag (so "-1" stays a value)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--a")
+    parser.add_argument("--b", nargs="*")
+    parser.add_argument("--c", nargs="?", const=True)
+    parser.add_argument("--e")
+    argv = _yaml_argv({"a": {"mode": "bone", "r": 8}, "b": [1, "x"], "c": True, "e": "-1"}, parser)
     assert argv == ['--a={"mode": "bone", "r": 8}', "--b", "1", "x", "--c=1", "--e=-1"]
+    from rwkv_disha.errors import RWKVDishaError
+
+    bad_values = [
+        ({"d": None}, "has no value"),
+        ({"a": [1]}, "takes one value"),
+        ({"b": ["--c=1"]}, "takes one value"),
+        ({"e": True}, "takes a value, not true"),
+    ]
+    for bad, why in bad_values:
+        with pytest.raises(RWKVDishaError, match=why):
+            _yaml_argv(bad, parser)
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
