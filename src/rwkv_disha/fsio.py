@@ -99,7 +99,7 @@ def check_output_path(path: str | os.PathLike, flag: str = "--output", overwrite
     Call it before long work; :func:`atomic_write` catches what still goes wrong later.
     """
     p = _file_name(path, flag)
-    if p.exists() and not overwrite:
+    if (p.exists() or p.is_symlink()) and not overwrite:  # a dangling link is a user's file too
         raise RWKVDishaError(f"{flag} {p} already exists: choose another name or pass --overwrite 1")
     check_folder_creatable(p.parent if str(p.parent) else Path("."), f"{flag} {p}:")
     return p

@@ -62,6 +62,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("init-output-is-dir", [*INIT, "--output", "@adir"], "directory"),
     ("init-output-trailing-slash", [*INIT, "--output", "@work/new/"], "ends with a slash"),
     ("init-output-exists", [*INIT, "--output", "@base"], "exists"),
+    ("init-output-dangling-symlink", [*INIT, "--output", "@dangling"], "exists"),
     ("init-output-under-file", [*INIT, "--output", "@afile/x.pth"], "afile"),
     ("init-bad-dtype", [*INIT, "--dtype", "fp8"], "dtype"),
     ("init-n_layer-not-int", [*INIT, "--n_layer", "two"], "n_layer"),
@@ -473,6 +474,8 @@ def inputs(tmp_path_factory, make_checkpoint) -> dict[str, str]:
         "afile": d / "afile",
     }
     paths["adir"].mkdir()
+    paths["dangling"] = d / "dangling.pth"
+    os.symlink(d / "nowhere", paths["dangling"])  # a user's link, even one pointing nowhere yet
     paths["afile"].write_text("a file, not a folder\n")
     for name, text in {
         "good": '{"text": "hello world"}\n{"text": "a second document"}\n',
