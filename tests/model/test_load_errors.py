@@ -59,6 +59,17 @@ def test_pickled_code_is_refused_not_run(tmp_path, capsys):
     assert "this must never run" not in capsys.readouterr().out
 
 
+def test_a_plain_pickle_is_refused_in_one_line_without_torchs_warning(tmp_path, recwarn):
+    """A plain pickle (not torch's zip format) made torch warn about its protocol before our line."""
+    import pickle
+
+    p = tmp_path / "evil_plain.pth"
+    p.write_bytes(pickle.dumps({"emb.weight": Payload()}, protocol=4))
+    with pytest.raises(RWKVDishaError, match="refused for safety"):
+        load_model(p)
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
+
+
 def test_not_an_rwkv_state_dict(tmp_path):
     p = tmp_path / "gpt.pth"
     torch.save({"transformer.wte.weight": torch.zeros(4, 2), "lm_head.weight": torch.zeros(4, 2)}, p)

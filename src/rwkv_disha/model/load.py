@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,12 +43,16 @@ def load_state_dict(path: str | os.PathLike, what: str = "model") -> dict[str, t
         except (SafetensorError, OSError, ValueError) as e:
             raise RWKVDishaError(f"{p} is not a readable safetensors file ({e})") from None
     try:
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):  # legacy (non-zip) torch files cannot be memory-mapped
-                raise
-            obj = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # a plain pickle (not torch's zip) makes torch warn about its protocol before refusing or
+            # loading it: the outcome is said in one line below, or it loads and needs no word
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            try:
+                obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):  # legacy (non-zip) torch files cannot be memory-mapped
+                    raise
+                obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling failed"
         if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
