@@ -17,6 +17,7 @@ files. RWKV-PEFT's Bat has no peft form: one line says so.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ class Config:
 
 
 def _check_output(cfg: Config, inputs: list[Path]) -> Path:
+    from rwkv_disha.adapters.adapter_file import sidecar_path
     from rwkv_disha.fsio import check_output_path
 
     out = Path(cfg.output)
@@ -53,8 +55,32 @@ def _check_output(cfg: Config, inputs: list[Path]) -> Path:
             raise RWKVDishaError(
                 f"--output {out} is a folder that is not empty: choose another or --overwrite 1"
             )
+        for src in inputs:  # the model inside --output would be replaced (or removed as stale) by export
+            if cfg.format == "hf" and src.resolve().parent == out.resolve() and _hf_model_file(src.name):
+                raise RWKVDishaError(f"--output {out} would overwrite the input {src}: choose another folder")
         return out
-    return check_output_path(out, overwrite=cfg.overwrite)
+    out = check_output_path(cfg.output, overwrite=cfg.overwrite)  # the raw text: a trailing slash is refused
+    side = sidecar_path(out)
+    if out.suffix == ".json" or side == out:
+        raise RWKVDishaError(
+            f"--output {out}: its .json sidecar would replace it; name it .pth or .safetensors"
+        )
+    if any(side.resolve() in (p.resolve(), sidecar_path(p).resolve()) for p in inputs):
+        raise RWKVDishaError(
+            f"--output {out}: its sidecar {side} would overwrite an input; choose another name"
+        )
+    if (side.exists() or side.is_symlink()) and not cfg.overwrite:
+        raise RWKVDishaError(
+            f"--output {out}: its sidecar {side} already exists: choose another name or pass --overwrite 1"
+        )
+    return out
+
+
+def _hf_model_file(name: str) -> bool:
+    """A file name export --format hf writes, or removes as a stale model file (shards, index)."""
+    return name in ("config.json", "model.safetensors", "model.safetensors.index.json") or bool(
+        re.fullmatch(r"model-\d+-of-\d+\.safetensors", name)
+    )
 
 
 def _sidecar(file, cfg) -> dict:
@@ -136,7 +162,17 @@ def export_hf(cfg: Config) -> int:
     hf = to_hf(sd)
     atomic_write(out / "model.safetensors", lambda tmp: save_file(hf, str(tmp), {"format": "pt"}), "HF model")
     atomic_write_json(out / "config.json", conf, what="HF config")
+    # an old sharded model left in the folder would shadow the new model.safetensors on import: removed
+    # only once the new one is written, and only files of the model's own names
+    stale = [
+        p
+        for p in out.iterdir()
+        if _hf_model_file(p.name) and p.name not in ("config.json", "model.safetensors")
+    ]
+    for p in stale:
+        p.unlink()
     dropped = [k for k in sd if k in UNUSED]
     note = f" (dropped the unused {', '.join(dropped)})" if dropped else ""
+    note += f" (removed the stale {', '.join(sorted(p.name for p in stale))})" if stale else ""
     print(f"exported {src} -> {out}: config.json + model.safetensors, {len(hf)} tensors{note}")
     return 0

@@ -3,7 +3,8 @@
 
     rwkv-disha import --hf_model fla-hub-rwkv7-0.1B --output RWKV-x070-0.1B.pth
 
-Reads `model.safetensors`, or the shards a `model.safetensors.index.json` names.
+Reads `model.safetensors`, or the shards a `model.safetensors.index.json` names (never both), and writes
+only a model that is exactly an official RWKV-7 agreeing with config.json.
 """
 
 from __future__ import annotations
@@ -23,11 +24,25 @@ class Config:
     overwrite: bool = opt(False, "replace an existing --output file")
 
 
-def read_hf_folder(folder: Path) -> dict:
-    """Every tensor of an HF model folder (single file or shards), by HF name."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _shard_names(index: Path) -> list[str]:
+    """The shard file names an index names, each refused unless a plain name inside the folder."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        values = list(weight_map.values())
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        raise RWKVDishaError(f"{index} is not a safetensors index (no weight_map)") from None
+    for name in values:
+        # a shard outside the folder (absolute, ../, a sub-path) would read a file the user did not give
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise RWKVDishaError(
+                f"{index} names the shard {name!r}: a shard must be a file name in the same folder; "
+                "fix the weight_map"
+            )
+    return sorted(set(values))
 
+
+def hf_files(folder: Path) -> tuple[dict, list[Path]]:
+    """config.json's contents and every file an import of ``folder`` reads (config, index, shards)."""
     if not folder.is_dir():
         raise RWKVDishaError(f"--hf_model {folder} is not a folder: give the folder holding config.json")
     try:
@@ -43,23 +58,72 @@ def read_hf_folder(folder: Path) -> dict:
     if not isinstance(conf, dict) or conf.get("model_type") != "rwkv7":
         got = conf.get("model_type") if isinstance(conf, dict) else None
         raise RWKVDishaError(f"--hf_model {folder} holds model_type {got!r}: only rwkv7 imports")
-    index = folder / "model.safetensors.index.json"
+    index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
+    if index.is_file() and single.is_file():
+        # a leftover index would shadow the real weights (or the other way round): no guessing which
+        raise RWKVDishaError(
+            f"--hf_model {folder} holds both model.safetensors and model.safetensors.index.json: "
+            "remove the stale one (and its shards)"
+        )
     if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise RWKVDishaError(f"{index} is not a safetensors index (no weight_map)") from None
-    elif (folder / "model.safetensors").is_file():
-        shards = ["model.safetensors"]
-    else:
-        raise RWKVDishaError(f"--hf_model {folder} has no model.safetensors (nor an index of shards)")
+        shards = _shard_names(index)
+        return conf, [folder / "config.json", index, *(folder / s for s in shards)]
+    if single.is_file():
+        return conf, [folder / "config.json", single]
+    raise RWKVDishaError(f"--hf_model {folder} has no model.safetensors (nor an index of shards)")
+
+
+def read_hf_folder(folder: Path) -> dict:
+    """Every tensor of an HF model folder (single file or shards), by HF name."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    _, files = hf_files(folder)
     tensors: dict = {}
-    for shard in shards:
+    for path in files:
+        if path.suffix != ".safetensors":
+            continue
         try:
-            tensors.update(load_file(str(folder / shard)))
-        except (SafetensorError, OSError) as e:
-            raise RWKVDishaError(f"{folder / shard} is not a readable safetensors file ({e})") from None
+            tensors.update(load_file(str(path)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise RWKVDishaError(f"{path} is not a readable safetensors file ({e})") from None
     return tensors
+
+
+# config.json field -> the ModelConfig attribute it must equal
+_CONFIG_FIELDS = {
+    "hidden_size": "n_embd",
+    "num_hidden_layers": "n_layer",
+    "vocab_size": "vocab_size",
+    "head_dim": "head_size",
+    "num_heads": "n_head",
+}
+
+
+def check_imported(sd: dict, conf: dict, folder: Path):
+    """Refuse a converted model that is not exactly an official RWKV-7 or disagrees with config.json."""
+    import torch
+
+    from rwkv_disha.model.load import infer_config
+
+    where = f"--hf_model {folder}"
+    cfg = infer_config(sd, source=where)  # every key, shape and dtype against the registry's layout
+    for field, attr in _CONFIG_FIELDS.items():
+        if field not in conf:
+            continue
+        value, want = conf[field], getattr(cfg, attr)
+        if type(value) is not int or value != want:  # bool and 64.0 / "64" are not widths
+            raise RWKVDishaError(
+                f"{folder / 'config.json'} has {field} {value!r} but the tensors give {want}: "
+                f"fix config.json ({field}: {want}) or the weights"
+            )
+    bad = [k for k, t in sd.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise RWKVDishaError(
+            f"{where} has NaN / inf values in {', '.join(bad[:3])}: the weights are damaged; "
+            "download them again"
+        )
+    return cfg
 
 
 def run(cfg: Config) -> int:
@@ -71,8 +135,13 @@ def run(cfg: Config) -> int:
         raise RWKVDishaError(
             "--hf_model and --output are required: rwkv-disha import --hf_model FOLDER --output m.pth"
         )
+    folder = Path(cfg.hf_model)
     out = check_output_path(cfg.output, overwrite=cfg.overwrite)
-    sd = from_hf(read_hf_folder(Path(cfg.hf_model)))
+    conf, files = hf_files(folder)
+    if any(out.resolve() == f.resolve() for f in files):
+        raise RWKVDishaError(f"--output {out} would overwrite an input of --hf_model: choose another name")
+    sd = from_hf(read_hf_folder(folder))
+    check_imported(sd, conf, folder)
     save_state_dict(sd, out, what="imported model")
     print(f"imported {cfg.hf_model} -> {out} ({len(sd)} tensors)")
     return 0
