@@ -330,3 +330,20 @@ def test_rwkv_peft_state_tuning_script_runs_unchanged(steer_path, count_data, tm
     assert main(state_tuning_sh(steer_path, count_data, tmp_path / "cpu", cpu)) == 0
     tensors = torch.load(tmp_path / "cpu" / "rwkv-0.pth", weights_only=True)
     assert sorted(tensors) == ["blocks.0.att.time_state", "blocks.1.att.time_state"]
+
+
+def test_a_state_file_on_top_of_an_adapter_equals_it_on_the_merged_model(steer_path, tmp_path, capsys):
+    """generate / eval --peft_checkpoint BONE --state STATES: the states load alone (the Bone tensors are
+    the other file's), and the model equals the merged Bone model starting from the same states."""
+    from rwkv_disha.adapters.merge import merge_adapter_file
+    from rwkv_disha.generate import load_for_inference
+
+    state = _saved(steer_path, AdapterConfig.from_cli("state"), tmp_path / "state.pth")
+    bone = _saved(steer_path, AdapterConfig.from_cli("disha", '{"r":16}'), tmp_path / "bone.pth", seed=1)
+    merge_adapter_file(steer_path, bone, tmp_path / "merged.pth")
+    idx = torch.tensor([CYCLE * 3])
+    with torch.no_grad():
+        both = load_for_inference(str(steer_path), str(bone), "torch", state=str(state))(idx)
+        merged = load_model(tmp_path / "merged.pth", state=state)(idx)
+        bone_only = load_for_inference(str(steer_path), str(bone), "torch")(idx)
+    assert torch.allclose(both, merged, atol=1e-5) and (both - bone_only).abs().max() > 1e-3

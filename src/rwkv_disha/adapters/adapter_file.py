@@ -67,7 +67,10 @@ def _split_adapter_key(key: str) -> tuple[str, str] | None:
 def _saved_parameters(model: nn.Module, cfg: AdapterConfig) -> dict[str, nn.Parameter]:
     if cfg.peft == "none":
         return dict(model.named_parameters())
-    wanted = {**adapter_parameters(model), **train_part_parameters(model, cfg.train_parts)}
+    # a states-only file loaded on top of another adapter (generate --peft_checkpoint --state) holds the
+    # states alone: the layers' adapter tensors are the other file's
+    layers = adapter_parameters(model) if cfg.adapts_layers else {}
+    wanted = {**layers, **train_part_parameters(model, cfg.train_parts)}
     if cfg.train_state:
         wanted.update(time_state_parameters(model))
     return {name: p for name, p in model.named_parameters() if name in wanted}  # model order
