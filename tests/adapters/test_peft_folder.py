@@ -159,3 +159,30 @@ def test_generate_and_eval_take_a_peft_folder(base, tmp_path, capsys):
         assert main(argv) == 0
         losses.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+LYING_CONFIGS = {
+    "lora-r": ("lora", {"r": 8}, "r 8"),
+    "lora-r-string": ("lora", {"r": "4"}, "r '4'"),
+    "lora-alpha-string": ("lora", {"lora_alpha": "8"}, "lora_alpha"),
+    "lora-targets": ("lora", {"target_modules": ["q_proj"]}, "target_modules"),
+    "lora-targets-regex": ("lora", {"target_modules": r".*\.att\.key"}, "target_modules"),
+    "miss-r": ("miss-bat", {"r": 16}, "r 16"),
+    "mini-r": ("miss-mini", {"mini_r": 8}, "mini_r 8"),
+}
+
+
+@pytest.mark.parametrize("name", list(LYING_CONFIGS))
+def test_a_peft_config_that_disagrees_with_its_tensors_is_refused(base, tmp_path, capsys, name):
+    kind, edit, words = LYING_CONFIGS[name]
+    cfg = _ours(OURS[kind])
+    save_adapter_file(adapted(base, cfg, seed=4), cfg, tmp_path / "rwkv-0.pth")
+    argv = ["export", "--peft_checkpoint", str(tmp_path / "rwkv-0.pth"), "--format", "peft"]
+    assert main([*argv, "--output", str(tmp_path / "peft")]) == 0
+    conf_path = tmp_path / "peft" / "adapter_config.json"
+    conf_path.write_text(json.dumps({**json.loads(conf_path.read_text()), **edit}))
+    back = ["export", "--peft_checkpoint", str(tmp_path / "peft"), "--format", "pth"]
+    assert main([*back, "--output", str(tmp_path / "back.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+    assert not (tmp_path / "back.pth").exists()

@@ -10,7 +10,9 @@
 Reading turns a folder into the same :class:`AdapterFile` an ``rwkv-N.pth`` gives (MiSS balance -> Bone
 ``disha``, MiSS bat / mini -> ``miss_block``, LoRA -> ``lora_A`` / ``lora_B``), so merge, generate, eval and
 train read both alike. Writing does the reverse; PiSSA is written as the plain LoRA of rank 2r with the same
-ΔW, and RWKV-PEFT's Bat (indexed by input block) has no peft form.
+ΔW, and RWKV-PEFT's Bat (indexed by input block) has no peft form. A config whose r, mini_r, lora_alpha
+or target_modules disagree with the tensors (or are not numbers / names) is refused, as peft would build
+another adapter from it.
 """
 
 from __future__ import annotations
@@ -52,6 +54,38 @@ def _refuse(folder: Path, conf: dict[str, Any], key: str, ok, why: str) -> None:
         raise RWKVDishaError(f"peft folder {folder}: {key}={conf[key]!r} is not supported ({why})")
 
 
+def _agree(folder: Path, conf: dict[str, Any], key: str, want: int, what: str) -> None:
+    """Refuse a config integer (when present) that is not an int equal to ``want``."""
+    if key in conf and (type(conf[key]) is not int or conf[key] != want):
+        raise RWKVDishaError(
+            f"peft folder {folder}: {CONFIG_NAME} has {key} {conf[key]!r} but {what} is {want}: "
+            f"fix it to {want} or use the matching weights"
+        )
+
+
+def _check_targets(folder: Path, conf: dict[str, Any], tensors: dict[str, Tensor], names: set[str]) -> None:
+    """Refuse target_modules that do not name every adapted module (peft's rules: a regex string matched
+    whole, or a list of names each matching the module name or its last dotted parts)."""
+    targets = conf.get("target_modules")
+    if targets is None:
+        return
+    modules = sorted({k.rpartition(".")[0] for k in tensors if k.rpartition(".")[2] in names})
+    if isinstance(targets, str):
+        try:
+            missed = [m for m in modules if not re.fullmatch(targets, m)]
+        except re.error:
+            missed = modules
+    elif isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+        missed = [m for m in modules if not any(m == t or m.endswith("." + t) for t in targets)]
+    else:
+        missed = modules
+    if missed:
+        raise RWKVDishaError(
+            f"peft folder {folder}: target_modules {targets!r} does not name {', '.join(missed[:3])}, "
+            f"which its weights adapt: fix target_modules in {CONFIG_NAME}"
+        )
+
+
 def open_peft_folder(folder: str | Path):
     """A peft adapter folder read and checked -> :class:`AdapterFile` in our names (MiSS or LoRA)."""
     from rwkv_disha.adapters.adapter_file import AdapterFile, _refuse_non_finite, infer_adapter_config
@@ -89,10 +123,21 @@ def open_peft_folder(folder: str | Path):
     extra: dict[str, Any] = {}
     alpha = None
     if ptype == "LORA":
-        alpha = float(conf.get("lora_alpha", 8))
+        alpha = conf.get("lora_alpha", 8)
+        if type(alpha) not in (int, float) or not 0 < alpha < float("inf"):  # "16" or true: not a number
+            raise RWKVDishaError(
+                f"{source}: lora_alpha {alpha!r} must be a positive number: fix {CONFIG_NAME}"
+            )
+        alpha = float(alpha)
     cfg = infer_adapter_config(tensors, lora_alpha=alpha, source=source)
+    # peft builds its layers from the config: a number that disagrees with the tensors means another
+    # adapter than the one that would be used here (a LoRA r changes the scale alpha / r)
+    _agree(folder, conf, "r", cfg.r, "the tensors' rank")
     if mode == "mini":
-        extra["mini_r"] = int(conf.get("mini_r", 1))
+        blocks = [t for k, t in tensors.items() if k.endswith(".miss_block")]
+        extra["mini_r"] = int(blocks[0].shape[1]) if blocks else 1
+        _agree(folder, conf, "mini_r", extra["mini_r"], "the miss_block width (dim 1)")
+    _check_targets(folder, conf, tensors, set(cfg.layer_class.adapter_names))
     if ptype == "MISS" and cfg.mode != {True: "bone", "bat": "miss_bat", "mini": "miss_mini"}[mode]:
         raise RWKVDishaError(f"{source}: init_weights {mode!r} does not match its tensors ({cfg.describe()})")
     for k, v in extra.items():
