@@ -67,6 +67,7 @@ class Config:
 
 
 HEAD_SIZE = 64
+VOCAB_SIZE = 65536  # the World tokenizer's, so prepare's tokens fit the base
 
 
 def validate(cfg: Config) -> dict[str, Path]:
@@ -88,6 +89,8 @@ def validate(cfg: Config) -> dict[str, Path]:
         raise RWKVDishaError(f"--lr must be > 0, got {cfg.lr}")
     if not 0 <= cfg.seed < 2**32:
         raise RWKVDishaError(f"--seed must be in [0, 2**32), got {cfg.seed}")
+    if not cfg.out.strip():  # Path("") is the current folder: the demo would scatter files there
+        raise RWKVDishaError("--out is required: the folder the demo writes into, such as demo_out")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise RWKVDishaError(f"--out {out} is a file: give a folder (the demo writes several files into it)")
@@ -103,7 +106,20 @@ def validate(cfg: Config) -> dict[str, Path]:
     for folder in (paths["data"].parent, paths["proj"]):
         if folder.exists() and not folder.is_dir():
             raise RWKVDishaError(f"--out {out}: {folder} is a file where the demo needs a folder")
+    _check_base(cfg, paths["base"])
     return paths
+
+
+def _check_base(cfg: Config, base: Path) -> None:
+    """The tiny base's shape and size, checked as `init` will check it (before the corpus is written)."""
+    from rwkv_disha.model import init
+
+    init.validate(
+        init.Config(
+            output=str(base), version=cfg.version, n_layer=cfg.n_layer, n_embd=cfg.n_embd,
+            vocab_size=VOCAB_SIZE, head_size=HEAD_SIZE, seed=cfg.seed, overwrite=True,
+        )
+    )  # fmt: skip
 
 
 def _step(title: str) -> float:
@@ -205,7 +221,8 @@ def run(cfg: Config) -> int:
 
     _step("2/6 init a tiny base model")
     init = ["init", "--version", cfg.version, "--output", str(paths["base"]), "--n_layer", str(cfg.n_layer),
-            "--n_embd", str(cfg.n_embd), "--vocab_size", "65536", "--seed", str(cfg.seed)]  # fmt: skip
+            "--n_embd", str(cfg.n_embd), "--vocab_size", str(VOCAB_SIZE),
+            "--seed", str(cfg.seed)]  # fmt: skip
     _cli(init)
 
     _step("3/6 prepare binidx")

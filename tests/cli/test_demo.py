@@ -26,3 +26,22 @@ def test_demo_runs_again_into_its_own_folder(tmp_path, capsys):
     assert main(argv) == 0, capsys.readouterr().err[-2000:]
     assert "rwkv-disha demo finished" in capsys.readouterr().out
     assert (tmp_path / "demo" / "merged.pth").stat().st_mtime_ns > first
+
+
+def one_error_line(capsys, rc: int) -> str:
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_an_empty_out_is_refused_and_nothing_is_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["demo", "--out", "", "--epochs", "1", "--epoch_steps", "1", "--n_embd", "64"]
+    assert "--out is required" in one_error_line(capsys, main(argv))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_absurd_shape_is_refused_before_the_corpus_is_written(tmp_path, capsys):
+    argv = ["demo", "--out", str(tmp_path / "dm2"), "--n_layer", "100000000"]
+    assert "choose a smaller --n_layer" in one_error_line(capsys, main(argv))
+    assert list(tmp_path.iterdir()) == []

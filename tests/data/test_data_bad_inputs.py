@@ -284,3 +284,61 @@ def test_failing_mask_sidecar_publishes_nothing(tmp_path, capsys, monkeypatch):
     err = one_error_line(capsys, main(prepare_argv([src], tmp_path / "out")))
     assert err == f"error: cannot write {tmp_path / 'out.mask'}.idx: no space left on the device"
     assert os.listdir(tmp_path) == ["qa.jsonl"]
+
+
+@pytest.mark.parametrize("workers", ["100000", "99999999999999999999999"])
+def test_workers_far_above_the_cores_are_refused_before_any_work(tmp_path, capsys, workers):
+    src = small_input(tmp_path)
+    argv = ["prepare", "--input", str(src), "--output", str(tmp_path / "o" / "wh"), "--workers", workers]
+    err = one_error_line(capsys, main(argv))
+    assert f"--workers {workers} is more than" in err and "per core" in err
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
+
+
+def test_workers_never_outnumber_the_chunks(tmp_path, monkeypatch):
+    """A small input is one chunk: it is tokenized in-process however many workers were asked for."""
+    from rwkv_disha.data import prepare as prep
+
+    monkeypatch.setattr(prep, "_cpu_count", lambda: 8)
+    src = small_input(tmp_path)
+    stats = prep.prepare(
+        prep.Config(input=[str(src)], output=str(tmp_path / "out"), workers=32, progress=False)
+    )
+    assert stats.workers == 1 and stats.documents == 3
+
+
+@pytest.mark.parametrize("content", [b'{"text": "fine"}\n\xff\xfe\n', b""])
+def test_a_failed_run_leaves_no_folders_it_created(tmp_path, capsys, content):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(content)
+    (tmp_path / "nd1").mkdir()  # existed before the run: kept
+    one_error_line(capsys, main(prepare_argv([src], tmp_path / "nd1" / "sub" / "deeper" / "x")))
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "nd1"]
+    assert os.listdir(tmp_path / "nd1") == []
+    one_error_line(capsys, main(prepare_argv([src], tmp_path / "nd2" / "x")))
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "nd1"]
+
+
+def test_a_successful_run_creates_the_missing_folders(tmp_path, capsys):
+    src = small_input(tmp_path)
+    assert main(prepare_argv([src], tmp_path / "a" / "b" / "out")) == 0
+    assert sorted(os.listdir(tmp_path / "a" / "b")) == ["out.bin", "out.idx"]  # the lock file is gone
+
+
+def test_the_lock_file_is_removed_after_an_error(tmp_path, capsys):
+    src = bad_jsonl(tmp_path, "{not json")
+    one_error_line(capsys, main(prepare_argv([src], tmp_path / "out")))
+    assert sorted(os.listdir(tmp_path)) == ["d.jsonl"]
+
+
+def test_an_empty_text_key_is_refused_before_reading(tmp_path, capsys):
+    src = small_input(tmp_path)
+    err = one_error_line(capsys, main(prepare_argv([src], tmp_path / "out", "--text_key", "")))
+    assert err.startswith("error: --text_key must not be empty")
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
+
+
+def test_a_control_character_in_a_string_is_named_once(tmp_path, capsys):
+    src = bad_jsonl(tmp_path, '{"text": "a\x00b"}')
+    err = one_error_line(capsys, main(prepare_argv([src], tmp_path / "out")))
+    assert "(Invalid control character at column 12)" in err and "at at" not in err, err

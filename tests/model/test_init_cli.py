@@ -1,6 +1,8 @@
 """`rwkv-disha init`: refuses to replace a file, refuses nonsense shapes, writes atomically."""
 
+import math
 import os
+import time
 
 import pytest
 
@@ -111,3 +113,32 @@ def test_version_flag_writes_that_version(tmp_path, capsys, version, name):
     assert model.config.version == version
     n = sum(p.numel() for p in model.parameters())
     assert n == parameter_count(make_config(2, 64, 65536, 64, version))
+
+
+@pytest.mark.parametrize("version", ["x070", "x060", "x052"])
+@pytest.mark.parametrize("n_layer", [1, 2, 3, 7])
+def test_parameter_count_is_the_layout_total(version, n_layer):
+    from rwkv_disha.model.registry import get_version
+
+    cfg = make_config(n_layer, 128, 300, 64, version)
+    shapes = get_version(version).tensor_shapes(cfg)
+    assert len(shapes) > 0 and parameter_count(cfg) == sum(math.prod(s) for s in shapes.values())
+
+
+@pytest.mark.parametrize("n_layer", ["99999999999999999999999", "1000000"])
+def test_an_absurd_n_layer_is_refused_at_once(tmp_path, capsys, n_layer):
+    t0 = time.perf_counter()
+    rc, err = run_init(
+        capsys, "--output", str(tmp_path / "bi.pth"), "--n_layer", n_layer, "--n_embd", "64",
+        "--vocab_size", "256", "--head_size", "32",
+    )  # fmt: skip
+    assert_one_error_line(rc, err, "choose a smaller --n_layer / --n_embd")
+    assert time.perf_counter() - t0 < 5
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_too_big_vocab_names_vocab_size(tmp_path, capsys):
+    rc, err = run_init(
+        capsys, "--output", str(tmp_path / "m.pth"), "--n_embd", "64", "--vocab_size", "99999999999"
+    )
+    assert_one_error_line(rc, err, "choose a smaller --vocab_size / --n_embd")

@@ -34,6 +34,7 @@ from rwkv_disha.fsio import check_output_path, os_error_cause
 
 MAX_REPORTED = 10
 CHUNK_BYTES = 1 << 20  # input bytes per task sent to a worker
+WORKERS_PER_CORE = 4  # --workers above this many per core is a typo, not a plan (each one is a process)
 
 
 @dataclass
@@ -165,6 +166,14 @@ def _check(cfg: Config) -> list[str]:
         raise RWKVDishaError(f"--ctx_len must be >= 1 (got {cfg.ctx_len})")
     if cfg.workers < 0:
         raise RWKVDishaError(f"--workers must be >= 0 (0 = all cores), got {cfg.workers}")
+    most = WORKERS_PER_CORE * _cpu_count()
+    if cfg.workers > most:
+        raise RWKVDishaError(
+            f"--workers {cfg.workers} is more than {most} ({WORKERS_PER_CORE} per core of this machine); "
+            "pass --workers 0 to use all cores"
+        )
+    if not cfg.text_key:
+        raise RWKVDishaError('--text_key must not be empty (the JSON key of plain-text records, e.g. "text")')
     if cfg.on_error not in ("stop", "skip"):
         raise RWKVDishaError(f"--on_error must be stop or skip (got {cfg.on_error!r})")
     if cfg.txt_split not in TXT_SPLITS:
@@ -203,7 +212,6 @@ def output_lock(prefix: str) -> Iterator[Path]:
 
     lock = Path(os.path.dirname(prefix) or ".") / f".{os.path.basename(prefix)}.prepare.lock"
     try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -295,10 +303,16 @@ def _report(cfg: Config, errors: list[tuple[str, str]], stats: PrepareStats, log
         stats.malformed += 1
 
 
+def _workers(cfg: Config, inputs: list[str]) -> int:
+    """Processes to start: --workers (0 = all cores), never more than the input has 1 MB chunks, so a
+    small input is done in-process."""
+    chunks = sum(max(1, -(-os.path.getsize(p) // CHUNK_BYTES)) for p in inputs)
+    return max(1, min(cfg.workers or _cpu_count(), chunks))
+
+
 def _tokenise(cfg: Config, inputs: list[str], prefix: str, log) -> PrepareStats:
     total_bytes = sum(os.path.getsize(p) for p in inputs)
-    # all cores by default, but no more processes than 1 MB chunks: a small input is done in-process
-    workers = cfg.workers or max(1, min(_cpu_count(), -(-total_bytes // CHUNK_BYTES)))
+    workers = _workers(cfg, inputs)
     stats = PrepareStats(output=prefix, ctx_len=cfg.ctx_len, workers=workers)
 
     def all_chunks():
@@ -346,12 +360,44 @@ def prepare(cfg: Config, log=None) -> PrepareStats:
     if not cfg.overwrite:
         _refuse_existing(prefix)
     t0 = time.perf_counter()
-    with output_lock(prefix):
-        if not cfg.overwrite:  # again under the lock: another run may have finished meanwhile
-            _refuse_existing(prefix)
-        stats = _tokenise(cfg, inputs, prefix, log)
+    created = _make_folders(os.path.dirname(prefix))
+    try:
+        with output_lock(prefix):
+            if not cfg.overwrite:  # again under the lock: another run may have finished meanwhile
+                _refuse_existing(prefix)
+            stats = _tokenise(cfg, inputs, prefix, log)
+    except BaseException:
+        _remove_folders(created)
+        raise
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def _make_folders(folder: str) -> list[str]:
+    """Create ``folder`` and its missing parents; returns those this call created, outermost first."""
+    missing: list[str] = []
+    while folder and not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    created: list[str] = []
+    for path in reversed(missing):
+        try:
+            os.mkdir(path)
+        except FileExistsError:  # made by another run meanwhile: theirs, not ours to remove
+            continue
+        except OSError as e:
+            _remove_folders(created)
+            raise RWKVDishaError(f"cannot create the folder {path}: {os_error_cause(e)}") from None
+        created.append(path)
+    return created
+
+
+def _remove_folders(created: list[str]) -> None:
+    """Undo :func:`_make_folders` after a failure: only folders this run made, and only while empty
+    (rmdir refuses one that another run has written into meanwhile)."""
+    for path in reversed(created):
+        with suppress(OSError):
+            os.rmdir(path)
 
 
 def run(cfg: Config) -> int:

@@ -131,7 +131,8 @@ def json_problem(e: BaseException) -> str:
     if isinstance(e, UnicodeDecodeError):
         return "not valid UTF-8"
     if isinstance(e, json.JSONDecodeError):
-        return f"not valid JSON ({e.msg} at column {e.colno})"
+        # some messages end in " at" already ("Invalid control character at"): say it once
+        return f"not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})"
     if isinstance(e, RecursionError):
         return "not readable JSON (nested too deeply)"
     if "integer string conversion" in str(e):  # Python refuses ints of more than 4300 digits

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -46,8 +46,17 @@ def make_config(
 
 
 def parameter_count(cfg: ModelConfig) -> int:
-    """Number of parameters of a model of shape ``cfg`` (from the layout, without building it)."""
-    return sum(math.prod(shape) for shape in get_version(cfg.version).tensor_shapes(cfg).values())
+    """Number of parameters of a model of shape ``cfg`` (from the layout, without building it).
+
+    Arithmetic in ``n_layer``: the layouts of one and two blocks give the embeddings + head + block 0 and
+    the size of every later block (they are all alike), so an absurd ``n_layer`` costs nothing here."""
+    shapes = get_version(cfg.version).tensor_shapes
+
+    def count(n_layer: int) -> int:
+        return sum(math.prod(shape) for shape in shapes(replace(cfg, n_layer=n_layer)).values())
+
+    first = count(1)
+    return first + (cfg.n_layer - 1) * (count(2) - first)
 
 
 def init_state_dict(
@@ -92,6 +101,14 @@ def _memory_bytes() -> int | None:
         return None
 
 
+def _biggest_flags(mcfg: ModelConfig) -> str:
+    """The flags to shrink: --vocab_size when the embedding and head hold most of the parameters."""
+    emb_and_head = 2 * mcfg.vocab_size * mcfg.n_embd
+    if 2 * emb_and_head > parameter_count(mcfg):
+        return "--vocab_size / --n_embd"
+    return "--n_layer / --n_embd"
+
+
 def validate(cfg: Config) -> ModelConfig:
     """Every option checked before any tensor is made or any file written (one line each)."""
     if cfg.version not in MODEL_VERSIONS:
@@ -111,7 +128,7 @@ def validate(cfg: Config) -> ModelConfig:
     if have is not None and need > have:
         raise RWKVDishaError(
             f"a model of {mcfg.summary()} needs about {need / 2**30:.1f} GiB of memory to write, "
-            f"more than this machine's {have / 2**30:.1f} GiB; choose a smaller --n_layer / --n_embd"
+            f"more than this machine's {have / 2**30:.1f} GiB; choose a smaller {_biggest_flags(mcfg)}"
         )
     return mcfg
 
