@@ -127,7 +127,7 @@ def validate(cfg: Config) -> ModelConfig:
     need, have = parameter_count(mcfg) * (4 + DTYPES[cfg.dtype].itemsize), _memory_bytes()
     if have is not None and need > have:
         raise RWKVDishaError(
-            f"a model of {mcfg.summary()} needs about {need / 2**30:.1f} GiB of memory to write, "
+            f"a model of {mcfg.summary()} needs about {need / 2**30:.3g} GiB of memory to write, "
             f"more than this machine's {have / 2**30:.1f} GiB; choose a smaller {_biggest_flags(mcfg)}"
         )
     return mcfg
