@@ -108,12 +108,19 @@ def _yaml_argv(values: dict, parser: argparse.ArgumentParser) -> list[str]:
         action = actions.get(key)
         takes_list = action is not None and action.nargs in ("*", "+")
         takes_bool = action is not None and action.const is True  # the 0|1 options
+        choices = action.choices if action is not None else None
         if value is None:
             raise RWKVDishaError(f"{key}: has no value; give one, or leave the key out for its default")
         if isinstance(value, (list, tuple)):
             if not takes_list or any(isinstance(v, (list, dict)) or str(v).startswith("-") for v in value):
                 raise RWKVDishaError(f"{key}: takes one value, not the list {value!r}")
             argv += [f"--{key}", *map(str, value)]
+        elif type(value) is int and choices and str(value) not in choices:
+            # version: 070 arrives as 56: YAML reads unquoted digits as a number (a leading 0 as octal)
+            raise RWKVDishaError(
+                f"{key}: {value} is not one of {', '.join(map(str, choices))}; quote the value in "
+                f'YAML ({key}: "...") so it stays text'
+            )
         elif isinstance(value, bool):
             if not takes_bool:
                 raise RWKVDishaError(f"{key}: takes a value, not {str(value).lower()}")

@@ -146,6 +146,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("init-config-bool-for-int", [*INIT, "--config", "@boolint_yaml"], "n_layer: takes a value, not true"),
     ("init-config-key-twice", [*INIT, "--config", "@twice_yaml"], "given twice"),
     ("init-config-null", [*INIT, "--config", "@null_yaml"], "output: has no value"),
+    ("init-config-unquoted-version", [*INIT, "--config", "@octal_yaml"], "quote the value in yaml"),
+    ("generate-state-is-a-base-model", [*GEN, "--state", "@base"], "pass an adapter or state file"),
     ("train-config-is-dir", [*TRAIN, "--config", "@adir"], "directory"),
     # --- train: folders and resume
     ("train-into-used-proj_dir", [*TRAIN, "--proj_dir", "@run"], "overwrite"),
@@ -496,6 +498,7 @@ def inputs(tmp_path_factory, make_checkpoint) -> dict[str, str]:
         "boolint": "n_layer: true\n",
         "twice": "n_layer: 2\nn_layer: 3\n",
         "null": "output: null\n",
+        "octal": "version: 070\n",  # YAML: the number 56
     }.items():
         (d / f"{name}.yaml").write_text(text)
         paths[f"{name}_yaml"] = d / f"{name}.yaml"

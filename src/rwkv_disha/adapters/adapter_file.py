@@ -231,8 +231,8 @@ def infer_adapter_config(
     if not layers:
         names = " or ".join(f"*.{s}" for s in adapter_suffixes())
         raise RWKVDishaError(
-            f"{source} holds no {names} tensors: pass an adapter checkpoint (rwkv-N.pth from training), "
-            f"not a base model"
+            f"{source} holds no {names} tensors nor initial states: pass an adapter or state file "
+            f"(rwkv-N.pth from training), not a base model"
         )
     kind, r = _adapter_kind_of(layers, source)
     targets: list[str] = []
