@@ -33,10 +33,10 @@ from rwkv_disha.choices import (
 )
 from rwkv_disha.config import given_options, opt
 from rwkv_disha.errors import RWKVDishaError
+from rwkv_disha.hardware import available_bytes
 from rwkv_disha.kernels import check_op_device, check_op_fits
 from rwkv_disha.measure import (  # noqa: F401  (re-exported: benchmarks/ import them from here)
     MatmulProbe,
-    _available_bytes,
     _peak_rss_bytes,
     _reset_peak_rss,
     _sync,
@@ -315,7 +315,7 @@ class TrainStep:
 
 def _fits_next(result: dict) -> bool:
     """Whether twice this micro_bsz's activations still fit in the CPU's available memory."""
-    avail = _available_bytes()
+    avail = available_bytes()
     if avail is None:
         return True
     extra = result["peak_mem_bytes"] - result["resident_bytes_before_steps"]
@@ -447,7 +447,7 @@ def _validate_step(cfg: Config, device: torch.device) -> None:
     _check_op_device(cfg.op, device, "--op")
     check_adapter(cfg, mcfg, device)
     check_activations_fit(cfg.micro_bsz, cfg.ctx_len, mcfg.n_embd, mcfg.n_layer, device.type == "cuda")
-    need, have = parameter_count(mcfg) * 4, _available_bytes()
+    need, have = parameter_count(mcfg) * 4, available_bytes()
     if device.type == "cpu" and have is not None and need > have:
         raise RWKVDishaError(
             f"{mcfg.summary()} needs about {need / 2**30:.1f} GiB for its fp32 weights, more than the "

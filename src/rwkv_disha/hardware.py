@@ -58,6 +58,15 @@ def _cgroup_bytes(name: str, root: Path | None = None) -> int | None:
     return None
 
 
+def _meminfo_bytes(field: str) -> int | None:
+    """A /proc/meminfo field (MemTotal, MemAvailable) in bytes; None where it cannot be read."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
 def cgroup_room_bytes(root: Path | None = None) -> int | None:
     """What this process's cgroup still lets it allocate: memory.max - memory.current (None: no limit)."""
     limit, used = _cgroup_bytes("memory.max", root), _cgroup_bytes("memory.current", root)
@@ -69,15 +78,19 @@ def memory_bytes(on_gpu: bool) -> int | None:
     address-space limits (None when it cannot be told)."""
     if on_gpu:
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    limits = []
-    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
-        limits += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:")]
-    if (cgroup := _cgroup_bytes("memory.max")) is not None:
-        limits.append(cgroup)
     address_space = resource.getrlimit(resource.RLIMIT_AS)[0]
-    if address_space != resource.RLIM_INFINITY:
-        limits.append(address_space)
-    return min(limits) if limits else None
+    limits = [
+        _meminfo_bytes("MemTotal"),
+        _cgroup_bytes("memory.max"),
+        None if address_space == resource.RLIM_INFINITY else address_space,
+    ]
+    return min((n for n in limits if n is not None), default=None)
+
+
+def available_bytes() -> int | None:
+    """Memory a new allocation can still get here: MemAvailable, within the cgroup's limit."""
+    room = [n for n in (_meminfo_bytes("MemAvailable"), cgroup_room_bytes()) if n is not None]
+    return min(room, default=None)
 
 
 def activation_floor_bytes(micro_bsz: int, ctx_len: int, n_embd: int, n_layer: int) -> int:

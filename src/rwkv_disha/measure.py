@@ -13,7 +13,6 @@ import time
 
 import torch
 
-from rwkv_disha.hardware import cgroup_room_bytes
 from rwkv_disha.kernels import get_wkv6, get_wkv7
 
 
@@ -84,16 +83,6 @@ def _peak_rss_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _available_bytes() -> int | None:
-    """Memory a new allocation can still get here: MemAvailable, within the cgroup's limit."""
-    room = []
-    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
-        room += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
-    if (cgroup := cgroup_room_bytes()) is not None:  # a container's cap is not in /proc/meminfo
-        room.append(cgroup)
-    return min(room) if room else None
 
 
 def step_peak_bytes(step, device: torch.device | str = "cpu") -> int:

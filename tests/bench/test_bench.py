@@ -156,8 +156,6 @@ def test_other_adapters_and_grad_cp_run(argv, capsys):
 
 def test_a_cgroup_limit_bounds_the_memory_a_run_is_told_it_has(tmp_path, monkeypatch):
     """A container's RAM cap (cgroup v2 memory.max) is not in /proc/meminfo: the memory checks read it."""
-    from rwkv_disha.measure import _available_bytes
-
     assert hardware.cgroup_room_bytes(tmp_path) is None  # no cgroup files
     (tmp_path / "memory.max").write_text("max\n")
     assert hardware.cgroup_room_bytes(tmp_path) is None  # "max": no limit
@@ -165,7 +163,7 @@ def test_a_cgroup_limit_bounds_the_memory_a_run_is_told_it_has(tmp_path, monkeyp
     (tmp_path / "memory.current").write_text("400000\n")
     assert hardware.cgroup_room_bytes(tmp_path) == 600000
     monkeypatch.setattr(hardware, "CGROUP", tmp_path)
-    assert hardware.memory_bytes(False) == 1000000 and _available_bytes() == 600000
+    assert hardware.memory_bytes(False) == 1000000 and hardware.available_bytes() == 600000
 
 
 def test_activations_beyond_memory_are_refused_and_real_runs_are_not(monkeypatch):

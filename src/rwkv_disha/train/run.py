@@ -162,7 +162,8 @@ def fit(trainer: L.Trainer, module, data, ckpt_path: str | None) -> int:
     try:
         with _quiet_lightning():
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError (CUDA) is a RuntimeError
+        # the CPU allocator's failure is a plain RuntimeError: told apart by its message
         if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "can't allocate memory" not in str(e):
             raise
         cfg = module.cfg
