@@ -37,10 +37,15 @@ def _shapes_and_tensors(source: nn.Module | Mapping[str, Tensor]) -> tuple[dict[
 
 
 def _version(shapes: Mapping[str, tuple]) -> str | None:
-    """The RWKV version whose marker key block 0 holds (model/registry.py), or None."""
+    """The model's version, read from its keys as loading reads it; None for keys of no supported model."""
+    from rwkv_disha.model.load import detect_version
     from rwkv_disha.model.registry import MODELS
 
-    return next((v for v, m in MODELS.items() if f"blocks.0.{m.marker}" in shapes), None)
+    try:
+        version = detect_version(shapes)  # only the keys are read
+    except RWKVDishaError:
+        return None
+    return version if version in MODELS else None
 
 
 def shape_summary(shapes: Mapping[str, tuple]) -> dict[str, int | str | None]:
