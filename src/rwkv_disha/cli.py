@@ -27,9 +27,9 @@ from typing import Any
 from rwkv_disha.errors import RWKVDishaError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "init": ("rwkv_disha.model.init", "write a randomly initialised RWKV-7 base model (.pth)"),
+    "init": ("rwkv_disha.model.init", "write a randomly initialised RWKV-7 / 6 / 5.2 base model (.pth)"),
     "prepare": ("rwkv_disha.data.prepare", "tokenize jsonl / text into binidx (.bin/.idx)"),
-    "train": ("rwkv_disha.train.run", "fine-tune with Bone / Bat / LoRA (RWKV-PEFT flags)"),
+    "train": ("rwkv_disha.train.run", "fine-tune: Bone / Bat, MiSS, LoRA, PiSSA, states (RWKV-PEFT flags)"),
     "merge": ("rwkv_disha.adapters.merge", "merge an adapter checkpoint into a plain RWKV .pth"),
     "export": ("rwkv_disha.export", "an adapter as a peft folder / LoRA / .pth; a model as HF (--format hf)"),
     "import": ("rwkv_disha.hf_import", "a Hugging Face RWKV-7 folder (fla layout) -> an official .pth"),

@@ -98,7 +98,9 @@ class OptimArgs:
 class EngineArgs:
     """engine: devices, precision, strategy, kernels"""
 
-    accelerator: str = opt("auto", "cpu, gpu or auto", ACCELERATORS)
+    accelerator: str = opt(
+        "auto", "cpu, gpu (cuda is the same) or auto (gpu when CUDA is visible)", ACCELERATORS
+    )
     devices: int = opt(1, "devices (processes) per node")
     num_nodes: int = opt(1, "nodes (launch with torchrun or SLURM; see docs/TRAINING.md)")
     precision: str = opt(
@@ -108,8 +110,9 @@ class EngineArgs:
     grad_cp: bool = opt(False, "activation checkpointing per block: less memory, ~30 % slower")
     op: str = opt(
         "auto",
-        "WKV kernel: torch (chunked, any device), fla (GPU), cuda (our RWKV-7 GPU kernel), cpp (our RWKV-7 "
-        "CPU kernel, ~2.8x torch's); triton means fla",
+        "WKV kernel: auto (fla on a GPU, else torch), torch (chunked, any device), fla (GPU), cuda (our "
+        "RWKV-7 GPU kernel), cpp (our compiled CPU kernel for RWKV-7/6/5, built at first use: 1.1-1.5x "
+        "faster steps); triton means fla",
         OPS,
     )
     compile: bool = opt(False, "torch.compile each block (inductor; the first steps pay the compile time)")

@@ -1,0 +1,51 @@
+"""docs/CLI.md documents every option of every command, generated from the option dataclasses."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+from rwkv_disha.cli import COMMANDS, build_parser
+from rwkv_disha.cli_reference import reference_markdown
+
+ROOT = Path(__file__).resolve().parents[2]
+ROW = r"^\| `--(\w+)` \| [^|]*(?:\\\|[^|]*)* \| `([^`]*)` \|"  # (option, default) of a row; \| inside cells
+
+
+def test_cli_md_is_up_to_date():
+    on_disk = (ROOT / "docs" / "CLI.md").read_text(encoding="utf-8")
+    assert on_disk == reference_markdown(), "regenerate: python -m rwkv_disha.cli_reference > docs/CLI.md"
+
+
+def test_every_flag_of_every_parser_has_a_row():
+    """Independent of the generator: walk the argparse parsers the CLI really uses."""
+    text = (ROOT / "docs" / "CLI.md").read_text(encoding="utf-8")
+    sections = dict(re.findall(r"^## `rwkv-disha (\w+)`\n(.*?)(?=^## |\Z)", text, flags=re.M | re.S))
+    assert set(sections) == set(COMMANDS)
+    for name, (module, _) in COMMANDS.items():
+        parser = build_parser(name, importlib.import_module(module))
+        flags = {o for a in parser._actions for o in a.option_strings} - {"-h", "--help", "--config"}
+        rows = set(re.findall(r"^\| `(--\w+)` \|", sections[name], flags=re.M))
+        assert rows == flags, name
+
+
+def test_documented_defaults_typed_as_flags_give_the_default_config():
+    """Typing a row's default as the flag gives the same config as leaving the flag out (every command)."""
+    from rwkv_disha.cli import parse_config
+    from rwkv_disha.config import flat_dict
+
+    text = reference_markdown()
+    for name in COMMANDS:
+        section = text.split(f"## `rwkv-disha {name}`")[1].split("\n## ")[0]
+        default = flat_dict(parse_config(name, [])[1])
+        for flag, value in re.findall(ROW, section, flags=re.M):
+            if value == "(none)":
+                assert default[flag] == [], (name, flag)
+                continue
+            argv = [f"--{flag}", *(value.split() if isinstance(default[flag], list) else [value.strip("'")])]
+            assert flat_dict(parse_config(name, argv)[1])[flag] == default[flag], (name, flag, value)
+
+
+def test_readme_links_the_reference():
+    assert "docs/CLI.md" in (ROOT / "README.md").read_text(encoding="utf-8")
