@@ -55,8 +55,9 @@ def _check_output(cfg: Config, inputs: list[Path]) -> Path:
             raise RWKVDishaError(
                 f"--output {out} is a folder that is not empty: choose another or --overwrite 1"
             )
-        for src in inputs:  # the model inside --output would be replaced (or removed as stale) by export
-            if cfg.format == "hf" and src.resolve().parent == out.resolve() and _hf_model_file(src.name):
+        written = _hf_model_file if cfg.format == "hf" else _peft_folder_file
+        for src in inputs:  # a file export writes (or removes as stale) inside --output would be the input
+            if src.resolve().parent == out.resolve() and written(src.name):
                 raise RWKVDishaError(f"--output {out} would overwrite the input {src}: choose another folder")
         return out
     out = check_output_path(cfg.output, overwrite=cfg.overwrite)  # the raw text: a trailing slash is refused
@@ -81,6 +82,12 @@ def _hf_model_file(name: str) -> bool:
     return name in ("config.json", "model.safetensors", "model.safetensors.index.json") or bool(
         re.fullmatch(r"model-\d+-of-\d+\.safetensors", name)
     )
+
+
+def _peft_folder_file(name: str) -> bool:
+    from rwkv_disha.adapters.peft_folder import CONFIG_NAME, WEIGHTS_NAME
+
+    return name in (CONFIG_NAME, WEIGHTS_NAME)
 
 
 def _sidecar(file, cfg) -> dict:

@@ -197,3 +197,29 @@ def test_export_pth_refuses_a_trailing_slash(adapter, tmp_path, capsys):
     args = ["export", "--peft_checkpoint", str(adapter), "--format", "pth"]
     refused(capsys, [*args, "--output", str(tmp_path / "newpth") + "/"], "slash")
     assert not (tmp_path / "newpth").exists()
+
+
+def test_a_peft_folders_weights_file_is_read_with_its_config(adapter, tmp_path, capsys):
+    """Given as a file, peft's adapter_model.safetensors is read as its folder: the kind comes from
+    adapter_config.json, not guessed from shapes (a Bone r16 guessed from shapes reads as MiSS mini)."""
+    folder = tmp_path / "peft"
+    assert main(["export", "--peft_checkpoint", str(adapter), "--output", str(folder)]) == 0
+    back = tmp_path / "back.pth"
+    args = ["export", "--peft_checkpoint", str(folder / "adapter_model.safetensors"), "--format", "pth"]
+    capsys.readouterr()
+    assert main([*args, "--output", str(back)]) == 0
+    assert "exported Bone r=16 -> Bone r=16" in capsys.readouterr().out
+    assert json.loads(back.with_suffix(".json").read_text())["adapter"]["mode"] == "bone"
+
+
+def test_export_peft_refuses_to_overwrite_its_input(adapter, tmp_path, capsys):
+    folder = tmp_path / "peft"
+    assert main(["export", "--peft_checkpoint", str(adapter), "--output", str(folder)]) == 0
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    src = folder / "adapter_model.safetensors"
+    refused(
+        capsys,
+        ["export", "--peft_checkpoint", str(src), "--output", str(folder), "--overwrite", "1"],
+        "input",
+    )
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

@@ -317,10 +317,12 @@ def open_adapter_file(path: str | Path, lora_alpha: float | None = None) -> Adap
     """Read adapter file ``path`` (.pth memory-mapped) and its sidecar, and work out its settings: from
     the sidecar, else from the tensor shapes (``lora_alpha`` is then needed for LoRA). Refuses, one line
     each: a missing or unreadable file, a bad sidecar, NaN/inf values, tensors that are not an adapter."""
-    from rwkv_disha.adapters.peft_folder import is_peft_folder, open_peft_folder
+    from rwkv_disha.adapters.peft_folder import WEIGHTS_NAME, is_peft_folder, open_peft_folder
     from rwkv_disha.model.load import load_state_dict
 
     path = Path(path)
+    if path.name == WEIGHTS_NAME and is_peft_folder(path.parent):
+        path = path.parent  # its settings are in the folder's adapter_config.json: never guess them from shapes
     if is_peft_folder(path):  # a Hugging Face peft folder: the same AdapterFile, from peft's names
         return open_peft_folder(path)
     source = f"adapter file {path}"
