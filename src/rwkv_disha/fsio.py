@@ -102,14 +102,15 @@ def check_output_path(path: str | os.PathLike, flag: str = "--output", overwrite
     if (p.exists() or p.is_symlink()) and not overwrite:  # a dangling link is a user's file too
         raise RWKVDishaError(f"{flag} {p} already exists: choose another name or pass --overwrite 1")
     check_folder_creatable(p.parent if str(p.parent) else Path("."), f"{flag} {p}:")
+    if p.parent.is_dir():
+        _probe_create(p, flag)
     return p
 
 
 def check_new_file(path: str | os.PathLike, flag: str, overwrite: bool = False) -> Path:
     """Refuse, before any work, an output file that cannot be written as asked: a name that is a folder or
     ends with a slash, an existing file (unless ``overwrite``), a folder that does not exist, or one where
-    no file can be created. The last is tried for real (a temporary file made and removed): root passes
-    ``os.access`` on read-only mounts and on /proc alike."""
+    no file can be created (tried for real: :func:`_probe_create`)."""
     p = _file_name(path, flag)
     if (p.exists() or p.is_symlink()) and not overwrite:
         raise RWKVDishaError(f"{flag} {p} already exists: choose another name or pass --overwrite 1")
@@ -121,15 +122,21 @@ def check_new_file(path: str | os.PathLike, flag: str, overwrite: bool = False) 
         raise RWKVDishaError(f"{flag} {p}: {above} is a file, not a folder")
     if not folder.is_dir():
         raise RWKVDishaError(f"{flag} {p}: the folder {folder} does not exist; create it or choose another")
+    _probe_create(p, flag)
+    return p
+
+
+def _probe_create(p: Path, flag: str) -> None:
+    """Create and remove a temporary file beside ``p``: root passes ``os.access`` on read-only mounts and on
+    /proc alike, so only a real try tells whether the folder takes new files."""
     try:
         temp_path(p).unlink()
     except OSError as e:
         # ENOENT from an existing folder: a virtual file system (/proc) that takes no new files
         cause = "" if e.errno == errno.ENOENT else f": {os_error_cause(e)}"
         raise RWKVDishaError(
-            f"{flag} {p}: no file can be created in {folder}{cause}; choose another folder"
+            f"{flag} {p}: no file can be created in {p.parent}{cause}; choose another folder"
         ) from None
-    return p
 
 
 def check_folder_creatable(folder: str | os.PathLike, label: str) -> None:

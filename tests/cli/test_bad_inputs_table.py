@@ -59,6 +59,9 @@ CASES: list[tuple[str, list[str], str]] = [
     ("init-n_layer-0", [*INIT, "--n_layer", "0"], "n_layer"),
     ("init-n_embd-not-multiple", [*INIT, "--n_embd", "100"], "n_embd"),
     ("init-vocab-0", [*INIT, "--vocab_size", "0"], "vocab_size"),
+    # /proc exists and root passes os.access there: only creating a file shows it takes none
+    ("init-output-in-proc", [*INIT, "--output", "/proc/i.pth"], "no file can be created in /proc"),
+    ("merge-output-in-proc", [*MERGE, "--output", "/proc/m.pth"], "no file can be created in /proc"),
     ("init-output-is-dir", [*INIT, "--output", "@adir"], "directory"),
     ("init-output-trailing-slash", [*INIT, "--output", "@work/new/"], "ends with a slash"),
     ("init-output-exists", [*INIT, "--output", "@base"], "exists"),

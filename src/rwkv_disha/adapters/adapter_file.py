@@ -322,7 +322,7 @@ def open_adapter_file(path: str | Path, lora_alpha: float | None = None) -> Adap
 
     path = Path(path)
     if path.name == WEIGHTS_NAME and is_peft_folder(path.parent):
-        path = path.parent  # its settings are in the folder's adapter_config.json: never guess them from shapes
+        path = path.parent  # its settings are in the folder's adapter_config.json: not from shapes
     if is_peft_folder(path):  # a Hugging Face peft folder: the same AdapterFile, from peft's names
         return open_peft_folder(path)
     source = f"adapter file {path}"
