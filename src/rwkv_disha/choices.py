@@ -19,7 +19,7 @@ QUANT_CHOICES = ("none", *QUANT_MODES)
 TRAIN_PARTS = ("time", "ln", "emb", "head")
 DEFAULT_TRAIN_PARTS = ("time", "ln")
 # data
-DATA_TYPES = ("binidx", "jsonl", "utf-8", "utf-16le", "numpy", "uint16", "dummy")
+DATA_TYPES = ("binidx", "jsonl", "sft", "utf-8", "utf-16le", "numpy", "uint16", "dummy")
 DATALOADS = ("pad", "only", "get")
 LOSS_MASKS = ("none", "pad", "qa")
 # engine

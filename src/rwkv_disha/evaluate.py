@@ -17,6 +17,7 @@ import torch
 
 from rwkv_disha.choices import DATA_TYPES, DATALOADS, LOSS_MASKS, OPS
 from rwkv_disha.config import opt
+from rwkv_disha.data.sft import sft_spec
 from rwkv_disha.errors import RWKVDishaError
 
 
@@ -29,7 +30,13 @@ class Config:
     data_type: str = opt("binidx", "format of data_file", DATA_TYPES)
     ctx_len: int = opt(512, "context length")
     dataload: str = opt("pad", "pad, only or get", DATALOADS)
-    loss_mask: str = opt("pad", "none, pad or qa", LOSS_MASKS)
+    loss_mask: str = opt("pad", "none, pad or qa (sft data: pad = qa)", LOSS_MASKS)
+    sft_field: list[str] = opt(
+        ["query", "response"], "--data_type sft: the query and the response key of each record (RWKV-PEFT's)"
+    )
+    sft_split: str = opt(
+        "train", "--data_type sft: the split, in datasets' syntax: train, train[:1000], train[10%:20%]"
+    )
     micro_bsz: int = opt(4, "batch size")
     max_samples: int = opt(256, "evaluate at most this many samples (0: one pass over the data)")
     op: str = opt("auto", "WKV kernel", OPS)
@@ -104,6 +111,7 @@ def validate(cfg: Config) -> None:
         raise RWKVDishaError(f"--max_samples must be >= 0 (0: one pass over the data), got {cfg.max_samples}")
     if cfg.dataload == "only" and cfg.micro_bsz != 1:
         raise RWKVDishaError(f"--dataload only needs --micro_bsz 1 (got {cfg.micro_bsz})")
+    sft_spec(cfg)
     for path in [cfg.load_model, *(p for p in cfg.compare if model_kind(p) == "merged")]:
         check_op_for_model(cfg.op, path)  # every model the kernel will run, before any loads
     resolve_op(cfg.op)
@@ -128,6 +136,7 @@ def run(cfg: Config) -> int:
         cfg.seed,
         vocab,
         shuffle=False,
+        sft=sft_spec(cfg),
     )
     rows = []
     for i, (name, kind, model_path, adapter_path) in enumerate(models_to_compare(cfg)):

@@ -50,6 +50,7 @@ import torch
 
 from rwkv_disha.choices import DATA_TYPES, DATALOADS, LOSS_MASKS
 from rwkv_disha.data.sampling import Permutation, mix64, pass_key
+from rwkv_disha.data.sft import SftSpec
 from rwkv_disha.data.sources import open_source
 from rwkv_disha.errors import RWKVDishaError
 
@@ -154,7 +155,7 @@ class TokenDataset(torch.utils.data.Dataset):
         m = np.zeros(T, dtype=np.float32)
         if n >= 2:
             x[: n - 1], y[: n - 1] = toks[:-1], toks[1:]
-            m[: n - 1] = 1.0 if ans is None or self.loss_mask != "qa" else np.asarray(ans[1:n], np.float32)
+            m[: n - 1] = 1.0 if ans is None else np.asarray(ans[1:n], np.float32)  # masks: where they apply
         elif n == 1:
             x[0] = toks[0]
         if n and (toks.max() >= self.vocab_size or toks.min() < 0):
@@ -221,7 +222,7 @@ def check_options(
         raise RWKVDishaError(
             f"rank {rank} / world_size {world_size} is not valid (need 0 <= rank < world_size)"
         )
-    if loss_mask == "qa" and data_type not in ("binidx", "jsonl", "dummy"):
+    if loss_mask == "qa" and data_type not in ("binidx", "jsonl", "sft", "dummy"):
         raise RWKVDishaError(
             f"--loss_mask qa needs answer masks, which --data_type {data_type} cannot carry; "
             "prepare chat / Q&A jsonl into binidx (or use --data_type jsonl), or use --loss_mask pad"
@@ -295,6 +296,7 @@ def make_dataset(
     rank: int = 0,
     world_size: int = 1,
     shuffle: bool = True,
+    sft: SftSpec | None = None,
 ) -> TokenDataset:
     """Validate the data options, open (and for jsonl / text, tokenise) the data once, build the dataset.
 
@@ -306,7 +308,9 @@ def make_dataset(
     counts toward the loss is refused here, so training and evaluation both refuse it.
     """
     check_options(data_type, dataload, loss_mask, ctx_len, micro_bsz, vocab_size, rank, world_size)
-    source, masks, name = open_source(data_file, data_type, dataload, loss_mask, ctx_len, vocab_size, seed)
+    source, masks, name = open_source(
+        data_file, data_type, dataload, loss_mask, ctx_len, vocab_size, seed, sft
+    )
     check_data(source, masks, name, dataload, ctx_len, loss_mask, vocab_size)
     return TokenDataset(
         source,

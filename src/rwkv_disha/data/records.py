@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from rwkv_disha.data.sft import sft_segments
 from rwkv_disha.data.tokenizer import EOS, WorldTokenizer, encode_segments, get_tokenizer, render_chat
 
 QUESTION_KEYS = ("question", "prompt", "instruction")
@@ -160,10 +161,18 @@ def _read_lines(path: str, span: tuple[int, int]) -> list[bytes]:
     return lines
 
 
-def encode_items(kind: str, path: str, items, text_key: str = "text", append_eos: bool = True) -> Encoded:
+def encode_items(
+    kind: str,
+    path: str,
+    items,
+    text_key: str = "text",
+    append_eos: bool = True,
+    sft_fields: tuple[str, str] | None = None,
+) -> Encoded:
     """Encode one chunk of input (see :func:`iter_chunks`): ``kind`` ``jsonl`` (items: a byte range
     ``(start, end)`` of the file, read here so that workers, not the parent, do the reading), ``obj``
-    (items: ``(record number, parsed object)``) or ``text`` (items: ``(block number, str)``)."""
+    (items: ``(record number, parsed object)``) or ``text`` (items: ``(block number, str)``).
+    ``sft_fields``: records are RWKV-PEFT SFT query / response pairs (:mod:`rwkv_disha.data.sft`)."""
     tok = get_tokenizer()
     toks: list[np.ndarray] = []
     masks: list[np.ndarray | None] = []
@@ -175,8 +184,14 @@ def encode_items(kind: str, path: str, items, text_key: str = "text", append_eos
     for where, raw in items:
         try:
             obj = parse_json_line(raw) if kind == "jsonl" else raw
-            segments, rkind = record_segments(obj, text_key) if kind != "text" else ([(obj, True)], "text")
-            ids, mask = encode_segments_doc(segments, rkind, tok, append_eos)
+            if sft_fields:  # RWKV-PEFT's template ends with its own end-of-turn character, not token 0
+                segments, rkind, eos = sft_segments(obj, sft_fields), "qa", False
+            else:
+                segments, rkind = (
+                    record_segments(obj, text_key) if kind != "text" else ([(obj, True)], "text")
+                )
+                eos = append_eos
+            ids, mask = encode_segments_doc(segments, rkind, tok, eos)
         except UnicodeEncodeError as e:  # a lone surrogate such as "\ud800" cannot become UTF-8 bytes
             bad = e.object[e.start : e.end].encode("unicode_escape").decode()
             out.errors.append((path, where, f"the text holds {bad}, a lone surrogate (not valid Unicode)"))

@@ -16,6 +16,7 @@ import numpy as np
 
 from rwkv_disha.data.binidx import MASK_SUFFIX, BinIdx, split_prefix
 from rwkv_disha.data.sampling import M64
+from rwkv_disha.data.sft import SftSpec, load_sft
 from rwkv_disha.errors import RWKVDishaError
 
 
@@ -129,8 +130,9 @@ def open_binidx(data_file: str, with_masks: bool) -> Opened:
     return source, masks, source.prefix
 
 
-def load_jsonl(path: str) -> Opened:
-    """Tokenise a jsonl file (every record form ``prepare`` takes) into memory, once."""
+def load_jsonl(path: str, sft_fields: tuple[str, str] | None = None) -> Opened:
+    """Tokenise a jsonl file (every record form ``prepare`` takes, or with ``sft_fields`` RWKV-PEFT's SFT
+    query / response records) into memory, once."""
     from rwkv_disha.data.records import LineNumbers, encode_items, iter_chunks
 
     path = _resolve_file(path, "jsonl")
@@ -138,7 +140,7 @@ def load_jsonl(path: str) -> Opened:
     number = LineNumbers()
     try:
         for kind, p, items, _ in iter_chunks(path):
-            enc = encode_items(kind, p, items)
+            enc = encode_items(kind, p, items, sft_fields=sft_fields)
             errors = number(kind, p, enc)
             if errors:
                 where, why = errors[0]
@@ -205,11 +207,22 @@ def dummy_corpus(ctx_len: int, vocab_size: int, seed: int, n_docs: int = 256) ->
 
 
 def open_source(
-    data_file: str, data_type: str, dataload: str, loss_mask: str, ctx_len: int, vocab_size: int, seed: int
+    data_file: str,
+    data_type: str,
+    dataload: str,
+    loss_mask: str,
+    ctx_len: int,
+    vocab_size: int,
+    seed: int,
+    sft: SftSpec | None = None,
 ) -> Opened:
-    """``(source, masks, name)`` for ``--data_type``; masks only with ``--loss_mask qa`` (else None)."""
-    qa = loss_mask == "qa"
-    if data_type == "binidx":
+    """``(source, masks, name)`` for ``--data_type``; masks only where they apply (else None): with
+    ``--loss_mask qa``, and for ``sft`` data unless ``--loss_mask none`` (RWKV-PEFT never trains on its
+    prompts)."""
+    qa = loss_mask == "qa" or (data_type == "sft" and loss_mask != "none")
+    if data_type == "sft":
+        source, masks, name = load_sft(data_file, sft or SftSpec())
+    elif data_type == "binidx":
         source, masks, name = open_binidx(data_file, qa)
     elif data_type == "jsonl":
         source, masks, name = load_jsonl(data_file)

@@ -32,6 +32,7 @@ def build_dataset(cfg: Config, vocab_size: int):
     """The run's dataset (every data problem surfaces here, before the model loads). Built for rank 0 of
     1; DishaData.setup gives it this process's rank once the engine knows it."""
     from rwkv_disha.data.dataset import make_dataset
+    from rwkv_disha.data.sft import sft_spec
 
     d = cfg.data
     return make_dataset(
@@ -44,6 +45,7 @@ def build_dataset(cfg: Config, vocab_size: int):
         d.loss_mask,
         cfg.optim.seed,
         vocab_size,
+        sft=sft_spec(d),
     )
 
 

@@ -6,6 +6,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+from rwkv_disha.data.sft import sft_spec
 from rwkv_disha.errors import RWKVDishaError
 from rwkv_disha.train.config import SEED_MAX, Config, non_finite_option
 
@@ -44,6 +45,7 @@ def validate(cfg: Config) -> None:
         )
     if d.data_type == "wds_img":
         raise RWKVDishaError("--data_type wds_img: image data is not supported (text models only)")
+    sft_spec(d)
     _validate_engine(cfg)
     if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
         raise RWKVDishaError("--wandb needs the wandb package: pip install wandb (WANDB_MODE=offline works)")

@@ -62,7 +62,15 @@ class DataArgs:
         "(micro_bsz 1); get: random ctx_len windows over the token stream",
         DATALOADS,
     )
-    loss_mask: str = opt("pad", "none | pad: ignore padding | qa: train only on answer tokens", LOSS_MASKS)
+    loss_mask: str = opt(
+        "pad", "none | pad: ignore padding | qa: train only on answer tokens (sft data: pad = qa)", LOSS_MASKS
+    )
+    sft_field: list[str] = opt(
+        ["query", "response"], "--data_type sft: the query and the response key of each record (RWKV-PEFT's)"
+    )
+    sft_split: str = opt(
+        "train", "--data_type sft: the split, in datasets' syntax: train, train[:1000], train[10%:20%]"
+    )
     num_workers: int = opt(0, "DataLoader worker processes")
 
 

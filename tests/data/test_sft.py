@@ -1,0 +1,190 @@
+"""`--data_type sft`: RWKV-PEFT's query / response records in its SFT template, loss on the response only."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from rwkv_disha.cli import main
+from rwkv_disha.data.dataset import make_dataset
+from rwkv_disha.data.sft import SftSpec, split_rows
+
+# RWKV-PEFT's SFTdataset.py template, written out by hand (not taken from the module under test)
+PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\n{q}\n\n### Response:"
+)
+RECORDS = [
+    {"query": "What is 2+2?", "response": "4", "type": "math"},
+    {"query": "Name a colour.", "response": "Blue"},
+    {"query": "Capital of France?", "response": "Paris"},
+    {"query": "Say hi", "response": "Hi there!"},
+]
+
+
+@pytest.fixture
+def sft_file(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS), encoding="utf-8")
+    return path
+
+
+def _dataset(path, split="train", fields=("query", "response"), loss_mask="pad", ctx_len=128):
+    return make_dataset(
+        str(path), "sft", "pad", ctx_len, 1, 0, loss_mask, 0, 65536, shuffle=False, sft=SftSpec(fields, split)
+    )
+
+
+def _text_and_answer(ds, i, tok):
+    """The document's text and the text of the tokens the loss sees (labels where mask = 1)."""
+    item = ds.sample(i)
+    m = item["mask"].numpy() > 0
+    n = int((item["labels"].numpy() != 0).sum() + 1)  # no token 0 anywhere in an sft document
+    ids = np.concatenate([item["input_ids"].numpy()[:1], item["labels"].numpy()[: n - 1]])
+    return tok.decode(ids.tolist()), tok.decode(item["labels"].numpy()[m].tolist())
+
+
+def test_each_record_is_rwkv_peft_template_and_only_the_response_counts(sft_file, tok):
+    ds = _dataset(sft_file)
+    assert len(ds.source) == len(RECORDS)
+    for i, r in enumerate(RECORDS):
+        text, answer = _text_and_answer(ds, i, tok)
+        assert text == PROMPT.format(q=r["query"]) + r["response"] + "\n\x17"
+        assert answer == r["response"] + "\n\x17"
+        assert 0 not in ds.source.doc(i)  # RWKV-PEFT ends with \x17, not with token 0
+
+
+def test_loss_mask_none_trains_on_the_prompt_too(sft_file, tok):
+    ds = _dataset(sft_file, loss_mask="none")
+    text, seen = _text_and_answer(ds, 0, tok)
+    assert seen == text[len(tok.decode(ds.source.doc(0)[:1].tolist())) :]  # every label counts
+
+
+@pytest.mark.parametrize(
+    "split, rows",
+    [
+        ("train", [0, 1, 2, 3]),
+        ("train[:2]", [0, 1]),
+        ("train[1:]", [1, 2, 3]),
+        ("train[-1:]", [3]),
+        ("train[25%:75%]", [1, 2]),
+        ("train[:50%]", [0, 1]),
+    ],
+)
+def test_split_selects_records_as_datasets_slicing_does(sft_file, tok, split, rows):
+    ds = _dataset(sft_file, split=split)
+    assert [_text_and_answer(ds, i, tok)[1] for i in range(len(ds.source))] == [
+        RECORDS[k]["response"] + "\n\x17" for k in rows
+    ]
+
+
+def test_percent_bounds_round_to_the_closest_row():
+    assert list(split_rows("train[:33%]", 10)) == list(range(3))  # 3.3 -> 3
+    assert list(split_rows("train[:35%]", 10)) == list(range(4))  # 3.5 -> 4
+    assert list(split_rows("train[-20%:]", 10)) == [8, 9]
+
+
+def test_other_field_names(tmp_path, tok):
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps([{"instruction": "Add 1 and 1", "output": "2"}]), encoding="utf-8")
+    ds = _dataset(path, fields=("instruction", "output"))
+    assert _text_and_answer(ds, 0, tok) == (PROMPT.format(q="Add 1 and 1") + "2\n\x17", "2\n\x17")
+
+
+def test_a_hugging_face_dataset_is_read_with_the_datasets_package(sft_file, tok, monkeypatch, tmp_path):
+    """Anything but a local JSON file goes to datasets.load_dataset(path, split=...), as in RWKV-PEFT."""
+    calls = []
+
+    class Table:
+        column_names = ["query", "response", "type"]
+
+        def __getitem__(self, key):
+            return [r.get(key) for r in RECORDS[:2]]
+
+    def load_dataset(path, split):
+        calls.append((path, split))
+        return Table()
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    ds = _dataset("meta-math/MetaMathQA", split="train[:2]")
+    assert calls == [("meta-math/MetaMathQA", "train[:2]")]
+    local = _dataset(sft_file, split="train[:2]")
+    for i in range(2):
+        assert np.array_equal(ds.source.doc(i), local.source.doc(i))
+        assert np.array_equal(ds.masks.doc(i), local.masks.doc(i))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"split": "test"}, "a local file has one split, train"),
+        ({"split": "train[:0]"}, "holds no records"),
+        ({"fields": ("question", "response")}, r'sft.jsonl:1: no "question" key .*--sft_field'),
+    ],
+)
+def test_bad_split_or_fields_are_one_line(sft_file, one_line_error, kwargs, match):
+    one_line_error(_dataset, sft_file, match=match, **kwargs)
+
+
+def test_a_dataset_name_without_the_datasets_package_is_one_line(one_line_error, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    one_line_error(_dataset, "meta-math/MetaMathQA", match=r"pip install datasets")
+
+
+# --- the CLI: RWKV-PEFT's flags, checked before any work -------------------------------------------------
+@pytest.fixture
+def base(make_checkpoint):
+    return make_checkpoint(1, 64, 65536)
+
+
+def _train(base, data, proj, *extra):
+    return [
+        "train", "--load_model", str(base), "--proj_dir", str(proj), "--data_file", str(data),
+        "--data_type", "sft", "--ctx_len", "64", "--micro_bsz", "1", "--epoch_steps", "2",
+        "--epoch_count", "1", "--accelerator", "cpu", "--precision", "fp32", "--progress_bar", "0",
+        "--disha_config", '{"mode":"bone","load":"","r":16}', *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--sft_field", "query"], "--sft_field takes two different keys"),
+        (["--sft_field", "query", "query"], "--sft_field takes two different keys"),
+        (["--sft_split", "train[:x]"], "is not a split"),
+        (["--data_type", "jsonl", "--sft_field", "q", "a"], "apply to --data_type sft only"),
+    ],
+)
+def test_train_refuses_bad_sft_flags_before_any_work(base, sft_file, tmp_path, capsys, extra, words):
+    proj = tmp_path / "proj"
+    assert main(_train(base, sft_file, proj, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+    assert not proj.exists()
+
+
+def test_train_and_eval_run_rwkv_peft_sft_flags(base, sft_file, tmp_path, tok):
+    proj = tmp_path / "proj"
+    args = _train(base, sft_file, proj, "--sft_field", "query", "response", "--sft_split", "train[:3]")
+    assert main(args) == 0
+    assert (proj / "rwkv-0.pth").is_file()
+    out = tmp_path / "eval.json"
+    ev = ["eval", "--load_model", str(base), "--peft_checkpoint", str(proj / "rwkv-0.pth"), "--data_file"]
+    ev += [
+        str(sft_file),
+        "--data_type",
+        "sft",
+        "--sft_split",
+        "train[3:]",
+        "--ctx_len",
+        "64",
+        "--json",
+        str(out),
+    ]
+    assert main(ev) == 0
+    result = json.loads(out.read_text())  # the last record alone, and only its response's tokens
+    assert result["samples"] == 1 and result["tokens"] == len(tok.encode("Hi there!\n\x17"))
