@@ -188,3 +188,34 @@ def test_train_and_eval_run_rwkv_peft_sft_flags(base, sft_file, tmp_path, tok):
     assert main(ev) == 0
     result = json.loads(out.read_text())  # the last record alone, and only its response's tokens
     assert result["samples"] == 1 and result["tokens"] == len(tok.encode("Hi there!\n\x17"))
+
+
+def run_sft_sh(base, data, proj, hardware: str) -> list[str]:
+    """RWKV-PEFT's scripts/run_sft.sh after `python train.py` -> `rwkv-disha train`, paths and sizes swapped
+    for the tiny model; ``hardware`` replaces its GPU flags (and its --wandb, which needs wandb)."""
+    n_layer, n_embd, micro_bsz, epoch_save, epoch_steps, ctx_len = 1, 64, 2, 1, 2, 64
+    bone_config = '{"bone_mode":"bone","bone_load":"","bone_r":64}'
+    return [
+        *f"train --load_model {base} --proj_dir {proj} --data_file {data} --vocab_size 65536 "
+        f"--n_layer {n_layer} --n_embd {n_embd} --ctx_len {ctx_len} --micro_bsz {micro_bsz} "
+        f"--epoch_steps {epoch_steps} --epoch_count 1 --epoch_begin 0 --epoch_save {epoch_save} "
+        "--lr_init 2e-5 --lr_final 2e-5 --warmup_steps 0 --beta1 0.9 --beta2 0.99 --adam_eps 1e-8 "
+        f"{hardware} --my_testing x070 --peft bone".split(),
+        "--bone_config", bone_config,
+        "--data_type", "sft", "--sft_field", "query", "response", "--sft_split", "train",
+        "--progress_bar", "0",
+    ]  # fmt: skip
+
+
+def test_rwkv_peft_run_sft_script_runs_unchanged(base, sft_file, tmp_path, capsys):
+    import torch
+
+    gpu = "--accelerator gpu --devices 1 --precision bf16 --strategy deepspeed_stage_1 --grad_cp 1"
+    if not torch.cuda.is_available():  # every flag is accepted; only the missing GPU is reported
+        assert main(run_sft_sh(base, sft_file, tmp_path / "gpu", gpu)) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
+        assert not (tmp_path / "gpu").exists()
+    cpu = "--accelerator cpu --devices 1 --precision fp32 --strategy auto --grad_cp 1"
+    assert main(run_sft_sh(base, sft_file, tmp_path / "cpu", cpu)) == 0
+    tensors = torch.load(tmp_path / "cpu" / "rwkv-0.pth", weights_only=True)
+    assert tensors["blocks.0.att.key.disha"].shape == (64, 64)  # Bone r64 on a 64-wide layer
