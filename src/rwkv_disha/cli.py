@@ -20,6 +20,7 @@ import importlib
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -56,10 +57,27 @@ _USER_FILE_ERRNOS = {
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a one-line :class:`RWKVDishaError` instead of usage + exit."""
+    """argparse that reports a bad flag as a one-line :class:`RWKVDishaError` instead of usage + exit; a
+    flag (or choice) another tool takes and this command spells otherwise gets its fix (a command module's
+    ``FOREIGN_FLAGS`` / ``FOREIGN_VALUES``, e.g. RWKV-PEFT's ``--fla``)."""
+
+    foreign_flags: dict[str, str] = {}
+    foreign_values: dict[tuple[str, str], str] = {}
 
     def error(self, message: str):  # type: ignore[override]
-        raise RWKVDishaError(f"{self.prog}: {message} (see {self.prog} --help)")
+        raise RWKVDishaError(f"{self.prog}: {self._foreign(message) or message} (see {self.prog} --help)")
+
+    def _foreign(self, message: str) -> str | None:
+        choice = re.match(r"argument --(\w+): invalid choice: '([^']*)'", message)
+        if choice and tuple(choice.groups()) in self.foreign_values:
+            flag, value = choice.groups()
+            return f"--{flag} {value}: {self.foreign_values[(flag, value)]}"
+        if message.startswith("unrecognized arguments:"):
+            for word in message.split()[2:]:
+                name = word.split("=")[0].removeprefix("--")
+                if word.startswith("--") and name in self.foreign_flags:
+                    return f"--{name} is not a flag of this command: {self.foreign_flags[name]}"
+        return None
 
 
 def _unique_key_loader():
@@ -147,6 +165,8 @@ def build_parser(name: str, module) -> argparse.ArgumentParser:
         help="read options from a YAML file (keys are the option names); flags given here override it",
     )
     add_dataclass_arguments(parser, module.Config)
+    parser.foreign_flags = getattr(module, "FOREIGN_FLAGS", {})
+    parser.foreign_values = getattr(module, "FOREIGN_VALUES", {})
     return parser
 
 
@@ -176,6 +196,11 @@ def parse_config(name: str, argv: list[str]):
     if getattr(ns, "_config", None):
         path = ns._config
         raw = _load_yaml(path)
+        foreign = next((k for k in raw if k in parser.foreign_flags), None)
+        if foreign:
+            raise RWKVDishaError(
+                f"config file {path}: {foreign} is not an option of `{name}`: {parser.foreign_flags[foreign]}"
+            )
         from_mapping(module.Config, raw, source=f"option(s) for `{name}`")  # unknown keys, named
         try:
             values = {

@@ -143,6 +143,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("train-config-missing", [*TRAIN, "--config", "@work/nope.yaml"], "nope.yaml"),
     ("train-config-not-mapping", [*TRAIN, "--config", "@list_yaml"], "mapping"),
     ("train-config-unknown-key", [*TRAIN, "--config", "@unknown_yaml"], "bogus_option"),
+    ("train-config-rwkv-peft-key", [*TRAIN, "--config", "@rwkv_peft_yaml"], "fla is not an option of `train`: "),
     ("train-config-wrong-type", [*TRAIN, "--config", "@badtype_yaml"], "micro_bsz"),
     ("init-config-list-injects-flags", [*INIT, "--config", "@inject_yaml"], "n_layer: takes one value"),
     ("init-config-list-for-scalar", [*INIT, "--config", "@scalarlist_yaml"], "n_layer: takes one value"),
@@ -370,6 +371,11 @@ if not CUDA:  # these refuse a GPU-only setting on a machine without one
     CASES += [
         ("train-fp16-on-cpu", [*TRAIN, "--precision", "fp16"], "fp16"),
         ("train-deepspeed-on-cpu", [*TRAIN, "--strategy", "deepspeed_stage_1"], "deepspeed"),
+    # RWKV-PEFT flags spelled otherwise here: the fix, not argparse's bare "unrecognized arguments"
+    ("train-rwkv-peft-fla", [*TRAIN, "--fla", "1"], "use --op fla"),
+    ("train-rwkv-peft-lora_r", [*TRAIN, "--lora_r", "64"], "--lora_config"),
+    ("train-rwkv-peft-train_type-state", [*TRAIN, "--train_type", "state"], "use --peft state"),
+    ("train-rwkv-peft-my_pile_stage", [*TRAIN, "--my_pile_stage", "1"], "pretraining option"),
         ("train-fsdp-on-cpu", [*TRAIN, "--strategy", "fsdp"], "fsdp"),
         ("train-accelerator-gpu", [*TRAIN, "--accelerator", "gpu"], "gpu"),
         ("bench-device-cuda", [*BENCH, "--device", "cuda"], "cuda"),
@@ -494,6 +500,7 @@ def inputs(tmp_path_factory, make_checkpoint) -> dict[str, str]:
     for name, text in {
         "list": "- micro_bsz\n- 2\n",
         "unknown": "bogus_option: 1\n",
+        "rwkv_peft": "fla: true\n",
         "badtype": "micro_bsz: abc\n",
         # a list spliced into argv used to add flags of its own: here --overwrite and --output
         "inject": 'n_layer: [1, "--overwrite=1", "--output=victim.pth"]\nn_embd: 64\n',

@@ -45,6 +45,7 @@ def build_dataset(cfg: Config, vocab_size: int):
         d.loss_mask,
         cfg.optim.seed,
         vocab_size,
+        shuffle=d.data_shuffle,
         sft=sft_spec(d),
     )
 

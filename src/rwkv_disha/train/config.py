@@ -72,6 +72,9 @@ class DataArgs:
         "train", "--data_type sft: the split, in datasets' syntax: train, train[:1000], train[10%:20%]"
     )
     num_workers: int = opt(0, "DataLoader worker processes")
+    data_shuffle: bool = opt(
+        True, "each epoch visits the samples in a new seeded order (0: in file order, as RWKV-PEFT's default)"
+    )
 
 
 @dataclass

@@ -20,11 +20,13 @@ from typing import TYPE_CHECKING
 
 from rwkv_disha.errors import RWKVDishaError
 from rwkv_disha.train.config import RESUME_FILE, Config
+from rwkv_disha.train.rwkv_peft_flags import UNSUPPORTED as FOREIGN_FLAGS
+from rwkv_disha.train.rwkv_peft_flags import VALUES as FOREIGN_VALUES
 
 if TYPE_CHECKING:  # Lightning and torch load when training starts, not for `train --help`
     import lightning as L
 
-__all__ = ["Config", "run", "setup", "main", "fit"]
+__all__ = ["Config", "run", "setup", "main", "fit", "FOREIGN_FLAGS", "FOREIGN_VALUES"]
 
 
 def run(cfg: Config) -> int:
