@@ -32,7 +32,7 @@ def test_every_option_has_one_flat_name_and_help():
     from rwkv_disha.config import option_fields
 
     names = [f.name for _, f, _ in option_fields(Config)]
-    assert len(names) == len(set(names)) == 59
+    assert len(names) == len(set(names)) == 62
     assert all(f.metadata["help"].strip() for _, f, _ in option_fields(Config))
     with pytest.raises(RWKVDishaError, match="unknown options: lr"):
         from_mapping(Config, {"lr": 1.0})
