@@ -283,3 +283,21 @@ def test_quantized_injection_really_drops_memory(base, mode):
     assert not any(k.endswith(("att.key.weight", "ffn.value.weight")) for k in model.state_dict())
     randomise(model)
     assert torch.isfinite(logits(model, tokens(300))).all()
+
+
+@pytest.mark.parametrize("version", ["x060", "x052"])
+def test_rwkv6_and_5_adapters_refuse_another_base_of_the_same_shape(make_checkpoint, tmp_path, version):
+    """RWKV-6 / 5.2 have no r_k / k_k / w0: their fingerprint hashes the first rows of emb and head. The
+    adapter loads onto its own base, also in bf16, and is refused by another base of the same shape."""
+    cfg = config("bone", 32)
+    own = make_checkpoint(1, 64, 300, version=version, seed=1)
+    path = save_adapter_file(adapted(own, cfg), cfg, tmp_path / "rwkv-0.pth")
+    base = json.loads(path.with_suffix(".json").read_text())["base"]
+    assert sorted(base["checksums"]) == ["emb.weight", "head.weight"]
+    load_adapter_file(_fresh(own, cfg), path, cfg)
+    bf16 = load_model(own, op="torch", dtype=torch.bfloat16)
+    inject_adapters(bf16, cfg)
+    load_adapter_file(bf16, path, cfg)
+    other = make_checkpoint(1, 64, 300, version=version, seed=2)
+    refused = "different base model of the same shape"
+    _expect(lambda: load_adapter_file(_fresh(other, cfg), path, cfg), refused)

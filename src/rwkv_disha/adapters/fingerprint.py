@@ -1,10 +1,12 @@
 """The base fingerprint an adapter sidecar records, so that loading and merging refuse another base model
 (docs/ADAPTERS.md, "Files").
 
-The fingerprint identifies the base model from tensors that no adapter setting ever trains or quantizes
-(``att.r_k``, ``att.k_k``, ``att.w0`` of the first and last block): their shapes summary must match
-exactly, their values must match after rounding to bf16 (so an fp32 base trained in bf16 still matches),
-or at least agree in sum and |sum| to 1e-3.
+The fingerprint identifies the base model from a few tensors its version's registry entry names
+(``ModelVersion.fingerprint``): on RWKV-7 ``att.r_k``, ``att.k_k``, ``att.w0`` of the first and last block,
+which no adapter setting trains or quantizes; on RWKV-6 / 5.2 the first rows of ``emb.weight`` and
+``head.weight``. The shape summary must match exactly, the values must match after rounding to bf16 (so an
+fp32 base trained in bf16 still matches), or at least agree in sum and |sum| to 1e-3. At most
+:data:`ROWS` rows of each tensor are read (a memory-mapped embedding costs a few KB, not its size).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from rwkv_disha.errors import RWKVDishaError
 
 Tensor = torch.Tensor
 
-_FINGERPRINT_SUFFIXES = ("att.r_k", "att.k_k", "att.w0")
+ROWS = 16
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -85,16 +87,21 @@ def _describe_shape(s: Mapping[str, Any]) -> str:
 def base_fingerprint(source: nn.Module | Mapping[str, Tensor]) -> dict[str, Any]:
     """Shape summary + hash of a few never-trained tensors, from a model (with or without adapters,
     quantized or not, any dtype) or from a base state dict (mmap'ed: only a few KB are read)."""
+    from rwkv_disha.model.registry import MODELS
+
     shapes, tensors = _shapes_and_tensors(source)
     summary = shape_summary(shapes)
     n = summary["n_layer"]
-    names = [f"blocks.{i}.{s}" for i in sorted({0, max(n - 1, 0)}) for s in _FINGERPRINT_SUFFIXES]
+    keys = MODELS[summary["version"]].fingerprint if summary["version"] else ()
+    blocks = sorted({0, max(n - 1, 0)})
+    names = [k.replace("*", str(i)) for i in blocks for k in keys if "*" in k]  # block by block
+    names += [k for k in keys if "*" not in k]
     h = hashlib.sha256()
     checksums: dict[str, list[float]] = {}
     for name in names:
         if name not in tensors:
             continue
-        t = tensors[name].detach().to("cpu", torch.float32)
+        t = tensors[name].detach()[:ROWS].to("cpu", torch.float32)
         h.update(f"{name}:{tuple(t.shape)};".encode())
         h.update(t.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
         t64 = t.double()

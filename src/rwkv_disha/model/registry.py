@@ -39,20 +39,41 @@ class ModelVersion:
     default_config: Callable[[int, int, int, int], ModelConfig]  # (n_layer, n_embd, vocab, head_size)
     init_tensors: Callable[[ModelConfig, bool, torch.Generator], dict[str, torch.Tensor]]  # (cfg, random, g)
     adapter_targets: tuple[str, ...]  # the Linear layers adapters replace unless targets are given
+    # tensors an adapter sidecar's base fingerprint hashes (adapters/fingerprint.py): ones no adapter
+    # setting trains or quantizes where the version has them; "blocks.*." = the first and the last block
+    fingerprint: tuple[str, ...]
 
 
-def _entry(version: str, name: str, marker: str, head_key: str, module, cls, targets) -> ModelVersion:
+# RWKV-6 / 5.2 have no tensor that every setting leaves alone: the embedding and head are trained only by
+# --train_parts emb / head (full fine-tuning), the rest by "time" / "ln" or quantized by --quant
+_EMB_HEAD = ("emb.weight", "head.weight")
+
+
+def _entry(version: str, name: str, marker: str, head_key: str, module, cls, targets, fp) -> ModelVersion:
     return ModelVersion(
         version, name, marker, head_key, cls, module.infer_config, module.tensor_shapes,
-        module.default_config, module.init_tensors, targets,
+        module.default_config, module.init_tensors, targets, fp,
     )  # fmt: skip
 
 
 # detection tries the markers in this order: x060 before x052 (RWKV-6 files also hold time_faaaa)
 MODELS: dict[str, ModelVersion] = {
-    "x070": _entry("x070", "RWKV-7", "att.r_k", "att.r_k", rwkv7, rwkv7.RWKV7, RWKV7_TARGETS),
-    "x060": _entry("x060", "RWKV-6", "att.time_maa_x", "att.time_faaaa", rwkv6, rwkv6.RWKV6, RWKV6_TARGETS),
-    "x052": _entry("x052", "RWKV-5.2", "att.time_faaaa", "att.time_faaaa", rwkv5, rwkv5.RWKV5, RWKV6_TARGETS),
+    "x070": _entry(
+        "x070",
+        "RWKV-7",
+        "att.r_k",
+        "att.r_k",
+        rwkv7,
+        rwkv7.RWKV7,
+        RWKV7_TARGETS,
+        ("blocks.*.att.r_k", "blocks.*.att.k_k", "blocks.*.att.w0"),
+    ),
+    "x060": _entry(
+        "x060", "RWKV-6", "att.time_maa_x", "att.time_faaaa", rwkv6, rwkv6.RWKV6, RWKV6_TARGETS, _EMB_HEAD
+    ),
+    "x052": _entry(
+        "x052", "RWKV-5.2", "att.time_faaaa", "att.time_faaaa", rwkv5, rwkv5.RWKV5, RWKV6_TARGETS, _EMB_HEAD
+    ),
 }
 
 # version -> (name, marker key suffix) of versions we recognise but cannot load; checked after MODELS
