@@ -371,11 +371,11 @@ if not CUDA:  # these refuse a GPU-only setting on a machine without one
     CASES += [
         ("train-fp16-on-cpu", [*TRAIN, "--precision", "fp16"], "fp16"),
         ("train-deepspeed-on-cpu", [*TRAIN, "--strategy", "deepspeed_stage_1"], "deepspeed"),
-    # RWKV-PEFT flags spelled otherwise here: the fix, not argparse's bare "unrecognized arguments"
-    ("train-rwkv-peft-fla", [*TRAIN, "--fla", "1"], "use --op fla"),
-    ("train-rwkv-peft-lora_r", [*TRAIN, "--lora_r", "64"], "--lora_config"),
-    ("train-rwkv-peft-train_type-state", [*TRAIN, "--train_type", "state"], "use --peft state"),
-    ("train-rwkv-peft-my_pile_stage", [*TRAIN, "--my_pile_stage", "1"], "pretraining option"),
+        # RWKV-PEFT flags spelled otherwise here: the fix, not argparse's bare "unrecognized arguments"
+        ("train-rwkv-peft-fla", [*TRAIN, "--fla", "1"], "use --op fla"),
+        ("train-rwkv-peft-lora_r", [*TRAIN, "--lora_r", "64"], "--lora_config"),
+        ("train-rwkv-peft-train_type-state", [*TRAIN, "--train_type", "state"], "use --peft state"),
+        ("train-rwkv-peft-my_pile_stage", [*TRAIN, "--my_pile_stage", "1"], "pretraining option"),
         ("train-fsdp-on-cpu", [*TRAIN, "--strategy", "fsdp"], "fsdp"),
         ("train-accelerator-gpu", [*TRAIN, "--accelerator", "gpu"], "gpu"),
         ("bench-device-cuda", [*BENCH, "--device", "cuda"], "cuda"),
