@@ -8,6 +8,7 @@ import types
 
 import numpy as np
 import pytest
+import torch
 
 from rwkv_disha.cli import main
 from rwkv_disha.data.dataset import make_dataset
@@ -208,8 +209,6 @@ def run_sft_sh(base, data, proj, hardware: str) -> list[str]:
 
 
 def test_rwkv_peft_run_sft_script_runs_unchanged(base, sft_file, tmp_path, capsys):
-    import torch
-
     gpu = "--accelerator gpu --devices 1 --precision bf16 --strategy deepspeed_stage_1 --grad_cp 1"
     if not torch.cuda.is_available():  # every flag is accepted; only the missing GPU is reported
         assert main(run_sft_sh(base, sft_file, tmp_path / "gpu", gpu)) == 2
@@ -219,3 +218,45 @@ def test_rwkv_peft_run_sft_script_runs_unchanged(base, sft_file, tmp_path, capsy
     assert main(run_sft_sh(base, sft_file, tmp_path / "cpu", cpu)) == 0
     tensors = torch.load(tmp_path / "cpu" / "rwkv-0.pth", weights_only=True)
     assert tensors["blocks.0.att.key.disha"].shape == (64, 64)  # Bone r64 on a 64-wide layer
+
+
+def test_prepare_sft_field_writes_what_data_type_sft_reads(sft_file, tmp_path, capsys):
+    """`prepare --sft_field query response` + `--data_type binidx --loss_mask qa` trains on the same
+    tokens and answer masks as `--data_type sft` (tokenized once, memory-mapped)."""
+    prefix = tmp_path / "sft"
+    args = ["prepare", "--input", str(sft_file), "--output", str(prefix), "--workers", "1", "--progress", "0"]
+    assert main([*args, "--sft_field", "query", "response"]) == 0
+    on_the_fly = _dataset(sft_file)
+    prepared = make_dataset(str(prefix), "binidx", "pad", 128, 1, 0, "qa", 0, 65536, shuffle=False)
+    assert len(prepared.source) == len(on_the_fly.source) == len(RECORDS)
+    for i in range(len(RECORDS)):
+        a, b = prepared.sample(i), on_the_fly.sample(i)
+        assert all(torch.equal(a[k], b[k]) for k in ("input_ids", "labels", "mask"))
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--sft_field", "query"], "--sft_field takes two different keys"),
+        (
+            ["--sft_field", "query", "response", "--append_eos", "0"],
+            "--append_eos: not used with --sft_field",
+        ),
+        (["--sft_field", "query", "response", "--text_key", "t"], "--text_key: not used with --sft_field"),
+    ],
+)
+def test_prepare_refuses_bad_sft_flags(sft_file, tmp_path, capsys, extra, words):
+    prefix = tmp_path / "out"
+    assert main(["prepare", "--input", str(sft_file), "--output", str(prefix), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+    assert list(tmp_path.iterdir()) == [sft_file]
+
+
+def test_prepare_sft_field_refuses_a_text_input(tmp_path, capsys):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    assert (
+        main(["prepare", "--input", str(text), "--output", str(tmp_path / "o"), "--sft_field", "q", "a"]) == 2
+    )
+    assert "notes.txt is a text file" in capsys.readouterr().err

@@ -29,6 +29,7 @@ import numpy as np
 from rwkv_disha.config import opt
 from rwkv_disha.data.binidx import MASK_SUFFIX, BinIdxWriter, exists, split_prefix
 from rwkv_disha.data.records import TXT_SPLITS, Encoded, LineNumbers, encode_items, iter_chunks
+from rwkv_disha.data.sft import check_sft_options
 from rwkv_disha.errors import RWKVDishaError
 from rwkv_disha.fsio import check_output_path, os_error_cause
 
@@ -60,6 +61,11 @@ class Config:
     progress: bool = opt(True, "show a progress bar (only on a terminal)")
     preview: int = opt(
         0, "show the first N records as training sees them (loss tokens marked, token counts); writes nothing"
+    )
+    sft_field: list[str] = opt(
+        [],
+        "RWKV-PEFT SFT records: their query and response keys (e.g. query response); each record becomes "
+        "RWKV-PEFT's template with the response as answer tokens, as train --data_type sft reads it",
     )
 
 
@@ -120,12 +126,14 @@ def _init_worker() -> None:
     get_tokenizer()
 
 
-def _encoded(chunks: Iterator, workers: int, text_key: str, append_eos: bool) -> Iterator[tuple]:
+def _encoded(
+    chunks: Iterator, workers: int, text_key: str, append_eos: bool, sft_fields: tuple[str, str] | None
+) -> Iterator[tuple]:
     """``(kind, path, Encoded, bytes)`` per chunk, in input order, encoded in this process or in a
     pool of ``workers`` (bounded read-ahead; jsonl workers read their byte ranges themselves)."""
     if workers <= 1:
         for kind, path, items, nbytes in chunks:
-            yield kind, path, encode_items(kind, path, items, text_key, append_eos), nbytes
+            yield kind, path, encode_items(kind, path, items, text_key, append_eos, sft_fields), nbytes
         return
     ctx = mp.get_context("spawn")  # safe with threads (torch) in the parent, same on every OS
     with ctx.Pool(workers, initializer=_init_worker) as pool:
@@ -136,7 +144,7 @@ def _encoded(chunks: Iterator, workers: int, text_key: str, append_eos: bool) ->
             if chunk is None:
                 return False
             kind, path, items, nbytes = chunk
-            res = pool.apply_async(encode_items, (kind, path, items, text_key, append_eos))
+            res = pool.apply_async(encode_items, (kind, path, items, text_key, append_eos, sft_fields))
             pending.append((kind, path, res, nbytes))
             return True
 
@@ -180,7 +188,30 @@ def _check(cfg: Config) -> list[str]:
         raise RWKVDishaError(f"--txt_split must be blank or file (got {cfg.txt_split!r})")
     if cfg.dtype not in ("int32", "uint16"):
         raise RWKVDishaError(f"--dtype must be int32 or uint16 (got {cfg.dtype!r})")
+    _check_sft(cfg, inputs)
     return inputs
+
+
+def _sft_fields(cfg: Config) -> tuple[str, str] | None:
+    return check_sft_options(cfg.sft_field, "train").fields if cfg.sft_field else None
+
+
+def _check_sft(cfg: Config, inputs: list[str]) -> None:
+    """--sft_field: JSON inputs only, and no flag that SFT records would ignore."""
+    from rwkv_disha.config import given_options
+    from rwkv_disha.data.records import is_json_file
+
+    if not _sft_fields(cfg):
+        return
+    ignored = [f"--{n}" for n in ("text_key", "append_eos", "txt_split") if n in given_options(cfg)]
+    if ignored:
+        raise RWKVDishaError(
+            f"{', '.join(ignored)}: not used with --sft_field (every record is a query / response pair in "
+            "RWKV-PEFT's template, ending with \\x17); drop it"
+        )
+    text = next((p for p in inputs if not is_json_file(p)), None)
+    if text:
+        raise RWKVDishaError(f"--sft_field reads .jsonl / .json records; {text} is a text file")
 
 
 def _check_output(output: str) -> str:
@@ -330,7 +361,8 @@ def _tokenise(cfg: Config, inputs: list[str], prefix: str, log) -> PrepareStats:
     )
     try:
         number = LineNumbers()
-        for kind, path, enc, nbytes in _encoded(all_chunks(), workers, cfg.text_key, cfg.append_eos):
+        encoded = _encoded(all_chunks(), workers, cfg.text_key, cfg.append_eos, _sft_fields(cfg))
+        for kind, path, enc, nbytes in encoded:
             bar.update(nbytes)
             _report(cfg, number(kind, path, enc), stats, log)
             out.add(enc, cfg.ctx_len)
@@ -405,7 +437,10 @@ def run(cfg: Config) -> int:
         from rwkv_disha.data.preview import preview
 
         inputs = _check(cfg)
-        preview(inputs, cfg.preview, cfg.ctx_len, cfg.txt_split, cfg.text_key, cfg.append_eos, cfg.on_error)
+        preview(
+            inputs, cfg.preview, cfg.ctx_len, cfg.txt_split, cfg.text_key, cfg.append_eos, cfg.on_error,
+            sft_fields=_sft_fields(cfg),
+        )  # fmt: skip
         return 0
     stats = prepare(cfg)
     print(stats.summary())

@@ -59,7 +59,8 @@ def render_record(
 
 
 def preview(inputs: list[str], n: int, ctx_len: int, txt_split: str, text_key: str, append_eos: bool,
-            on_error: str = "stop", out: TextIO | None = None) -> int:  # fmt: skip
+            on_error: str = "stop", out: TextIO | None = None,
+            sft_fields: tuple[str, str] | None = None) -> int:  # fmt: skip
     """Print the first ``n`` documents of ``inputs``; returns how many were shown."""
     from rwkv_disha.data.tokenizer import get_tokenizer
 
@@ -72,7 +73,7 @@ def preview(inputs: list[str], n: int, ctx_len: int, txt_split: str, text_key: s
         try:  # small chunks: only the first records are tokenized
             chunks = iter_chunks(path, txt_split, chunk_bytes=1 << 16, chunk_items=max(n, 1))
             for kind, p, items, _ in chunks:
-                enc = encode_items(kind, p, items, text_key, append_eos)
+                enc = encode_items(kind, p, items, text_key, append_eos, sft_fields)
                 for where, why in number(kind, p, enc):
                     if on_error == "stop":
                         raise RWKVDishaError(f"{where}: {why}; fix the line or pass --on_error skip")
