@@ -482,18 +482,14 @@ def check_adapter(cfg: Config, mcfg, device: torch.device) -> None:
         return
     model = build_model(mcfg, op="torch", device="meta")
     targets = find_targets(model, acfg.targets or list(adapter_targets(model)))
-    shapes: dict[tuple[int, int], str] = {}  # each (out, in) once, with the first layer of that shape
+    by_shape: dict[tuple[int, int], str] = {}  # each (out, in) once, with the first layer of that shape
     for name, m in targets.items():
-        shapes.setdefault(tuple(m.weight.shape), name)
+        by_shape.setdefault(tuple(m.weight.shape), name)
+    shapes = {name: shape for shape, name in by_shape.items()}
     kind = acfg.layer_class
-
-    def problem(r: int) -> str | None:
-        return next((p for (o, i), n in shapes.items() if (p := kind.shape_problem(r, o, i, n))), None)
-
-    why = problem(cfg.r)
+    why = next((p for n, (o, i) in shapes.items() if (p := kind.shape_problem(cfg.r, o, i, n))), None)
     if why:
-        widest = max(max(shape) for shape in shapes)
-        best = next((r for r in range(min(cfg.r - 1, widest), 0, -1) if problem(r) is None), None)
+        best = kind.largest_r(shapes, cfg.r)
         fix = f"the largest --r that fits is {best}" if best else "choose another --adapter"
         raise RWKVDishaError(f"--adapter {cfg.adapter} --r {cfg.r} {why}; {fix}")
 

@@ -293,7 +293,7 @@ def test_rwkv6_and_5_adapters_refuse_another_base_of_the_same_shape(make_checkpo
     own = make_checkpoint(1, 64, 300, version=version, seed=1)
     path = save_adapter_file(adapted(own, cfg), cfg, tmp_path / "rwkv-0.pth")
     base = json.loads(path.with_suffix(".json").read_text())["base"]
-    assert sorted(base["checksums"]) == ["emb.weight", "head.weight"]
+    assert sorted(base["checksums"]) == ["emb.weight[:16]", "head.weight[:16]"]
     load_adapter_file(_fresh(own, cfg), path, cfg)
     bf16 = load_model(own, op="torch", dtype=torch.bfloat16)
     inject_adapters(bf16, cfg)
@@ -301,3 +301,17 @@ def test_rwkv6_and_5_adapters_refuse_another_base_of_the_same_shape(make_checkpo
     other = make_checkpoint(1, 64, 300, version=version, seed=2)
     refused = "different base model of the same shape"
     _expect(lambda: load_adapter_file(_fresh(other, cfg), path, cfg), refused)
+
+
+def test_rwkv7_fingerprint_hashes_whole_tensors(make_checkpoint):
+    """Sidecars written before the row limit existed hashed all of r_k (H, N): a model with more than 16
+    heads must still give the same checksums, or its older adapter files would be refused."""
+    from rwkv_disha.adapters import base_fingerprint
+
+    path = make_checkpoint(1, 288, 300, head_size=16)  # 18 heads
+    sd = load_state_dict(path)
+    sums = base_fingerprint(sd)["checksums"]["blocks.0.att.r_k"]
+    assert sd["blocks.0.att.r_k"].shape[0] == 18
+    r_k = sd["blocks.0.att.r_k"].double()
+    assert sums == pytest.approx([float(r_k.sum()), float(r_k.abs().sum())])
+

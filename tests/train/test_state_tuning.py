@@ -285,8 +285,11 @@ def test_state_bad_inputs(steer_path, count_data, train_args, tmp_path, capsys):
 
 
 def test_unknown_train_type_is_one_line(steer_path, count_data, train_args, tmp_path, capsys):
+    _refused([*train_args(steer_path, count_data, tmp_path / "never"), "--train_type", "chunks"], capsys,
+             tmp_path, "invalid choice: 'chunks' (choose from 'none', 'infctx')")  # fmt: skip
+    # RWKV-PEFT's older spelling of state tuning gets its fix
     _refused([*train_args(steer_path, count_data, tmp_path / "never"), "--train_type", "state"], capsys,
-             tmp_path, "invalid choice: 'state' (choose from 'none', 'infctx')")  # fmt: skip
+             tmp_path, "--train_type state: RWKV-PEFT's older spelling of state tuning")  # fmt: skip
 
 
 @pytest.mark.parametrize("version", ["x060", "x052"])

@@ -108,6 +108,16 @@ class AdapterLinear(nn.Module):
         return "choose another r"
 
     @classmethod
+    def largest_r(cls, shapes: Mapping[str, tuple[int, int]], below: int) -> int | None:
+        """The largest r < ``below`` fitting every (out, in) shape of ``shapes`` (by layer name), or None."""
+
+        def fits(r: int) -> bool:
+            return all(cls.shape_problem(r, o, i, name) is None for name, (o, i) in shapes.items())
+
+        widest = max((max(shape) for shape in shapes.values()), default=0)
+        return next((r for r in range(min(below - 1, widest), 0, -1) if fits(r)), None)
+
+    @classmethod
     def check_shapes(cls, r: int, shapes: Mapping[str, tuple[int, int]]) -> None:
         """Refuse an r that does not fit every (out, in) shape in ``shapes`` (by layer name): used by
         injection before any layer is replaced, and by the constructor."""

@@ -4,9 +4,9 @@
 The fingerprint identifies the base model from a few tensors its version's registry entry names
 (``ModelVersion.fingerprint``): on RWKV-7 ``att.r_k``, ``att.k_k``, ``att.w0`` of the first and last block,
 which no adapter setting trains or quantizes; on RWKV-6 / 5.2 the first rows of ``emb.weight`` and
-``head.weight``. The shape summary must match exactly, the values must match after rounding to bf16 (so an
-fp32 base trained in bf16 still matches), or at least agree in sum and |sum| to 1e-3. At most
-:data:`ROWS` rows of each tensor are read (a memory-mapped embedding costs a few KB, not its size).
+``head.weight`` (16 rows each: a memory-mapped embedding costs a few KB, not its size). The shape summary
+must match exactly, the values must match after rounding to bf16 (so an fp32 base trained in bf16 still
+matches), or at least agree in sum and |sum| to 1e-3.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from rwkv_disha.errors import RWKVDishaError
 
 Tensor = torch.Tensor
 
-ROWS = 16
+_ROWS = re.compile(r"^(?P<key>.+)\[:(?P<rows>\d+)\]$")  # "emb.weight[:16]": the first 16 rows
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -99,9 +99,12 @@ def base_fingerprint(source: nn.Module | Mapping[str, Tensor]) -> dict[str, Any]
     h = hashlib.sha256()
     checksums: dict[str, list[float]] = {}
     for name in names:
-        if name not in tensors:
+        m = _ROWS.match(name)
+        key = m["key"] if m else name
+        if key not in tensors:
             continue
-        t = tensors[name].detach()[:ROWS].to("cpu", torch.float32)
+        t = tensors[key].detach()[: int(m["rows"])] if m else tensors[key].detach()
+        t = t.to("cpu", torch.float32)
         h.update(f"{name}:{tuple(t.shape)};".encode())
         h.update(t.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
         t64 = t.double()

@@ -40,13 +40,14 @@ class ModelVersion:
     init_tensors: Callable[[ModelConfig, bool, torch.Generator], dict[str, torch.Tensor]]  # (cfg, random, g)
     adapter_targets: tuple[str, ...]  # the Linear layers adapters replace unless targets are given
     # tensors an adapter sidecar's base fingerprint hashes (adapters/fingerprint.py): ones no adapter
-    # setting trains or quantizes where the version has them; "blocks.*." = the first and the last block
+    # setting trains or quantizes where the version has them; "blocks.*." = the first and the last block,
+    # "[:N]" = the first N rows only
     fingerprint: tuple[str, ...]
 
 
 # RWKV-6 / 5.2 have no tensor that every setting leaves alone: the embedding and head are trained only by
 # --train_parts emb / head (full fine-tuning), the rest by "time" / "ln" or quantized by --quant
-_EMB_HEAD = ("emb.weight", "head.weight")
+_EMB_HEAD = ("emb.weight[:16]", "head.weight[:16]")
 
 
 def _entry(version: str, name: str, marker: str, head_key: str, module, cls, targets, fp) -> ModelVersion:
