@@ -314,4 +314,3 @@ def test_rwkv7_fingerprint_hashes_whole_tensors(make_checkpoint):
     assert sd["blocks.0.att.r_k"].shape[0] == 18
     r_k = sd["blocks.0.att.r_k"].double()
     assert sums == pytest.approx([float(r_k.sum()), float(r_k.abs().sum())])
-
