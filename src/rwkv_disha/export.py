@@ -43,7 +43,7 @@ class Config:
 
 def _check_output(cfg: Config, inputs: list[Path]) -> Path:
     from rwkv_disha.adapters.adapter_file import sidecar_path
-    from rwkv_disha.fsio import check_output_path
+    from rwkv_disha.fsio import check_output_path, clean_stale_temps
 
     out = Path(cfg.output)
     if any(out.resolve() == p.resolve() for p in inputs):
@@ -51,6 +51,8 @@ def _check_output(cfg: Config, inputs: list[Path]) -> Path:
     if cfg.format in ("peft", "hf"):
         if out.exists() and not out.is_dir():
             raise RWKVDishaError(f"--output {out} is a file: --format {cfg.format} writes a folder")
+        # a killed export's temporaries are no user's files: a folder holding only them counts as empty
+        clean_stale_temps(out)
         if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
             raise RWKVDishaError(
                 f"--output {out} is a folder that is not empty: choose another or --overwrite 1"
@@ -145,9 +147,7 @@ def run(cfg: Config) -> int:
 
 def export_hf(cfg: Config) -> int:
     """--format hf: config.json + model.safetensors in fla's RWKV-7 layout (hf_layout.py)."""
-    from safetensors.torch import save_file
-
-    from rwkv_disha.fsio import atomic_write, atomic_write_json
+    from rwkv_disha.fsio import atomic_write_json, atomic_write_safetensors
     from rwkv_disha.hf_layout import UNUSED, hf_config, to_hf
     from rwkv_disha.model.load import load_state_dict
 
@@ -167,7 +167,7 @@ def export_hf(cfg: Config) -> int:
         raise RWKVDishaError(f"{src} is not an RWKV-7 (x070) model: --format hf converts RWKV-7 only")
     conf = hf_config(sd)
     hf = to_hf(sd)
-    atomic_write(out / "model.safetensors", lambda tmp: save_file(hf, str(tmp), {"format": "pt"}), "HF model")
+    atomic_write_safetensors(out / "model.safetensors", hf, {"format": "pt"}, what="HF model")
     atomic_write_json(out / "config.json", conf, what="HF config")
     # an old sharded model left in the folder would shadow the new model.safetensors on import: removed
     # only once the new one is written, and only files of the model's own names

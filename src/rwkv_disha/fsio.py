@@ -5,6 +5,9 @@ Every file the tool writes goes through :func:`atomic_write`: the content goes t
 a full disk or Ctrl-C never leaves a half-written file under the final name, and the temporary file is
 removed on every error path. Temporaries of killed processes are removed by :func:`clean_stale_temps`
 the next time a command writes into that folder. Output files get the usual ``0666 & ~umask`` mode.
+Writers that make their own temporary file beside their target (safetensors' ``save_file``) write inside a
+private temporary folder of the same naming (:func:`atomic_write_safetensors`), so a killed run's folder is
+removed with whatever the writer left in it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -75,6 +79,13 @@ def temp_path(path: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.{os.getpid()}.", suffix=".tmp", dir=p.parent)
     os.close(fd)
     return Path(tmp)
+
+
+def temp_folder(path: str | os.PathLike) -> Path:
+    """A fresh private folder next to ``path``, named as :func:`temp_path` names files
+    (``.NAME.<pid>.<random>.tmp``): :func:`clean_stale_temps` removes a killed run's one with its files."""
+    p = Path(path)
+    return Path(tempfile.mkdtemp(prefix=f".{p.name}.{os.getpid()}.", suffix=".tmp", dir=p.parent))
 
 
 def _umask_mode() -> int:
@@ -203,6 +214,35 @@ def _move_to_new(tmp: Path, p: Path, what: str) -> None:
     tmp.unlink()
 
 
+def atomic_write_safetensors(
+    path: str | os.PathLike,
+    tensors: dict[str, Any],
+    metadata: dict[str, str] | None = None,
+    what: str = "output",
+    overwrite: bool = True,
+) -> Path:
+    """Write ``tensors`` as a safetensors file at ``path`` through :func:`atomic_write`.
+
+    ``safetensors.torch.save_file`` writes its own ``.tmpXXXXXX`` beside its target and renames it; a
+    killed run would leave that full-size file under a name we cannot tell from a user's. So it writes
+    inside a :func:`temp_folder`, and the finished file moves out to our temporary file.
+    """
+    from safetensors.torch import save_file
+
+    p = Path(path)
+
+    def write(tmp: Path) -> None:
+        folder = temp_folder(p)
+        try:
+            inner = folder / p.name
+            save_file(tensors, str(inner), metadata)
+            os.replace(inner, tmp)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    return atomic_write(p, write, what, overwrite)
+
+
 def atomic_write_text(
     path: str | os.PathLike, text: str, what: str = "output", overwrite: bool = True
 ) -> Path:
@@ -222,7 +262,8 @@ def atomic_write_json(
 
 
 def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
-    """Remove ``.NAME.<pid>.*.tmp`` files in ``folder`` whose process is gone (a killed earlier run)."""
+    """Remove ``.NAME.<pid>.*.tmp`` files and :func:`temp_folder` folders in ``folder`` whose process is gone
+    (a killed earlier run)."""
     removed: list[Path] = []
     try:
         entries = list(Path(folder).iterdir())
@@ -232,11 +273,25 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
         m = _TEMP.match(entry.name)
         if m and int(m["pid"]) != os.getpid() and not pid_alive(int(m["pid"])):
             try:
-                entry.unlink()
-                removed.append(entry)
+                if _remove_temp(entry):
+                    removed.append(entry)
             except OSError:
                 pass
     return removed
+
+
+def _remove_temp(entry: Path) -> bool:
+    """Remove a stale temporary file, or a stale :func:`temp_folder` with its files; whether it was removed.
+
+    A folder holding a subfolder is kept: ours never do, so it is a user's that happens to match the name.
+    """
+    if not entry.is_dir() or entry.is_symlink():
+        entry.unlink()
+        return True
+    if any(child.is_dir() and not child.is_symlink() for child in entry.iterdir()):
+        return False
+    shutil.rmtree(entry)
+    return True
 
 
 @contextmanager

@@ -208,13 +208,11 @@ def peft_tensors_and_config(tensors: dict[str, Tensor], cfg) -> tuple[dict[str, 
 
 def write_peft_folder(tensors: dict[str, Tensor], cfg, folder: str | Path) -> Path:
     """Write our adapter (tensors + settings) as a peft folder ``PeftModel.from_pretrained`` loads."""
-    from safetensors.torch import save_file
-
-    from rwkv_disha.fsio import atomic_write, atomic_write_json
+    from rwkv_disha.fsio import atomic_write_json, atomic_write_safetensors
 
     folder = Path(folder)
     out, conf = peft_tensors_and_config(tensors, cfg)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(out, str(tmp)), "peft adapter weights")
+    atomic_write_safetensors(folder / WEIGHTS_NAME, out, what="peft adapter weights")
     atomic_write_json(folder / CONFIG_NAME, conf, what="peft adapter config")
     return folder

@@ -19,7 +19,7 @@ import torch
 
 from rwkv_disha.choices import MODEL_VERSIONS
 from rwkv_disha.errors import RWKVDishaError
-from rwkv_disha.fsio import atomic_write
+from rwkv_disha.fsio import atomic_write, atomic_write_safetensors
 from rwkv_disha.model.config import ModelConfig
 from rwkv_disha.model.registry import get_version, markers, version_name
 
@@ -244,13 +244,6 @@ def save_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike, what: 
     """Write ``sd`` as ``.pth`` (or ``.safetensors`` / ``.st``) atomically through :func:`fsio.atomic_write`:
     a failure never leaves a partial file at ``path``, and an OS error is one line naming the cause."""
     p = Path(path)
-
-    def write(tmp: Path) -> None:
-        if p.suffix in SAFETENSORS_SUFFIXES:
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
-        else:
-            torch.save(sd, tmp)
-
-    return atomic_write(p, write, what)
+    if p.suffix in SAFETENSORS_SUFFIXES:
+        return atomic_write_safetensors(p, {k: v.contiguous() for k, v in sd.items()}, what=what)
+    return atomic_write(p, lambda tmp: torch.save(sd, tmp), what)
