@@ -420,9 +420,8 @@ def _validate_step(cfg: Config, device: torch.device) -> None:
             raise RWKVDishaError(f"--{name} must be positive, got {getattr(cfg, name)}")
     for name in ("n_layer", "n_embd", "warmup"):
         if getattr(cfg, name) < 0:
-            raise RWKVDishaError(
-                f"--{name} must be >= 0 (n_layer / n_embd 0: from --shape), got {getattr(cfg, name)}"
-            )
+            why = " (0: from --shape)" if name != "warmup" else " (0: no untimed steps)"
+            raise RWKVDishaError(f"--{name} must be >= 0{why}, got {getattr(cfg, name)}")
     if cfg.sweep == "micro_bsz" and cfg.micro_bsz > cfg.sweep_max:
         raise RWKVDishaError(
             f"--sweep micro_bsz starts at --micro_bsz {cfg.micro_bsz}, above --sweep_max {cfg.sweep_max}"

@@ -342,3 +342,20 @@ def test_a_control_character_in_a_string_is_named_once(tmp_path, capsys):
     src = bad_jsonl(tmp_path, '{"text": "a\x00b"}')
     err = one_error_line(capsys, main(prepare_argv([src], tmp_path / "out")))
     assert "(Invalid control character at column 12)" in err and "at at" not in err, err
+
+
+@pytest.mark.parametrize("name", ["p.idx", "p.bin", "p.mask.bin", "p.mask.idx"])
+def test_prepare_never_writes_over_its_input(tmp_path, capsys, name):
+    """Even with --overwrite 1: an input among PREFIX.bin/.idx/.mask.* would be replaced (or removed)."""
+    src = tmp_path / name
+    src.write_text('{"text": "hello"}\n')
+    rc = main(["prepare", "--input", str(src), "--output", str(tmp_path / "p"), "--overwrite", "1"])
+    assert "is one of the files --output" in one_error_line(capsys, rc)
+    assert listing(tmp_path) == {name: b'{"text": "hello"}\n'}
+
+
+def test_a_float_binidx_is_refused_not_truncated(tmp_path, one_line_error):
+    """Code 6 (float32) is a valid binidx dtype, but ids 17.5 would silently train as 17."""
+    prefix = tmp_path / "f"
+    write_binidx(prefix, [np.array([1.5, 17.5, 3.0, 0.0], dtype=np.float32)] * 4, dtype=np.float32)
+    one_line_error(BinIdx, str(prefix), match="declares float32 values .* token ids must be integers")

@@ -31,7 +31,7 @@ def test_directory(tmp_path):
         load_model(tmp_path)
 
 
-@pytest.mark.parametrize("content", [b"", b"hello world, not a checkpoint", b"PK\x03\x04garbage"])
+@pytest.mark.parametrize("content", [b"", b"\x00\x01binary junk", b"PK\x03\x04garbage"])
 def test_not_a_checkpoint(tmp_path, content):
     p = tmp_path / "bad.pth"
     p.write_bytes(content)
@@ -225,3 +225,38 @@ def test_directory_as_model_in_every_command(tmp_path, capsys, argv):
     assert f"{d} is a directory" in err and "not found" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["RWKV-x070-World-0.1B", "a.pth"]
     assert list(d.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "content, kind",
+    [(b'{"format": "rwkv-disha-adapter"}', "a JSON file"), (b"hello world, not a checkpoint", "a text file")],
+)
+def test_a_json_or_text_file_is_named_as_such(tmp_path, content, kind):
+    """Not "needs pickled Python code" (what the unpickler makes of such bytes): a sidecar or a jsonl."""
+    p = tmp_path / "rwkv-0.json"
+    p.write_bytes(content)
+    with pytest.raises(RWKVDishaError) as e:
+        load_state_dict(p, what="adapter")
+    assert (
+        one_line(e)
+        == f"adapter file {p} is {kind}, not a checkpoint: give the adapter's .pth (or .safetensors)"
+    )
+
+
+def test_a_hugging_face_model_says_to_import_it(tmp_path, tiny_model_path, capsys):
+    hf = tmp_path / "hf"
+    assert main(["export", "--format", "hf", "--load_model", str(tiny_model_path), "--output", str(hf)]) == 0
+    for path in (hf, hf / "model.safetensors"):
+        with pytest.raises(RWKVDishaError, match=r"rwkv-disha import --hf_model .* --output model.pth") as e:
+            infer_config(load_state_dict(path))
+        one_line(e)
+
+
+def test_a_model_without_its_version_keys_names_the_fix(tmp_path):
+    sd = init_state_dict(1, 64, 100, 64)
+    sd = {k: v for k, v in sd.items() if not k.startswith("blocks.0.att.")}
+    with pytest.raises(
+        RWKVDishaError, match=r"block 0 attention has keys \(none\); the file is damaged"
+    ) as e:
+        infer_config(sd)
+    one_line(e)

@@ -226,6 +226,20 @@ def _check_output(output: str) -> str:
     return prefix
 
 
+def _refuse_input_as_output(inputs: list[str], prefix: str) -> None:
+    """An input among the files prepare writes (or removes, with --overwrite 1): refused even with
+    --overwrite 1, as merge / import / export refuse to write over their inputs."""
+    outputs = {
+        os.path.realpath(p + suffix) for p in (prefix, prefix + MASK_SUFFIX) for suffix in (".bin", ".idx")
+    }
+    for path in inputs:
+        if os.path.realpath(path) in outputs:
+            raise RWKVDishaError(
+                f"--input {path} is one of the files --output {prefix} writes ({prefix}.bin/.idx, "
+                f"{prefix}{MASK_SUFFIX}.bin/.idx): choose another --output"
+            )
+
+
 def _refuse_existing(prefix: str) -> None:
     for p in (prefix, prefix + MASK_SUFFIX):
         if exists(p):
@@ -389,6 +403,7 @@ def prepare(cfg: Config, log=None) -> PrepareStats:
     log = log or (lambda msg: print(msg, file=sys.stderr))
     inputs = _check(cfg)
     prefix = _check_output(cfg.output)
+    _refuse_input_as_output(inputs, prefix)
     if not cfg.overwrite:
         _refuse_existing(prefix)
     t0 = time.perf_counter()

@@ -33,7 +33,13 @@ def load_state_dict(path: str | os.PathLike, what: str = "model") -> dict[str, t
     if not p.exists():
         raise RWKVDishaError(f"{what} file not found: {p} (check the path)")
     if p.is_dir():
+        if (p / "config.json").is_file():
+            raise RWKVDishaError(
+                f"{what} path {p} is a Hugging Face model folder: convert it with "
+                f"`rwkv-disha import --hf_model {p} --output model.pth` and give the .pth"
+            )
         raise RWKVDishaError(f"{what} path {p} is a directory; give the .pth file inside it")
+    _refuse_non_checkpoint(p, what)
     if p.suffix in SAFETENSORS_SUFFIXES:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -73,6 +79,28 @@ def load_state_dict(path: str | os.PathLike, what: str = "model") -> dict[str, t
     return obj
 
 
+def _refuse_non_checkpoint(p: Path, what: str) -> None:
+    """A file that does not start as torch writes one (a zip, or a pickle for legacy files): a JSON / text
+    file (a .json sidecar, a jsonl, a config) is named as such, anything else as not a checkpoint, rather
+    than the unpickler's "needs pickled Python code" that such bytes provoke."""
+    with open(p, "rb") as f:
+        head = f.read(64)
+    if not head or head.startswith((b"PK\x03\x04", b"\x80")) or p.suffix in SAFETENSORS_SUFFIXES:
+        return  # torch's own formats; safetensors and empty files are named by their readers
+    try:
+        text = head.decode("utf-8").lstrip("\ufeff").lstrip()
+    except UnicodeDecodeError:
+        text = ""
+    if text and not any(b < 9 or 13 < b < 32 for b in head):
+        kind = "a JSON file" if text[:1] in "{[" else "a text file"
+        raise RWKVDishaError(
+            f"{what} file {p} is {kind}, not a checkpoint: give the {what}'s .pth (or .safetensors)"
+        )
+    raise RWKVDishaError(
+        f"{p} is not a torch checkpoint or is truncated (it does not start as one); download or copy it again"
+    )
+
+
 def detect_version(sd: dict[str, torch.Tensor]) -> str:
     """The version (``x070``, ``x060``, ...) from the keys, or raise naming a few unexpected keys."""
     keys = list(sd)
@@ -83,14 +111,22 @@ def detect_version(sd: dict[str, torch.Tensor]) -> str:
         )
     if "emb.weight" not in sd or not any(_BLOCK.match(k) for k in keys):
         sample = ", ".join(keys[:5]) or "(no keys)"
+        if "model.embeddings.weight" in sd or any(k.startswith("model.layers.") for k in keys):
+            raise RWKVDishaError(
+                "this is a Hugging Face RWKV model (model.embeddings / model.layers.N keys): convert its "
+                "folder with `rwkv-disha import --hf_model FOLDER --output model.pth` and give the .pth"
+            )
         raise RWKVDishaError(
             f"not an RWKV checkpoint: expected emb.weight and blocks.N.* keys, found e.g. {sample}"
         )
     for version, marker in markers():
         if any(k.endswith(marker) for k in keys):
             return version
-    sample = ", ".join(k for k in keys if k.startswith("blocks.0.att."))[:200]
-    raise RWKVDishaError(f"unrecognised RWKV version: block 0 attention has keys {sample}")
+    sample = ", ".join(k for k in keys if k.startswith("blocks.0.att."))[:200] or "(none)"
+    raise RWKVDishaError(
+        f"unrecognised RWKV version: block 0 attention has keys {sample}; the file is damaged or of a "
+        "version this tool does not read (RWKV-7, -6 and -5.2 are read)"
+    )
 
 
 def _shape_problem(cfg: ModelConfig) -> str | None:
