@@ -49,3 +49,16 @@ def test_documented_defaults_typed_as_flags_give_the_default_config():
 
 def test_readme_links_the_reference():
     assert "docs/CLI.md" in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_rwkv_peft_merge_flags_get_their_fix(capsys):
+    from rwkv_disha.cli import main
+
+    for argv, fix in [
+        (["--lora_checkpoint", "a.pth"], "use --peft_checkpoint"),
+        (["--quant", "4bit"], "use --quant fp4"),
+        (["--type", "pissa"], "read from the adapter file"),
+    ]:
+        assert main(["merge", "--base_model", "b.pth", *argv, "--output", "m.pth"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: rwkv-disha merge: ") and err.count("\n") == 1 and fix in err, err

@@ -41,6 +41,16 @@ from rwkv_disha.fsio import check_output_path
 Tensor = torch.Tensor
 
 
+# RWKV-PEFT's merge/merge.py flags that merge spells otherwise (cli.py turns them into their fix)
+FOREIGN_FLAGS = {
+    "lora_checkpoint": "RWKV-PEFT's merge.py flag: use --peft_checkpoint (any adapter file, LoRA included)",
+    "type": "the adapter kind (lora, pissa, disha, ...) is read from the adapter file: drop it",
+    "lora_init": "our PiSSA adapter files hold their initial factors: drop it (docs/MIGRATING.md, PiSSA)",
+    "device": "merge runs on the CPU: drop it",
+}
+FOREIGN_VALUES = {("quant", "4bit"): "RWKV-PEFT's 4bit is bitsandbytes' fp4: use --quant fp4"}
+
+
 @dataclass
 class Config:
     base_model: str = opt("", "the base model .pth / .safetensors the adapter was trained on")

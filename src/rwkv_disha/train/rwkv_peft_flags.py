@@ -73,5 +73,6 @@ VALUES: dict[tuple[str, str], str] = {
         "train_type",
         "state",
     ): "RWKV-PEFT's older spelling of state tuning: use --peft state (--train_type none)",
+    ("quant", "4bit"): "RWKV-PEFT's 4bit is bitsandbytes' fp4: use --quant fp4",
     ("loss_mask", "se"): "not supported: use --loss_mask qa with chat / Q&A data from `rwkv-disha prepare`",
 }
