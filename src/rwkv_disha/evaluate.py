@@ -1,7 +1,8 @@
 """`rwkv-disha eval`: loss, perplexity and next-token accuracy of a model (base, base + adapter, or
 merged) on data; with --compare, of several models side by side on the same tokens.
 
-Uses the training data pipeline (same --data_type / --dataload / --loss_mask), in file order, so two
+Uses the training data pipeline (same --data_type / --dataload / --loss_mask): documents in file order,
+--dataload get windows in the order (and from the offset) --seed draws, as training's shuffle does; so two
 models evaluated with the same flags see exactly the same tokens.
 
   rwkv-disha eval --load_model base.pth --compare out/rwkv-3.pth merged.pth --data_file data/x
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -40,7 +43,17 @@ class Config:
     micro_bsz: int = opt(4, "batch size")
     max_samples: int = opt(256, "evaluate at most this many samples (0: one pass over the data)")
     op: str = opt("auto", "WKV kernel", OPS)
-    seed: int = opt(0, "seed (only used by dataload get)")
+    seed: int = opt(
+        0,
+        "--dataload get (or dummy data): the seed, in [0, 2**32), of the windows' order and offset, as "
+        "training draws them (one seed: the same windows); pad / only read the documents in file order",
+    )
+    lora_alpha: float = opt(
+        0.0,
+        "LoRA alpha of the LoRA adapter files (--peft_checkpoint, --compare): needed without their .json "
+        "sidecar, and replaces the sidecar's value when given (0 = from the sidecar; refused for other "
+        "adapter kinds)",
+    )
     compare: list[str] = opt(
         [], "more models on the same tokens: adapter files (applied to --load_model) or merged models"
     )
@@ -86,7 +99,7 @@ def counted_part(sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def validate(cfg: Config) -> None:
     """Every option checked before the model loads (non-finite floats are refused by the CLI)."""
-    from rwkv_disha.generate import check_input_file, check_op_for_model
+    from rwkv_disha.generate import check_adapters, check_input_file, check_op_for_model
     from rwkv_disha.kernels import resolve_op
 
     if not cfg.load_model:
@@ -101,6 +114,7 @@ def validate(cfg: Config) -> None:
     if cfg.json:
         from rwkv_disha.fsio import check_new_file
 
+        check_json_not_input(cfg)  # first: --overwrite 1 must not make it replace a model or the data
         check_new_file(cfg.json, "--json", cfg.overwrite)
     if cfg.data_type != "dummy" and not cfg.data_file:
         raise RWKVDishaError("--data_file is required (a binidx prefix, or a file for other data types)")
@@ -111,10 +125,50 @@ def validate(cfg: Config) -> None:
         raise RWKVDishaError(f"--max_samples must be >= 0 (0: one pass over the data), got {cfg.max_samples}")
     if cfg.dataload == "only" and cfg.micro_bsz != 1:
         raise RWKVDishaError(f"--dataload only needs --micro_bsz 1 (got {cfg.micro_bsz})")
+    check_seed(cfg)
     sft_spec(cfg)
+    adapters = [cfg.peft_checkpoint] if cfg.peft_checkpoint else []
+    adapters += [p for p in cfg.compare if model_kind(p) == "adapter"]
+    check_adapters(adapters, cfg.lora_alpha, "--peft_checkpoint or --compare")
     for path in [cfg.load_model, *(p for p in cfg.compare if model_kind(p) == "merged")]:
         check_op_for_model(cfg.op, path)  # every model the kernel will run, before any loads
+    check_batch_fits(cfg)
     resolve_op(cfg.op)
+
+
+def check_seed(cfg: Config) -> None:
+    """--seed: in training's range, and refused where nothing reads it (documents go in file order)."""
+    if not 0 <= cfg.seed < 2**32:
+        raise RWKVDishaError(f"--seed must be in [0, 2**32), got {cfg.seed}")
+    if cfg.seed and cfg.dataload != "get" and cfg.data_type != "dummy":
+        raise RWKVDishaError(
+            f"--seed draws the windows of --dataload get; --dataload {cfg.dataload} reads the documents in "
+            "file order: drop --seed, or use --dataload get"
+        )
+
+
+def check_batch_fits(cfg: Config) -> None:
+    """Refuse, before the data opens or a model loads, a --ctx_len x --micro_bsz batch that cannot fit in
+    this machine's memory (eval runs on the CPU, without gradients). Counted per position: --dataload pad
+    builds every sample at --ctx_len (input and label ids in int64, the mask in fp32: 20 bytes) before eval
+    cuts it after its last counted token; get runs whole windows through the model, whose fp32 logits alone
+    take 4 bytes per vocabulary entry. only reads each document at its own length: nothing to check."""
+    from rwkv_disha.hardware import memory_bytes
+    from rwkv_disha.model.load import infer_config, load_state_dict
+
+    if cfg.dataload == "only":
+        return
+    per_position = 20
+    if cfg.dataload == "get":
+        per_position += 4 * infer_config(load_state_dict(cfg.load_model)).vocab_size
+    need, have = cfg.micro_bsz * cfg.ctx_len * per_position, memory_bytes(on_gpu=False)
+    if have is not None and need > have:
+        what = "logits of" if cfg.dataload == "get" else "samples padded to"
+        raise RWKVDishaError(
+            f"--ctx_len {cfg.ctx_len} x --micro_bsz {cfg.micro_bsz} needs more than {need / 2**30:.0f} GiB "
+            f"for a batch ({what} --ctx_len tokens), above this machine's {have / 2**30:.0f} GiB: lower "
+            "--ctx_len or --micro_bsz"
+        )
 
 
 def run(cfg: Config) -> int:
@@ -135,13 +189,14 @@ def run(cfg: Config) -> int:
         cfg.loss_mask,
         cfg.seed,
         vocab,
-        shuffle=False,
+        shuffle=cfg.dataload == "get",  # windows in --seed's order; documents in file order
         sft=sft_spec(cfg),
     )
     rows = []
     for i, (name, kind, model_path, adapter_path) in enumerate(models_to_compare(cfg)):
         # --state goes with --load_model (and its --peft_checkpoint), not with the --compare models
-        model = load_for_inference(model_path, adapter_path, cfg.op, state=cfg.state if i == 0 else "")
+        state = cfg.state if i == 0 else ""
+        model = load_for_inference(model_path, adapter_path, cfg.op, cfg.lora_alpha, state)
         rows.append({"model": name, "kind": kind, **evaluate_loss(model, ds, cfg.micro_bsz, cfg.max_samples)})
         del model  # one model in memory at a time
     if cfg.json:
@@ -155,6 +210,49 @@ def run(cfg: Config) -> int:
     return 0
 
 
+def check_json_not_input(cfg: Config) -> None:
+    """Refuse a --json that is one of eval's inputs (even with --overwrite 1): a model, adapter or state
+    file, their .json sidecars, a file of the data. Compared resolved (a symlink or ../ spelling is the same
+    file), and by inode where both exist (a hard link)."""
+    target = Path(cfg.json).resolve()
+    for what, path in eval_inputs(cfg):
+        p = path.resolve()
+        if p == target or (p.exists() and target.exists() and os.path.samefile(p, target)):
+            raise RWKVDishaError(f"--json {cfg.json} would overwrite {what}: write the results elsewhere")
+        if p.is_dir() and target.is_relative_to(p):  # a data folder: the results would join its files
+            raise RWKVDishaError(f"--json {cfg.json} is inside {what}: write the results elsewhere")
+
+
+def eval_inputs(cfg: Config) -> list[tuple[str, Path]]:
+    """(description, path) of every file eval reads: the models, adapters and state files with their
+    .json sidecars (a peft folder's two files), and the data (binidx: PREFIX.bin / .idx and the answer
+    masks PREFIX.mask.bin / .idx)."""
+    from rwkv_disha.adapters.adapter_file import sidecar_path
+    from rwkv_disha.adapters.peft_folder import CONFIG_NAME, WEIGHTS_NAME, is_peft_folder
+    from rwkv_disha.data.binidx import MASK_SUFFIX, split_prefix
+
+    given = [("--load_model", cfg.load_model), ("--peft_checkpoint", cfg.peft_checkpoint)]
+    given += [("--state", cfg.state)] + [("--compare", c) for c in cfg.compare]
+    out: list[tuple[str, Path]] = []
+    for flag, name in given:
+        if not name:
+            continue
+        p = Path(name)
+        # a peft folder, or its weights file (read as the folder): both of the folder's files are inputs
+        folder = p.parent if p.name == WEIGHTS_NAME else p
+        if is_peft_folder(folder):
+            out += [(f"the {flag} file {folder / n}", folder / n) for n in (CONFIG_NAME, WEIGHTS_NAME)]
+        else:
+            out += [(f"the {flag} file {p}", p), (f"the .json sidecar of {flag} {p}", sidecar_path(p))]
+    if cfg.data_type == "binidx" and cfg.data_file:
+        prefix = split_prefix(cfg.data_file)
+        names = [prefix + ext for base in ("", MASK_SUFFIX) for ext in (base + ".bin", base + ".idx")]
+        out += [(f"the data file {n} (--data_file {cfg.data_file})", Path(n)) for n in names]
+    elif cfg.data_type != "dummy" and cfg.data_file:
+        out.append((f"the data {cfg.data_file}", Path(cfg.data_file)))
+    return out
+
+
 def model_kind(path: str) -> str:
     """``merged`` for a whole model (it has the embedding), ``adapter`` for an adapter file."""
     from rwkv_disha.model.load import load_state_dict
@@ -163,19 +261,13 @@ def model_kind(path: str) -> str:
 
 
 def models_to_compare(cfg: Config) -> list[tuple[str, str, str, str]]:
-    """``(name, kind, model file, adapter file)`` of every model to evaluate, --load_model first. Files
-    given to --compare are checked (an adapter's sidecar, NaN...) before the first evaluation starts."""
-    from rwkv_disha.adapters import open_adapter_file
-
+    """``(name, kind, model file, adapter file)`` of every model to evaluate, --load_model first (the
+    adapter files were opened and checked by :func:`validate`)."""
     first = "adapter" if cfg.peft_checkpoint else "base"
     out = [(cfg.peft_checkpoint or cfg.load_model, first, cfg.load_model, cfg.peft_checkpoint)]
     for path in cfg.compare:
         kind = model_kind(path)
-        if kind == "adapter":
-            open_adapter_file(path)  # a bad adapter is one line now, not after the first model's run
-            out.append((path, kind, cfg.load_model, path))
-        else:
-            out.append((path, kind, path, ""))
+        out.append((path, kind, cfg.load_model, path) if kind == "adapter" else (path, kind, path, ""))
     return out
 
 

@@ -37,7 +37,11 @@ class Config:
         FORMATS,
     )
     output: str = opt("", "where to write: a folder for --format peft / hf, a .pth file otherwise")
-    lora_alpha: float = opt(0.0, "LoRA alpha, needed only for a LoRA file without its .json sidecar")
+    lora_alpha: float = opt(
+        0.0,
+        "LoRA alpha: needed for a LoRA file without its .json sidecar; replaces the sidecar's value when "
+        "given (0 = from the sidecar; refused for other adapter kinds)",
+    )
     overwrite: bool = opt(False, "replace an existing --output")
 
 
@@ -98,7 +102,7 @@ def _sidecar(file, cfg) -> dict:
 
 
 def run(cfg: Config) -> int:
-    from rwkv_disha.adapters.adapter_file import open_adapter_file, write_adapter_file
+    from rwkv_disha.adapters.adapter_file import apply_lora_alpha, open_adapter_file, write_adapter_file
     from rwkv_disha.adapters.config import AdapterConfig
     from rwkv_disha.adapters.peft_folder import write_peft_folder
     from rwkv_disha.adapters.pissa import pissa_as_lora
@@ -116,6 +120,7 @@ def run(cfg: Config) -> int:
     src = Path(cfg.peft_checkpoint)
     out = _check_output(cfg, [src])
     file = open_adapter_file(src, cfg.lora_alpha or None)
+    apply_lora_alpha(file, cfg.lora_alpha, print)  # the value written out, as merge would merge it
     acfg = file.cfg
     if not acfg.adapts_layers:
         raise RWKVDishaError(f"{file.source} holds {acfg.describe()}: export writes adapter layers only")
@@ -159,6 +164,11 @@ def export_hf(cfg: Config) -> int:
     if cfg.peft_checkpoint:
         raise RWKVDishaError(
             "--format hf converts a model: merge the adapter first (rwkv-disha merge), then export"
+        )
+    if cfg.lora_alpha:
+        raise RWKVDishaError(
+            "--format hf converts a model and reads no --lora_alpha: drop it (merge takes it, with the "
+            "adapter)"
         )
     src = Path(cfg.load_model)
     out = _check_output(cfg, [src])

@@ -10,6 +10,7 @@ the logits of tokens already generated in the current reply.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,9 @@ from rwkv_disha.choices import OPS
 from rwkv_disha.config import opt
 from rwkv_disha.errors import RWKVDishaError
 
+MODEL_FLAGS = ("--load_model", "--compare")  # flags that may name a whole model (eval's --compare too)
+_HF_WEIGHTS = re.compile(r"model(-\d+-of-\d+)?\.safetensors")  # the weight files of a Hugging Face folder
+
 
 def check_input_file(path: str, flag: str) -> None:
     """One line for an input path that is missing or a directory (before anything loads)."""
@@ -29,10 +33,32 @@ def check_input_file(path: str, flag: str) -> None:
     p = Path(path)
     if flag != "--load_model" and is_peft_folder(p):  # a peft adapter folder is an adapter input
         return
+    if flag in MODEL_FLAGS:
+        check_not_hf_model(p, flag)
     if p.is_dir():
-        raise RWKVDishaError(f"{flag} {path} is a directory; give the .pth file inside it")
+        fix = "a prompt file (.jsonl, or text)" if flag == "--prompt_file" else "the .pth file inside it"
+        raise RWKVDishaError(f"{flag} {path} is a directory; give {fix}")
     if not p.is_file():
         raise RWKVDishaError(f"{flag} {path}: file not found")
+
+
+def check_not_hf_model(p: Path, flag: str) -> None:
+    """Refuse a Hugging Face model folder (config.json + model.safetensors, as `export --format hf` writes)
+    or its weight file, naming the import command with the real folder (the keys alone cannot name it)."""
+    if p.is_dir() and (p / "config.json").is_file():
+        folder, what = p, "a Hugging Face model folder"
+    elif p.is_file() and _HF_WEIGHTS.fullmatch(p.name) and (p.parent / "config.json").is_file():
+        from rwkv_disha.model.load import load_state_dict
+
+        if "emb.weight" in load_state_dict(p):  # our own layout that happens to sit beside a config.json
+            return
+        folder, what = p.parent, "the weights of a Hugging Face model folder"
+    else:
+        return
+    raise RWKVDishaError(
+        f"{flag} {p} is {what}: convert it with `rwkv-disha import --hf_model {folder} --output model.pth` "
+        "and give the .pth"
+    )
 
 
 def check_op_for_model(op: str, path: str) -> None:
@@ -56,20 +82,52 @@ def check_finite(tensors, what: str) -> None:
             )
 
 
+def _note(msg: str) -> None:
+    """A notice on stderr: stdout carries only the generated text (generate) or the results (eval)."""
+    print(msg, file=sys.stderr)
+
+
+def open_adapter(path: str, lora_alpha: float = 0.0, log=_note):
+    """Adapter file ``path`` read and checked, with --lora_alpha applied (``lora_alpha`` 0: none given):
+    it settles a LoRA file without sidecar, replaces a sidecar's value (one notice to ``log``), and is
+    refused for every other kind."""
+    from rwkv_disha.adapters.adapter_file import apply_lora_alpha, open_adapter_file
+
+    file = open_adapter_file(path, lora_alpha or None)  # also refuses NaN / inf
+    apply_lora_alpha(file, lora_alpha, log)
+    return file
+
+
+def check_adapters(adapters: list[str], lora_alpha: float, where: str) -> None:
+    """Open every adapter file before any model loads, so a bad one (or a LoRA file without sidecar and
+    without --lora_alpha) is one line first; and refuse a --lora_alpha that is negative, has no adapter to
+    scale (``where`` names the flags that give one), or meets an adapter that is not LoRA."""
+    if not lora_alpha >= 0:
+        raise RWKVDishaError(f"--lora_alpha must be > 0 (or 0: from the sidecar), got {lora_alpha:g}")
+    if lora_alpha and not adapters:
+        raise RWKVDishaError(
+            f"--lora_alpha {lora_alpha:g} scales a LoRA adapter file, and none is given: "
+            f"give one with {where}, or drop --lora_alpha"
+        )
+    for path in adapters:
+        open_adapter(path, lora_alpha, log=lambda msg: None)  # the notice comes when it loads
+
+
 def load_for_inference(
     model_path: str, adapter_path: str = "", op: str = "auto", lora_alpha: float = 0.0, state: str = ""
 ):
     """Base model (+ adapter file: its sidecar, or the tensor shapes for RWKV-PEFT files, gives the
     settings; a base quantized in training is quantized the same way) (+ a state file every sequence
-    starts from) in fp32 eval mode. A model or adapter holding NaN / inf is refused."""
+    starts from) in fp32 eval mode. A model or adapter holding NaN / inf is refused. ``lora_alpha`` (0:
+    none) replaces a LoRA sidecar's, with one notice on stderr, as merge does."""
     from rwkv_disha.model.load import load_model
 
+    adapter = open_adapter(adapter_path, lora_alpha, log=_note) if adapter_path else None
     model = load_model(model_path, dtype=torch.float32, op=op)
     check_finite(model.state_dict().items(), f"model {model_path}")
-    if adapter_path:
-        from rwkv_disha.adapters import inject_adapters, load_adapter_file, open_adapter_file
+    if adapter is not None:
+        from rwkv_disha.adapters import inject_adapters, load_adapter_file
 
-        adapter = open_adapter_file(adapter_path, lora_alpha or None)  # also refuses NaN / inf
         inject_adapters(model, adapter.cfg)
         load_adapter_file(model, adapter, adapter.cfg)
     if state:
@@ -83,7 +141,9 @@ def sample_token(
     logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator
 ) -> int:
     """One id from logits (V,): greedy at temperature 0, else top-k, then nucleus (top-p) sampling."""
-    if temperature <= 0:
+    # a temperature below float32's smallest normal is greedy in effect (any gap between logits becomes
+    # inf), and one that rounds to 0 in float32 would divide 0 by 0: both take the argmax
+    if temperature < torch.finfo(torch.float32).tiny:
         return int(torch.argmax(logits))
     logits = logits.float()
     # shifted so the best logit is 0: a tiny temperature then sends the others to -inf (greedy), not inf / inf
@@ -205,7 +265,11 @@ class Config:
     alpha_frequency: float = opt(0.0, "penalty per (decayed) repetition of a token in the reply (0 = off)")
     alpha_decay: float = opt(0.996, "repetition counts are multiplied by this at every new token, in [0, 1]")
     op: str = opt("auto", "WKV kernel: auto, torch, loop, cpp (CPU), fla or cuda (GPU)", OPS)
-    lora_alpha: float = opt(0.0, "LoRA alpha for RWKV-PEFT LoRA files without a sidecar")
+    lora_alpha: float = opt(
+        0.0,
+        "LoRA alpha of --peft_checkpoint: needed for a LoRA file without its .json sidecar, and replaces the "
+        "sidecar's value when given (0 = from the sidecar; refused for other adapter kinds)",
+    )
 
 
 def validate(cfg: Config) -> None:
@@ -229,8 +293,6 @@ def validate(cfg: Config) -> None:
         raise RWKVDishaError(f"--top_p must be in (0, 1] (1 = off), got {cfg.top_p}")
     if cfg.top_k < 0:
         raise RWKVDishaError(f"--top_k must be >= 0 (0 = off), got {cfg.top_k}")
-    if cfg.lora_alpha < 0:
-        raise RWKVDishaError(f"--lora_alpha must be >= 0 (0 = from the sidecar), got {cfg.lora_alpha}")
     if not 0 <= cfg.seed < 2**64:
         raise RWKVDishaError(f"--seed must be in [0, 2**64), got {cfg.seed}")
     for name in ("alpha_presence", "alpha_frequency"):
@@ -244,6 +306,8 @@ def validate(cfg: Config) -> None:
             raise RWKVDishaError("give --prompt or --prompt_file, not both")
     if cfg.chat_loop and (cfg.prompt or cfg.prompt_file):
         raise RWKVDishaError("--chat_loop reads the user's turns from stdin: drop --prompt / --prompt_file")
+    adapters = [cfg.peft_checkpoint] if cfg.peft_checkpoint else []
+    check_adapters(adapters, cfg.lora_alpha, "--peft_checkpoint")
     check_op_for_model(cfg.op, cfg.load_model)
     resolve_op(cfg.op)
 
@@ -282,6 +346,18 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def read_stdin_prompt() -> str:
+    """The prompt piped in for --prompt '' / '-'; nothing at all is refused, as an empty --prompt_file is
+    (a newline is a prompt: one token)."""
+    text = sys.stdin.read()
+    if not text:
+        raise RWKVDishaError(
+            "stdin holds no prompt (--prompt '' or '-' reads it from there): pipe one in, or give "
+            "--prompt TEXT"
+        )
+    return text
+
+
 def run(cfg: Config) -> int:
     from rwkv_disha.data.tokenizer import get_tokenizer
 
@@ -291,7 +367,7 @@ def run(cfg: Config) -> int:
     elif cfg.chat_loop:
         prompts = []
     else:
-        prompts = [cfg.prompt if cfg.prompt not in ("", "-") else sys.stdin.read()]
+        prompts = [cfg.prompt if cfg.prompt not in ("", "-") else read_stdin_prompt()]
     model = load_for_inference(cfg.load_model, cfg.peft_checkpoint, cfg.op, cfg.lora_alpha, cfg.state)
     tok = get_tokenizer()
     penalties = Penalties(cfg.alpha_presence, cfg.alpha_frequency, cfg.alpha_decay)

@@ -337,6 +337,30 @@ def open_adapter_file(path: str | Path, lora_alpha: float | None = None) -> Adap
     return AdapterFile(path, tensors, meta, cfg)
 
 
+def reads_lora_alpha(cfg: AdapterConfig) -> bool:
+    """Whether adapters of ``cfg``'s kind scale by lora_alpha (LoRA: its flag has the key; PiSSA, Bone...
+    do not)."""
+    return cfg.adapts_layers and any(
+        field == "lora_alpha" for field, _, _ in cfg.layer_class.cli_keys.values()
+    )
+
+
+def apply_lora_alpha(file: AdapterFile, lora_alpha: float | None, log) -> None:
+    """A --lora_alpha given to a reader of ``file`` (generate, eval, export): for LoRA it replaces the
+    sidecar's value, with the notice merge prints; any other kind is refused, since the flag would change
+    nothing. ``lora_alpha`` None / 0: nothing given."""
+    if not lora_alpha:
+        return
+    if not reads_lora_alpha(file.cfg):
+        raise RWKVDishaError(
+            f"--lora_alpha {lora_alpha:g} scales LoRA adapters, but {file.source} holds "
+            f"{file.cfg.describe()}: drop --lora_alpha"
+        )
+    if lora_alpha != file.cfg.lora_alpha:  # a file without sidecar already took it from the flag
+        log(f"using --lora_alpha {lora_alpha:g} instead of the sidecar's {file.cfg.lora_alpha:g}")
+        file.cfg.lora_alpha = float(lora_alpha)
+
+
 def check_base(file: AdapterFile, base: nn.Module | Mapping[str, Tensor]) -> None:
     """Refuse a base (model or state dict) other than the one the sidecar's fingerprint records."""
     if file.meta is not None and file.meta.get("base"):
