@@ -188,6 +188,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("merge-base-as-adapter", [*MERGE, "--peft_checkpoint", "@base"], "base.pth"),
     ("merge-bad-quant", [*MERGE, "--quant", "int3"], "quant"),
     ("merge-lora_alpha-nan", [*MERGE, "--lora_alpha", "nan"], "lora_alpha"),
+    ("merge-lora_alpha-on-bone", [*MERGE, "--lora_alpha", "77"], "scales lora adapters"),
     ("merge-no-arguments", ["merge"], "base_model"),
     # --- RWKV-PEFT's other dialects (adapters/dialects.py) and PiSSA
     ("train-peft-miss-unknown-key", [*TRAIN, "--peft", "miss", "--peft_config", '{"rr":8}'], "rr"),

@@ -247,9 +247,9 @@ def test_a_hugging_face_model_says_to_import_it(tmp_path, tiny_model_path, capsy
     hf = tmp_path / "hf"
     assert main(["export", "--format", "hf", "--load_model", str(tiny_model_path), "--output", str(hf)]) == 0
     for path in (hf, hf / "model.safetensors"):
-        with pytest.raises(RWKVDishaError, match=r"rwkv-disha import --hf_model .* --output model.pth") as e:
+        with pytest.raises(RWKVDishaError) as e:
             infer_config(load_state_dict(path))
-        one_line(e)
+        assert f"`rwkv-disha import --hf_model {hf} --output model.pth`" in one_line(e)
 
 
 def test_a_model_without_its_version_keys_names_the_fix(tmp_path):

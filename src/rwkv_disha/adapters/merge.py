@@ -24,6 +24,7 @@ import torch
 
 from rwkv_disha.adapters.adapter_file import (
     AdapterFile,
+    apply_lora_alpha,
     check_base,
     load_adapter_file,
     open_adapter_file,
@@ -80,11 +81,6 @@ def _check_paths(base_path: Path, adapter_path: Path, output: str | Path, overwr
             f"--output {output} would overwrite an input: write the merged model to a new file"
         )
     check_output_path(output, "--output", overwrite=overwrite)
-
-
-def _reads(cfg, name: str) -> bool:
-    """Whether the kind ``cfg`` selects reads config field ``name`` from its flag (--lora_alpha: LoRA)."""
-    return cfg.adapts_layers and any(field == name for field, _, _ in cfg.layer_class.cli_keys.values())
 
 
 def _resolve_quant(file: AdapterFile, quant: str | None, log: Callable[[str], None]) -> str:
@@ -170,9 +166,7 @@ def merge_adapter_file(
     base = load_state_dict(base_path, what="base model")
     model_cfg = infer_config(base, source=str(base_path))  # refuses an adapter file given as the base
     file = open_adapter_file(adapter_path, lora_alpha=lora_alpha or None)
-    if lora_alpha and _reads(file.cfg, "lora_alpha") and lora_alpha != file.cfg.lora_alpha:
-        log(f"using --lora_alpha {lora_alpha:g} instead of the sidecar's {file.cfg.lora_alpha:g}")
-        file.cfg.lora_alpha = float(lora_alpha)
+    apply_lora_alpha(file, lora_alpha, log)  # refused for a kind it would not change
     quant = _resolve_quant(file, quant, log)
     with torch.no_grad():
         model = adapted_base(base, file, quant, model_cfg)

@@ -45,9 +45,15 @@ def load_state_dict(path: str | os.PathLike, what: str = "model") -> dict[str, t
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(p))
+            tensors = load_file(str(p))
         except (SafetensorError, OSError, ValueError) as e:
             raise RWKVDishaError(f"{p} is not a readable safetensors file ({e})") from None
+        if "emb.weight" not in tensors and _hf_layout(tensors):  # fla's layout: `import` converts it
+            raise RWKVDishaError(
+                f"{p} is a Hugging Face RWKV model (model.embeddings / model.layers.N keys): convert its "
+                f"folder with `rwkv-disha import --hf_model {p.parent} --output model.pth` and give the .pth"
+            )
+        return tensors
     try:
         with warnings.catch_warnings():
             # a plain pickle (not torch's zip) makes torch warn about its protocol before refusing or
@@ -101,6 +107,11 @@ def _refuse_non_checkpoint(p: Path, what: str) -> None:
     )
 
 
+def _hf_layout(sd) -> bool:
+    """Keys of fla's Hugging Face RWKV layout (``model.embeddings.weight``, ``model.layers.N.*``)."""
+    return "model.embeddings.weight" in sd or any(k.startswith("model.layers.") for k in sd)
+
+
 def detect_version(sd: dict[str, torch.Tensor]) -> str:
     """The version (``x070``, ``x060``, ...) from the keys, or raise naming a few unexpected keys."""
     keys = list(sd)
@@ -111,7 +122,7 @@ def detect_version(sd: dict[str, torch.Tensor]) -> str:
         )
     if "emb.weight" not in sd or not any(_BLOCK.match(k) for k in keys):
         sample = ", ".join(keys[:5]) or "(no keys)"
-        if "model.embeddings.weight" in sd or any(k.startswith("model.layers.") for k in keys):
+        if _hf_layout(sd):
             raise RWKVDishaError(
                 "this is a Hugging Face RWKV model (model.embeddings / model.layers.N keys): convert its "
                 "folder with `rwkv-disha import --hf_model FOLDER --output model.pth` and give the .pth"
