@@ -20,6 +20,7 @@ import torch
 
 from rwkv_disha.choices import OPS
 from rwkv_disha.config import opt
+from rwkv_disha.data.sft import SFT_END, SFT_PROMPT
 from rwkv_disha.errors import RWKVDishaError
 
 MODEL_FLAGS = ("--load_model", "--compare")  # flags that may name a whole model (eval's --compare too)
@@ -234,6 +235,13 @@ def generate_ids(
     )
 
 
+def _wrapped(prompt: str, cfg: Config) -> str:
+    """The prompt in the format --chat / --sft ask for (as is otherwise)."""
+    if cfg.chat:
+        return chat_prompt(prompt)
+    return SFT_PROMPT.format(query=prompt) if cfg.sft else prompt
+
+
 def chat_prompt(text: str) -> str:
     from rwkv_disha.data.tokenizer import clean_turn
 
@@ -253,6 +261,11 @@ class Config:
     seed: int = opt(0, "random seed (same prompt + seed = same text)")
     stop: str = opt("", "stop when the output contains this string (chat mode: a blank line)")
     chat: bool = opt(False, "wrap the prompt as 'User: ...\\n\\nAssistant:' (RWKV chat format)")
+    sft: bool = opt(
+        False,
+        "wrap the prompt in RWKV-PEFT's SFT template ('### Instruction: ... ### Response:') and stop at its "
+        "end-of-turn \\x17: how a --data_type sft model was trained",
+    )
     prompt_file: str = opt(
         "",
         "several prompts, each from a fresh state: .jsonl (a string or {prompt: ...} per line) "
@@ -304,6 +317,8 @@ def validate(cfg: Config) -> None:
         check_input_file(cfg.prompt_file, "--prompt_file")
         if cfg.prompt:
             raise RWKVDishaError("give --prompt or --prompt_file, not both")
+    if cfg.sft and (cfg.chat or cfg.chat_loop):
+        raise RWKVDishaError("--sft and --chat / --chat_loop are two prompt formats: give one")
     if cfg.chat_loop and (cfg.prompt or cfg.prompt_file):
         raise RWKVDishaError("--chat_loop reads the user's turns from stdin: drop --prompt / --prompt_file")
     adapters = [cfg.peft_checkpoint] if cfg.peft_checkpoint else []
@@ -374,12 +389,12 @@ def run(cfg: Config) -> int:
     sampling = (cfg.temperature, cfg.top_p, cfg.top_k)
     if cfg.chat_loop:
         return chat_loop(model, tok, cfg, penalties)
-    stop = cfg.stop or ("\n\n" if cfg.chat else "")
+    stop = cfg.stop or ("\n\n" if cfg.chat else SFT_END if cfg.sft else "")
     for k, prompt in enumerate(prompts):
         if len(prompts) > 1:
             gap = "\n" if k else ""  # a blank line between one prompt's text and the next header
             sys.stdout.write(f"{gap}=== prompt {k + 1}/{len(prompts)}\n")
-        ids = _encode(tok, chat_prompt(prompt) if cfg.chat else prompt, model.config.vocab_size)
+        ids = _encode(tok, _wrapped(prompt, cfg), model.config.vocab_size)
         print(f"[{len(ids)} prompt tokens, {model.config.summary()}]", file=sys.stderr)
         gen = torch.Generator().manual_seed(cfg.seed)  # each prompt: the text it would get on its own
         session = Session(model)

@@ -260,3 +260,28 @@ def test_prepare_sft_field_refuses_a_text_input(tmp_path, capsys):
         main(["prepare", "--input", str(text), "--output", str(tmp_path / "o"), "--sft_field", "q", "a"]) == 2
     )
     assert "notes.txt is a text file" in capsys.readouterr().err
+
+
+def test_generate_sft_prompts_in_the_template(base, capsys, tok):
+    """`generate --sft` feeds RWKV-PEFT's template around the prompt (the text a --data_type sft model was
+    trained on): the same greedy tokens as giving the whole template as --prompt."""
+    common = ["generate", "--load_model", str(base), "--max_tokens", "4", "--temperature", "0"]
+    assert main([*common, "--sft", "--prompt", "Name a colour."]) == 0
+    wrapped = capsys.readouterr()
+    assert main([*common, "--prompt", PROMPT.format(q="Name a colour.")]) == 0
+    plain = capsys.readouterr()
+    assert wrapped.out == plain.out
+    n = len(tok.encode(PROMPT.format(q="Name a colour.")))
+    assert f"[{n} prompt tokens" in wrapped.err and f"[{n} prompt tokens" in plain.err
+    assert main([*common, "--sft", "--chat", "--prompt", "x"]) == 2
+    assert "two prompt formats" in capsys.readouterr().err
+
+
+def test_generate_sft_stops_at_the_end_of_turn(monkeypatch, base, capsys):
+    """The reply ends at RWKV-PEFT's \\x17, as chat replies end at a blank line."""
+    import rwkv_disha.generate as gen
+
+    seen = []
+    monkeypatch.setattr(gen, "stream_text", lambda tok, tokens, stop: seen.append(stop))
+    assert main(["generate", "--load_model", str(base), "--sft", "--prompt", "hi", "--max_tokens", "1"]) == 0
+    assert seen == ["\x17"]
