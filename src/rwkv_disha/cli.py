@@ -81,14 +81,27 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _unique_key_loader():
-    """yaml's SafeLoader refusing a key given twice in one mapping (it would keep the last silently)."""
+    """yaml's SafeLoader refusing a key given twice in one mapping (it would keep the last silently) and a
+    key that is a list or a map (a name cannot be one; SafeLoader's own error does not show the key)."""
     import yaml
 
     class Loader(yaml.SafeLoader):
+        # an unquoted 2001-01-01 stays the text written (YAML 1.1 would make it a date that no option
+        # takes and JSON cannot hold); an explicit !!timestamp is still a date, refused by _refuse_type
+        yaml_implicit_resolvers = {
+            first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+            for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+        }
+
         def construct_mapping(self, node, deep=False):
             seen = set()
             for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=deep)
+                key = self.construct_object(key_node, deep=True)  # deep: a list key is shown filled in
+                if isinstance(key, (list, dict)):
+                    raise RWKVDishaError(
+                        f"line {key_node.start_mark.line + 1}: the key {_shown(key)} is a "
+                        f"{'list' if isinstance(key, list) else 'map'}; a key must be a name (text)"
+                    )
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
                         None, None, f"the key {key!r} is given twice", key_node.start_mark
@@ -99,7 +112,17 @@ def _unique_key_loader():
     return Loader
 
 
+def _shown(value: Any) -> str:
+    """A YAML value as the user wrote it, on one line (``null``, ``[a, b]``, ``{a: 2001-01-01}``)."""
+    import yaml
+
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**9).removesuffix("...\n")
+    text = " ".join(text.split())
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _load_yaml(path: str) -> dict:
+    """The file's mapping of option: value; a key that is not text is refused with its line's key."""
     import yaml
 
     p = Path(path)
@@ -111,15 +134,57 @@ def _load_yaml(path: str) -> dict:
         data = yaml.load(p.read_text(encoding="utf-8"), Loader=_unique_key_loader()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise RWKVDishaError(f"config file {path} is not valid YAML: {e}".replace("\n", " ")) from None
+    except RWKVDishaError as e:
+        raise RWKVDishaError(f"config file {path}, {e}") from None
     if not isinstance(data, dict):
         raise RWKVDishaError(f"config file {path} must hold a mapping of option: value")
+    for key in data:
+        if not isinstance(key, str):  # YAML reads 1, null, true, 2001-01-01 as other types
+            raise RWKVDishaError(
+                f"config file {path}: the key {_shown(key)} is not an option name; keys are the "
+                "command's option names, such as n_layer"
+            )
     return data
 
 
-def _yaml_argv(values: dict, parser: argparse.ArgumentParser) -> list[str]:
+def _check_json_value(value: Any, where: str) -> None:
+    """Refuse what JSON cannot hold inside a map given for a JSON option: keys other than text, dates,
+    binary data, sets, infinities (json.dumps would fail, or write what no JSON reader takes)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise RWKVDishaError(f"{where}: the key {_shown(k)} is not a name; quote it in YAML")
+            _check_json_value(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_json_value(v, f"{where}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise RWKVDishaError(f"{where}: must be a finite number, got {_shown(value)}")
+    elif value is not None and not isinstance(value, (str, int, float)):
+        _refuse_type(value, where)
+
+
+def _refuse_type(value: Any, where: str) -> None:
+    """A YAML value no option takes (a date, binary data, a set), named with the fix."""
+    import datetime
+
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        kind = f"the date {_shown(value)}"
+    elif isinstance(value, bytes):
+        kind = "binary data (!!binary)"
+    else:
+        kind = f"a YAML {type(value).__name__} ({_shown(value)})"
+    raise RWKVDishaError(f"{where}: takes a number, text, true / false or a list, not {kind}")
+
+
+def _yaml_argv(
+    values: dict, parser: argparse.ArgumentParser, json_options: frozenset[str] | None = None
+) -> list[str]:
     """YAML values as flags, so they are type-checked (and choice-checked) exactly like flags. A value is
     never split into flags of its own: a list only for an option that takes several values, none of its
-    items starting with '-'; true / false only for a 0|1 option; an empty value is refused, not dropped."""
+    items starting with '-'; true / false only for a 0|1 option; a map only for an option that takes JSON
+    text (``json_options``, a command module's ``JSON_OPTIONS``; None: any option), written out as JSON; an
+    empty value is refused, not dropped."""
     actions = {a.dest: a for a in parser._actions}
     argv: list[str] = []
     for key, value in values.items():
@@ -132,6 +197,11 @@ def _yaml_argv(values: dict, parser: argparse.ArgumentParser) -> list[str]:
         if isinstance(value, (list, tuple)):
             if not takes_list or any(isinstance(v, (list, dict)) or str(v).startswith("-") for v in value):
                 raise RWKVDishaError(f"{key}: takes one value, not the list {value!r}")
+            for v in value:
+                if v is None or isinstance(v, bool) or not isinstance(v, (str, int, float)):
+                    raise RWKVDishaError(
+                        f"{key}: the item {_shown(v)} of {_shown(value)} is not a value; give text or numbers"
+                    )
             argv += [f"--{key}", *map(str, value)]
         elif type(value) is int and choices and str(value) not in choices:
             # version: 070 arrives as 56: YAML reads unquoted digits as a number (a leading 0 as octal)
@@ -144,9 +214,15 @@ def _yaml_argv(values: dict, parser: argparse.ArgumentParser) -> list[str]:
                 raise RWKVDishaError(f"{key}: takes a value, not {str(value).lower()}")
             argv.append(f"--{key}={int(value)}")
         elif isinstance(value, dict):
+            if json_options is not None and key not in json_options:  # str(map) would be its text
+                many = "values" if takes_list else "one value"
+                raise RWKVDishaError(f"{key}: takes {many}, not the map {_shown(value)}")
+            _check_json_value(value, key)
             argv.append(f"--{key}={json.dumps(value)}")
-        else:
+        elif isinstance(value, (str, int, float)):
             argv.append(f"--{key}={value}")
+        else:
+            _refuse_type(value, key)
     return argv
 
 
@@ -202,9 +278,12 @@ def parse_config(name: str, argv: list[str]):
                 f"config file {path}: {foreign} is not an option of `{name}`: {parser.foreign_flags[foreign]}"
             )
         from_mapping(module.Config, raw, source=f"option(s) for `{name}`")  # unknown keys, named
+        json_options = frozenset(getattr(module, "JSON_OPTIONS", ()))
         try:
             values = {
-                k: v for k, v in vars(parser.parse_args(_yaml_argv(raw, parser))).items() if k[0] != "_"
+                k: v
+                for k, v in vars(parser.parse_args(_yaml_argv(raw, parser, json_options))).items()
+                if k[0] != "_"
             }
         except RWKVDishaError as e:
             raise RWKVDishaError(f"config file {path}: {e}") from None

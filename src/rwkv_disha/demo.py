@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import random
 import sys
 import time
@@ -85,8 +86,7 @@ def validate(cfg: Config) -> dict[str, Path]:
         raise RWKVDishaError(
             f"--r must be in 1..{cfg.n_embd} (Bone's r is at most the layer width), got {cfg.r}"
         )
-    if cfg.lr <= 0:
-        raise RWKVDishaError(f"--lr must be > 0, got {cfg.lr}")
+    _check_lr(cfg.lr)
     if not 0 <= cfg.seed < 2**32:
         raise RWKVDishaError(f"--seed must be in [0, 2**32), got {cfg.seed}")
     if not cfg.out.strip():  # Path("") is the current folder: the demo would scatter files there
@@ -108,6 +108,16 @@ def validate(cfg: Config) -> dict[str, Path]:
             raise RWKVDishaError(f"--out {out}: {folder} is a file where the demo needs a folder")
     _check_base(cfg, paths["base"])
     return paths
+
+
+def _check_lr(lr: float) -> None:
+    """--lr becomes train's --lr_init (and lr / 3 its --lr_final): refused here, under demo's own flag name,
+    before anything is written, where train would refuse it (or fail in torch) after init and prepare."""
+    from rwkv_disha.train.checks import check_float32
+
+    if not (math.isfinite(lr) and lr > 0):
+        raise RWKVDishaError(f"--lr must be a finite number > 0, got {lr}")
+    check_float32("--lr", lr, positive=True)
 
 
 def _check_base(cfg: Config, base: Path) -> None:

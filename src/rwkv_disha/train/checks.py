@@ -80,9 +80,45 @@ def _validate_optim(cfg: Config) -> None:
         raise RWKVDishaError(f"--wsd_decay_frac must be in [0, 1], got {o.wsd_decay_frac}")
     if o.grad_clip < 0:
         raise RWKVDishaError(f"--grad_clip must be >= 0 (0: off), got {o.grad_clip}")
+    _validate_float32(cfg)
     if o.random_seed != -1 and not 0 <= o.random_seed <= SEED_MAX:
         raise RWKVDishaError(
             f"--random_seed must be -1 (the default seed) or in 0 .. {SEED_MAX}, got {o.random_seed}"
+        )
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+FLOAT32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny: the smallest normal float32
+
+
+def check_float32(flag: str, value: float, positive: bool = False) -> None:
+    """Refuse a float option torch computes with in float32 (AdamW's lr, eps and weight decay, the clipping
+    norm) that float32 cannot hold: above its largest value torch fails (or the step turns the adapter
+    into inf); a positive value below its smallest normal one loses its precision, or rounds to 0 (an eps
+    of 0 divides by 0)."""
+    if abs(value) > FLOAT32_MAX:
+        raise RWKVDishaError(
+            f"{flag} {value:g} does not fit float32, which torch computes it in: give at most "
+            f"{FLOAT32_MAX:.1e}"
+        )
+    if positive and 0 < value < FLOAT32_TINY:
+        raise RWKVDishaError(
+            f"{flag} {value:g} is below float32's smallest normal number, which torch computes it in: give "
+            f"at least {FLOAT32_TINY:.1e}"
+        )
+
+
+def _validate_float32(cfg: Config) -> None:
+    """The optimizer's float options, and the initial states' learning rate (lr_init * state_lr_scale)."""
+    o = cfg.optim
+    for name in ("lr_init", "adam_eps"):
+        check_float32(f"--{name}", getattr(o, name), positive=True)
+    for name in ("lr_final", "weight_decay", "grad_clip"):
+        check_float32(f"--{name}", getattr(o, name))
+    if cfg.adapter.train_state and o.lr_init * cfg.adapter.state_lr_scale > FLOAT32_MAX:
+        raise RWKVDishaError(
+            f"--lr_init {o.lr_init:g} x --state_lr_scale {cfg.adapter.state_lr_scale:g} (the initial states' "
+            f"learning rate) does not fit float32, which torch computes it in: lower --state_lr_scale"
         )
 
 

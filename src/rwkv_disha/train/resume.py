@@ -82,6 +82,78 @@ def check_resume_checkpoint(ckpt: dict[str, Any], expected: dict[str, tuple[int,
     _check_optimizer(ckpt["optimizer_states"], groups, expected, path)
 
 
+def check_resume_epochs(ckpt: dict[str, Any], epoch_count: int, folder: str) -> None:
+    """Refuse an --epoch_count the resumed run has already reached: Lightning would fail on a smaller one
+    (a restored epoch above max_epochs) and stop at once, silently, on an equal one. Call after
+    :func:`check_resume_checkpoint`, which checked the loop state's form."""
+    # "processed" counts the epochs whose every batch ran: a run stopped mid-epoch has started one more
+    done = ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
+    if epoch_count <= done:
+        raise RWKVDishaError(
+            f"--resume {folder}: the run has finished {done} epoch{'s' if done != 1 else ''}; --epoch_count "
+            f"{epoch_count} trains nothing more: give --epoch_count {done + 1} or more"
+        )
+
+
+def check_resume_base(folder: str, load_model: str) -> None:
+    """Refuse a --load_model whose shape differs from the base the resumed run was trained on (recorded by
+    its newest adapter sidecar, else the base file its train_config.json names): the trained tensors would
+    not fit, and the checkpoint check could only blame the adapter settings."""
+    from rwkv_disha.adapters.fingerprint import shape_summary
+    from rwkv_disha.model.load import load_state_dict
+
+    want, source = _recorded_base_shape(Path(folder))
+    if want is None:
+        return
+    have = shape_summary({k: tuple(v.shape) for k, v in load_state_dict(load_model).items()})
+    diff = [k for k, v in want.items() if v is not None and have.get(k) != v]
+    if diff:
+        hint = f" (--load_model {source})" if source else ""
+        raise RWKVDishaError(
+            f"--load_model {load_model} is a {_describe(have, diff)} model but {folder} was trained on "
+            f"{_describe(want, diff)}: resume with the run's base{hint}"
+        )
+
+
+def _recorded_base_shape(folder: Path) -> tuple[dict[str, Any] | None, str]:
+    """The shape summary of the base the run in ``folder`` trained on, and that base's path when known."""
+    from rwkv_disha.adapters.adapter_file import read_sidecar
+    from rwkv_disha.adapters.fingerprint import shape_summary
+    from rwkv_disha.model.load import load_state_dict
+    from rwkv_disha.train.config import SAVED_CONFIG, load_saved_config
+
+    base = load_saved_config(folder / SAVED_CONFIG).get("load_model", "")  # resolve_resume read it already
+    saved = [(int(p.stem[5:]), p) for p in folder.glob("rwkv-*.json") if p.stem[5:].isdigit()]
+    if saved:
+        newest = max(saved)[1]
+        try:
+            shape = ((read_sidecar(newest.with_suffix(".pth")) or {}).get("base") or {}).get("shape")
+        except RWKVDishaError:  # a damaged sidecar records nothing: the checkpoint's own checks follow
+            shape = None
+        if shape:
+            return shape, base
+    if base and Path(base).is_file():  # no adapter saved yet (stopped in the first epoch)
+        try:
+            return shape_summary({k: tuple(v.shape) for k, v in load_state_dict(base).items()}), base
+        except RWKVDishaError:  # the recorded base is gone bad: nothing to compare with
+            pass
+    return None, ""
+
+
+def _describe(shape: dict[str, Any], diff: list[str]) -> str:
+    """``RWKV-7 L2 C64``, and the other fields in which two bases differ (``V65536``, ``head_size 64``)."""
+    from rwkv_disha.model.registry import version_name
+
+    name = version_name(shape["version"]) if shape.get("version") else "RWKV"
+    text = f"{name} L{shape.get('n_layer')} C{shape.get('n_embd')}"
+    if "vocab_size" in diff:
+        text += f" V{shape.get('vocab_size')}"
+    shown = ("version", "n_layer", "n_embd", "vocab_size")
+    if any(k in shown for k in diff):  # the headline tells the bases apart; the widths follow from it
+        return text
+    return text + "".join(f" {k} {shape.get(k)}" for k in diff)
+
+
 def _damaged(path: str, what: str) -> RWKVDishaError:
     return RWKVDishaError(
         f"--resume: {path} {what}: it is damaged or was not written by rwkv-disha train; resume from a good "

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rwkv_disha.errors import RWKVDishaError
+from rwkv_disha.train.config import ADAPTER_JSON as JSON_OPTIONS  # the options a YAML map may give
 from rwkv_disha.train.config import RESUME_FILE, Config
 from rwkv_disha.train.rwkv_peft_flags import UNSUPPORTED as FOREIGN_FLAGS
 from rwkv_disha.train.rwkv_peft_flags import VALUES as FOREIGN_VALUES
@@ -26,7 +27,7 @@ from rwkv_disha.train.rwkv_peft_flags import VALUES as FOREIGN_VALUES
 if TYPE_CHECKING:  # Lightning and torch load when training starts, not for `train --help`
     import lightning as L
 
-__all__ = ["Config", "run", "setup", "main", "fit", "FOREIGN_FLAGS", "FOREIGN_VALUES"]
+__all__ = ["Config", "run", "setup", "main", "fit", "FOREIGN_FLAGS", "FOREIGN_VALUES", "JSON_OPTIONS"]
 
 
 def run(cfg: Config) -> int:
@@ -48,6 +49,7 @@ def setup(cfg: Config, extra_callbacks: list | None = None) -> int:
     import lightning as L
     import torch
 
+    from rwkv_disha.config import given_options
     from rwkv_disha.fsio import clean_stale_temps, folder_lock
     from rwkv_disha.train.build import build_adapter_config, build_dataset
     from rwkv_disha.train.checks import (
@@ -61,7 +63,12 @@ def setup(cfg: Config, extra_callbacks: list | None = None) -> int:
         validate,
     )
     from rwkv_disha.train.config import resolve_resume
-    from rwkv_disha.train.resume import check_resume_checkpoint, read_resume_checkpoint
+    from rwkv_disha.train.resume import (
+        check_resume_base,
+        check_resume_checkpoint,
+        check_resume_epochs,
+        read_resume_checkpoint,
+    )
 
     cfg = resolve_resume(cfg)
     validate(cfg)
@@ -72,6 +79,8 @@ def setup(cfg: Config, extra_callbacks: list | None = None) -> int:
         if notice and _first_process():
             print(notice, file=sys.stderr)
     mcfg = check_model_shape(cfg)
+    if cfg.resume and "load_model" in given_options(cfg):  # another base: named before its r or tensors are
+        check_resume_base(cfg.resume, cfg.load_model)
     acfg = build_adapter_config(cfg)
     shapes = trainable_shapes(mcfg, acfg, cfg.engine.op)  # refuses an r the layers cannot take
     if uses_gpu(cfg) and (acfg.train_state or cfg.engine.train_type == "infctx"):
@@ -85,6 +94,7 @@ def setup(cfg: Config, extra_callbacks: list | None = None) -> int:
         path = Path(cfg.resume) / RESUME_FILE
         checkpoint = read_resume_checkpoint(path)
         check_resume_checkpoint(checkpoint, shapes, str(path))
+        check_resume_epochs(checkpoint, cfg.optim.epoch_count, cfg.resume)
         check_resume_folder(cfg)
     dataset = build_dataset(cfg, mcfg.vocab_size)  # once per run: tokenised / scanned here only
     if cfg.dry_run:  # checked above; report instead of training, before anything is created or locked
