@@ -157,3 +157,15 @@ def test_without_a_sidecar_the_recorded_base_file_is_compared(
         f"--load_model {deep} is a RWKV-7 L3 C64 model but {run} was trained on RWKV-7 L2 C64: resume "
         f"with the run's base (--load_model {recorded})"
     )
+
+
+def test_resume_on_another_base_of_the_same_shape_is_refused(tmp_path, finished_run, make_checkpoint, capsys):
+    """Same shape, other weights: the newest sidecar's base fingerprint tells them apart before any work."""
+    run = _copy(finished_run, tmp_path / "run")
+    other = make_checkpoint(2, 64, 256, style="random", seed=11)
+    before = _snapshot(run)
+    rc = main(["train", "--resume", str(run), "--load_model", str(other), "--epoch_count", "3"])
+    line = one_error_line(capsys, rc)
+    assert line.startswith(f"--resume {run}: the run (--load_model ")
+    assert "was trained on a different base model of the same shape" in line
+    assert _snapshot(run) == before

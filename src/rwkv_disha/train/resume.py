@@ -99,39 +99,49 @@ def check_resume_base(folder: str, load_model: str) -> None:
     """Refuse a --load_model whose shape differs from the base the resumed run was trained on (recorded by
     its newest adapter sidecar, else the base file its train_config.json names): the trained tensors would
     not fit, and the checkpoint check could only blame the adapter settings."""
-    from rwkv_disha.adapters.fingerprint import shape_summary
+    from rwkv_disha.adapters.fingerprint import base_fingerprint, check_fingerprint, shape_summary
     from rwkv_disha.model.load import load_state_dict
 
     want, source = _recorded_base_shape(Path(folder))
     if want is None:
         return
-    have = shape_summary({k: tuple(v.shape) for k, v in load_state_dict(load_model).items()})
+    sd = load_state_dict(load_model)
+    have = shape_summary({k: tuple(v.shape) for k, v in sd.items()})
     diff = [k for k, v in want.items() if v is not None and have.get(k) != v]
+    hint = f" (--load_model {source})" if source else ""
     if diff:
-        hint = f" (--load_model {source})" if source else ""
         raise RWKVDishaError(
             f"--load_model {load_model} is a {_describe(have, diff)} model but {folder} was trained on "
             f"{_describe(want, diff)}: resume with the run's base{hint}"
         )
+    recorded = _newest_sidecar_base(Path(folder))
+    if recorded:  # same shape: the weights' fingerprint tells another base of that shape
+        check_fingerprint(recorded, base_fingerprint(sd), f"--resume {folder}: the run{hint}")
+
+
+def _newest_sidecar_base(folder: Path) -> dict[str, Any] | None:
+    """The base fingerprint the newest adapter sidecar in ``folder`` records (None: no readable one)."""
+    from rwkv_disha.adapters.adapter_file import read_sidecar
+
+    saved = [(int(p.stem[5:]), p) for p in folder.glob("rwkv-*.json") if p.stem[5:].isdigit()]
+    if not saved:
+        return None
+    try:
+        return (read_sidecar(max(saved)[1].with_suffix(".pth")) or {}).get("base") or None
+    except RWKVDishaError:  # a damaged sidecar records nothing: the checkpoint's own checks follow
+        return None
 
 
 def _recorded_base_shape(folder: Path) -> tuple[dict[str, Any] | None, str]:
     """The shape summary of the base the run in ``folder`` trained on, and that base's path when known."""
-    from rwkv_disha.adapters.adapter_file import read_sidecar
     from rwkv_disha.adapters.fingerprint import shape_summary
     from rwkv_disha.model.load import load_state_dict
     from rwkv_disha.train.config import SAVED_CONFIG, load_saved_config
 
     base = load_saved_config(folder / SAVED_CONFIG).get("load_model", "")  # resolve_resume read it already
-    saved = [(int(p.stem[5:]), p) for p in folder.glob("rwkv-*.json") if p.stem[5:].isdigit()]
-    if saved:
-        newest = max(saved)[1]
-        try:
-            shape = ((read_sidecar(newest.with_suffix(".pth")) or {}).get("base") or {}).get("shape")
-        except RWKVDishaError:  # a damaged sidecar records nothing: the checkpoint's own checks follow
-            shape = None
-        if shape:
-            return shape, base
+    shape = (_newest_sidecar_base(folder) or {}).get("shape")
+    if shape:
+        return shape, base
     if base and Path(base).is_file():  # no adapter saved yet (stopped in the first epoch)
         try:
             return shape_summary({k: tuple(v.shape) for k, v in load_state_dict(base).items()}), base
