@@ -10,7 +10,6 @@ the logits of tokens already generated in the current reply.
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ from rwkv_disha.data.sft import SFT_END, SFT_PROMPT
 from rwkv_disha.errors import RWKVDishaError
 
 MODEL_FLAGS = ("--load_model", "--compare")  # flags that may name a whole model (eval's --compare too)
-_HF_WEIGHTS = re.compile(r"model(-\d+-of-\d+)?\.safetensors")  # the weight files of a Hugging Face folder
 
 
 def check_input_file(path: str, flag: str) -> None:
@@ -44,22 +42,13 @@ def check_input_file(path: str, flag: str) -> None:
 
 
 def check_not_hf_model(p: Path, flag: str) -> None:
-    """Refuse a Hugging Face model folder (config.json + model.safetensors, as `export --format hf` writes)
-    or its weight file, naming the import command with the real folder (the keys alone cannot name it)."""
+    """Refuse a Hugging Face model folder (config.json + model.safetensors, as `export --format hf` writes),
+    naming the import command (its weight file given alone is refused by ``load_state_dict``)."""
     if p.is_dir() and (p / "config.json").is_file():
-        folder, what = p, "a Hugging Face model folder"
-    elif p.is_file() and _HF_WEIGHTS.fullmatch(p.name) and (p.parent / "config.json").is_file():
-        from rwkv_disha.model.load import load_state_dict
-
-        if "emb.weight" in load_state_dict(p):  # our own layout that happens to sit beside a config.json
-            return
-        folder, what = p.parent, "the weights of a Hugging Face model folder"
-    else:
-        return
-    raise RWKVDishaError(
-        f"{flag} {p} is {what}: convert it with `rwkv-disha import --hf_model {folder} --output model.pth` "
-        "and give the .pth"
-    )
+        raise RWKVDishaError(
+            f"{flag} {p} is a Hugging Face model folder: convert it with `rwkv-disha import --hf_model {p} "
+            "--output model.pth` and give the .pth"
+        )
 
 
 def check_op_for_model(op: str, path: str) -> None:

@@ -282,5 +282,6 @@ def test_a_hugging_face_model_folder_names_the_import_command(make_checkpoint, t
     assert line == f"error: --load_model {hf} is a Hugging Face model folder: {fix}"
     weights = hf / "model.safetensors"
     line = refused(capsys, monkeypatch, tmp_path, [command, "--load_model", weights, *rest])
-    assert line == f"error: --load_model {weights} is the weights of a Hugging Face model folder: {fix}"
+    keys = "(model.embeddings / model.layers.N keys)"
+    assert line == f"error: {weights} is the weights of a Hugging Face model folder {keys}: {fix}"
     assert sorted(os.listdir(hf)) == ["config.json", "model.safetensors"]

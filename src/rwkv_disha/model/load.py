@@ -50,8 +50,9 @@ def load_state_dict(path: str | os.PathLike, what: str = "model") -> dict[str, t
             raise RWKVDishaError(f"{p} is not a readable safetensors file ({e})") from None
         if "emb.weight" not in tensors and _hf_layout(tensors):  # fla's layout: `import` converts it
             raise RWKVDishaError(
-                f"{p} is a Hugging Face RWKV model (model.embeddings / model.layers.N keys): convert its "
-                f"folder with `rwkv-disha import --hf_model {p.parent} --output model.pth` and give the .pth"
+                f"{p} is the weights of a Hugging Face model folder (model.embeddings / model.layers.N "
+                f"keys): convert it with `rwkv-disha import --hf_model {p.parent} --output model.pth` and "
+                "give the .pth"
             )
         return tensors
     try:
