@@ -358,4 +358,7 @@ def test_a_float_binidx_is_refused_not_truncated(tmp_path, one_line_error):
     """Code 6 (float32) is a valid binidx dtype, but ids 17.5 would silently train as 17."""
     prefix = tmp_path / "f"
     write_binidx(prefix, [np.array([1.5, 17.5, 3.0, 0.0], dtype=np.float32)] * 4, dtype=np.float32)
-    one_line_error(BinIdx, str(prefix), match="declares float32 values .* token ids must be integers")
+    one_line_error(
+        make_dataset, str(prefix), "binidx", "pad", 8, 1, 1, "pad", 0, 100,
+        match="declares float32 values .* token ids must be integers",
+    )  # fmt: skip

@@ -328,11 +328,6 @@ class BinIdx:
                 f"{self.idx_path} is truncated or damaged ({idx_size} bytes, its header needs {expected}); "
                 "re-create it with `rwkv-disha prepare`"
             )
-        if np.issubdtype(DTYPES[code], np.floating):  # read as ids they would be truncated silently
-            raise RWKVDishaError(
-                f"{self.idx_path} declares {np.dtype(DTYPES[code]).name} values (dtype code {code}); token "
-                "ids must be integers: re-create it with `rwkv-disha prepare`"
-            )
         self.dtype = np.dtype(DTYPES[code])
         self.code = code
         self._n = int(n)

@@ -114,6 +114,11 @@ def open_binidx(data_file: str, with_masks: bool) -> Opened:
             "no --data_file given: pass the binidx prefix (data/x for data/x.bin + data/x.idx)"
         )
     source = BinIdx(data_file)
+    if np.issubdtype(source.dtype, np.floating):  # a valid binidx, but as ids 17.5 would train as 17
+        raise RWKVDishaError(
+            f"{source.idx_path} declares {source.dtype.name} values (dtype code {source.code}); token ids "
+            "must be integers: re-create it with `rwkv-disha prepare`"
+        )
     if not with_masks:
         return source, None, source.prefix
     mp = split_prefix(data_file) + MASK_SUFFIX
