@@ -50,7 +50,7 @@ def _add_tiled_(grad_x: Tensor, h: Tensor, r: int) -> None:
 class _BoneLinearFn(torch.autograd.Function):
     """y = x @ W^T + fold(x) @ disha with a frozen W (dense or quantized), as one autograd node.
 
-    Saves only fold(x) (N, r). The adapter term accumulates into the base output in place, and backward
+    Saves only fold(x) (N, r). The base product accumulates into the adapter term in place, and backward
     writes the input gradient once (g @ W, then += tile(g @ disha^T) in place): on CPU, where each large
     temporary is a fresh allocation, this keeps Bone's cost close to its FLOPs.
     """
@@ -59,11 +59,15 @@ class _BoneLinearFn(torch.autograd.Function):
     def forward(ctx, x: Tensor, disha: Tensor, weight, r: int) -> Tensor:
         dtype = compute_dtype(x)
         xc = x.to(dtype)
-        y = F.linear(xc, dense_weight(weight, dtype))  # (..., out)
         folded = bone_fold_input(xc, r).reshape(-1, r)  # (N, r)
         d = disha.to(dtype)  # (r, out)
-        y2d = y.view(-1, y.shape[-1])
-        torch.addmm(y2d, folded, d, out=y2d)  # in place (= addmm_), and seen by FLOP counters
+        # the thin Bone product writes y, then the base product accumulates into it: the wide (N, out) y is
+        # read by the big compute-bound product instead of the thin memory-bound one (0.86 ms less of 16.7
+        # for a 3072 x 768 layer at N 512, benchmarks/profile_bone_layer.py)
+        y2d = folded @ d  # (N, out)
+        w = dense_weight(weight, dtype)  # (out, in)
+        torch.addmm(y2d, xc.reshape(-1, w.shape[1]), w.t(), out=y2d)  # in place, and seen by FLOP counters
+        y = y2d.view(*x.shape[:-1], w.shape[0])
         ctx.save_for_backward(folded, d)
         ctx.weight, ctx.r, ctx.dtype = weight, r, dtype
         ctx.x_dtype, ctx.disha_dtype, ctx.in_features = x.dtype, disha.dtype, x.shape[-1]
@@ -73,15 +77,19 @@ class _BoneLinearFn(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         folded, d = ctx.saved_tensors
         g = grad_out.to(ctx.dtype).reshape(-1, grad_out.shape[-1])  # (N, out)
-        grad_x = grad_disha = None
+        grad_x = grad_disha = h = None
+        # the three products run back to back, before the tiled add: on CPU each switch from an ATen
+        # parallel op to a BLAS call costs ~0.15-0.3 ms of thread hand-over (measured), once per layer here
         if ctx.needs_input_grad[0]:
             grad_x = g @ dense_weight(ctx.weight, ctx.dtype)  # (N, in)
-            _add_tiled_(grad_x, g @ d.t(), ctx.r)
-            grad_x = grad_x.view(*grad_out.shape[:-1], ctx.in_features).to(ctx.x_dtype)
+            h = g @ d.t()  # (N, r)
         if ctx.needs_input_grad[1]:
             # (g^T @ fold(x))^T, not fold(x)^T @ g: the same (r, out) values, but the product that writes the
             # tall (out, r) result runs 1.3-1.7x faster on CPU BLAS (benchmarks/profile_bone_layer.py)
             grad_disha = (g.t() @ folded).t().to(ctx.disha_dtype)  # (r, out)
+        if grad_x is not None:
+            _add_tiled_(grad_x, h, ctx.r)
+            grad_x = grad_x.view(*grad_out.shape[:-1], ctx.in_features).to(ctx.x_dtype)
         return grad_x, grad_disha, None, None
 
 
