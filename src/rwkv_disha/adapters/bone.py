@@ -61,12 +61,15 @@ class _BoneLinearFn(torch.autograd.Function):
         xc = x.to(dtype)
         folded = bone_fold_input(xc, r).reshape(-1, r)  # (N, r)
         d = disha.to(dtype)  # (r, out)
-        # the thin Bone product writes y, then the base product accumulates into it: the wide (N, out) y is
-        # read by the big compute-bound product instead of the thin memory-bound one (0.86 ms less of 16.7
-        # for a 3072 x 768 layer at N 512, benchmarks/profile_bone_layer.py)
-        y2d = folded @ d  # (N, out)
         w = dense_weight(weight, dtype)  # (out, in)
-        torch.addmm(y2d, xc.reshape(-1, w.shape[1]), w.t(), out=y2d)  # in place, and seen by FLOP counters
+        x2d = xc.reshape(-1, w.shape[1])  # (N, in)
+        # the second product accumulates into the first's output in place (seen by FLOP counters). fp32:
+        # the thin Bone product first, so that the wide (N, out) y is read by the compute-bound base product
+        # rather than the thin one (0.86 ms less of 16.7 for a 3072 x 768 layer at N 512); bf16 BLAS does
+        # better the other way round (0.18 ms); benchmarks/profile_bone_layer.py
+        first, second = ((folded, d), (x2d, w.t())) if dtype == torch.float32 else ((x2d, w.t()), (folded, d))
+        y2d = first[0] @ first[1]  # (N, out)
+        torch.addmm(y2d, *second, out=y2d)
         y = y2d.view(*x.shape[:-1], w.shape[0])
         ctx.save_for_backward(folded, d)
         ctx.weight, ctx.r, ctx.dtype = weight, r, dtype
