@@ -247,7 +247,7 @@ class TrainStep:
         low = self.autocast_dtype
         ctx = torch.autocast(self.device.type, dtype=low) if low else contextlib.nullcontext()
         with ctx:
-            loss = sample_loss(e.train_type, self.model, batch, e.chunk_ctx)
+            loss = sample_loss(e.train_type, self.model, batch, e.chunk_ctx, trim=not e.compile)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.opt)

@@ -106,3 +106,42 @@ def test_cli_infctx_trains_every_mode(mode, base_path, count_data, train_args, t
     assert main(argv) == 0
     tensors = torch.load(proj / "rwkv-0.pth", weights_only=True)
     assert tensors and all(torch.isfinite(t).all() for t in tensors.values())
+
+
+@pytest.mark.parametrize("train_type", ["none", "infctx"])
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_trimmed_padding_gives_the_same_loss_and_gradients(kind, train_type):
+    """`--dataload pad` pads short documents to ctx_len; the step cuts the batch after its last counted
+    position (to a multiple of 16): same loss and gradients (fp64), on fewer tokens."""
+    from rwkv_disha.train.modes import sample_loss, trim_padding
+
+    model, names = adapted_model(CONFIGS[kind]())
+    idx, labels, mask = batch(T=64)
+    mask[:, 21:] = 0  # every row padded after position 20: 64 -> 32 positions
+    full = {"input_ids": idx, "labels": labels, "mask": mask}
+    assert trim_padding(full)["input_ids"].shape == (2, 32)
+
+    def run(trim):
+        model.zero_grad()
+        loss = sample_loss(train_type, model, full, L, trim=trim)
+        loss.backward()
+        return loss.detach(), {n: model.get_parameter(n).grad.clone() for n in names}
+
+    (loss_t, g_t), (loss_f, g_f) = run(True), run(False)
+    torch.testing.assert_close(loss_t, loss_f, rtol=1e-12, atol=0)
+    for n in names:
+        torch.testing.assert_close(g_t[n], g_f[n], rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_trim_keeps_a_batch_that_counts_to_its_end_or_nowhere():
+    from rwkv_disha.train.modes import trim_padding
+
+    idx, labels, mask = batch(T=40)
+    mask[:, 33:] = 0
+    mask[0, 39] = 1  # one row counts at the last position: nothing to cut
+    whole = {"input_ids": idx, "labels": labels, "mask": mask}
+    assert trim_padding(whole) is whole
+    none_counted = {**whole, "mask": torch.zeros_like(mask)}
+    assert trim_padding(none_counted) is none_counted
+    mask[0, 39] = 0  # last counted position 32 -> 33 positions, rounded up to 48 > 40: kept whole
+    assert trim_padding(whole)["input_ids"].shape == (2, 40)

@@ -65,7 +65,8 @@ def _loss_fn(cfg: Config):
     from rwkv_disha.train.modes import sample_loss
 
     def loss(model, batch):
-        return sample_loss(cfg.engine.train_type, model, batch, cfg.engine.chunk_ctx)
+        e = cfg.engine
+        return sample_loss(e.train_type, model, batch, e.chunk_ctx, trim=not e.compile)
 
     return loss
 

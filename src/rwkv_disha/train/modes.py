@@ -60,12 +60,37 @@ def infctx_loss(model, idx: Tensor, labels: Tensor, mask: Tensor, chunk_ctx: int
 TRAIN_TYPES: dict[str, Callable[..., Tensor]] = {"none": full_length_loss, "infctx": infctx_loss}
 
 
-def sample_loss(train_type: str, model, batch: dict[str, Tensor], chunk_ctx: int) -> Tensor:
-    """The training loss of ``batch`` (input_ids, labels, mask: (B, T)) under ``--train_type``."""
+def sample_loss(
+    train_type: str, model, batch: dict[str, Tensor], chunk_ctx: int, trim: bool = True
+) -> Tensor:
+    """The training loss of ``batch`` (input_ids, labels, mask: (B, T)) under ``--train_type``; ``trim``:
+    first cut the batch after its last counted position (:func:`trim_padding`; off for --compile, whose
+    graphs want one shape)."""
     fn = TRAIN_TYPES.get(train_type)
     if fn is None:
         raise RWKVDishaError(f"unknown --train_type {train_type!r}: use {', '.join(TRAIN_TYPES)}")
+    if trim:
+        batch = trim_padding(batch)
     return fn(model, batch["input_ids"], batch["labels"], batch["mask"], chunk_ctx)
+
+
+TRIM_MULTIPLE = 16  # trimmed lengths are whole chunks of the WKV kernels, and few distinct shapes
+
+
+def trim_padding(batch: dict[str, Tensor], multiple: int = TRIM_MULTIPLE) -> dict[str, Tensor]:
+    """``batch`` without its trailing positions where no row counts toward the loss (rounded up to a
+    multiple of ``multiple``). The model is causal, so the positions kept see exactly what they saw
+    before and the masked mean loss and its gradients do not change; `--dataload pad` pads every
+    document to ctx_len, so short documents (SFT / chat data) cost their own length instead."""
+    mask = batch["mask"]
+    T = mask.shape[1]
+    counted = torch.nonzero(mask.detach().any(0))
+    if counted.numel() == 0:
+        return batch
+    keep = min(T, -(-(int(counted[-1]) + 1) // multiple) * multiple)
+    if keep == T:
+        return batch
+    return {k: v[:, :keep] if v.dim() == 2 and v.shape[1] == T else v for k, v in batch.items()}
 
 
 def check_state_gradients(op: str, device: torch.device) -> None:

@@ -70,7 +70,8 @@ class DishaModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self.cfg.logging.log_samples:
             self._log_samples(batch["input_ids"])
-        loss = sample_loss(self.cfg.engine.train_type, self.model, batch, self.cfg.engine.chunk_ctx)
+        e = self.cfg.engine
+        loss = sample_loss(e.train_type, self.model, batch, e.chunk_ctx, trim=not e.compile)
         self._stop_if_not_finite(loss)
         now = time.perf_counter()
         n_tok = int(batch["input_ids"].numel()) * self.trainer.world_size
