@@ -16,7 +16,7 @@ import torch
 from rwkv_disha.data.dataset import collate
 from rwkv_disha.errors import RWKVDishaError
 from rwkv_disha.train.config import Config
-from rwkv_disha.train.modes import sample_loss
+from rwkv_disha.train.modes import sample_loss, trim_padding
 from rwkv_disha.train.resume import KEY
 from rwkv_disha.train.schedule import lr_at
 
@@ -71,7 +71,9 @@ class DishaModule(L.LightningModule):
         if self.cfg.logging.log_samples:
             self._log_samples(batch["input_ids"])
         e = self.cfg.engine
-        loss = sample_loss(e.train_type, self.model, batch, e.chunk_ctx, trim=not e.compile)
+        if not e.compile:  # here, so that tok/s counts the positions the step really computes
+            batch = trim_padding(batch)
+        loss = sample_loss(e.train_type, self.model, batch, e.chunk_ctx, trim=False)
         self._stop_if_not_finite(loss)
         now = time.perf_counter()
         n_tok = int(batch["input_ids"].numel()) * self.trainer.world_size
