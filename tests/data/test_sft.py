@@ -83,10 +83,21 @@ def test_split_selects_records_as_datasets_slicing_does(sft_file, tok, split, ro
     ]
 
 
-def test_percent_bounds_round_to_the_closest_row():
+def test_percent_bounds_round_as_datasets_does():
+    """datasets' "closest" rounding is Python's round(): half to even."""
     assert list(split_rows("train[:33%]", 10)) == list(range(3))  # 3.3 -> 3
     assert list(split_rows("train[:35%]", 10)) == list(range(4))  # 3.5 -> 4
+    assert list(split_rows("train[:25%]", 10)) == list(range(2))  # 2.5 -> 2, not 3
     assert list(split_rows("train[-20%:]", 10)) == [8, 9]
+
+
+def test_percent_bounds_beyond_100_are_refused(sft_file, one_line_error):
+    from rwkv_disha.data.sft import check_sft_options
+
+    fields = ("query", "response")
+    one_line_error(
+        check_sft_options, fields, "train[:200%]", match=r"percent bounds lie within -100% .. 100%"
+    )
 
 
 def test_other_field_names(tmp_path, tok):
@@ -285,3 +296,74 @@ def test_generate_sft_stops_at_the_end_of_turn(monkeypatch, base, capsys):
     monkeypatch.setattr(gen, "stream_text", lambda tok, tokens, stop: seen.append(stop))
     assert main(["generate", "--load_model", str(base), "--sft", "--prompt", "hi", "--max_tokens", "1"]) == 0
     assert seen == ["\x17"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'\xef\xbb\xbf[{"query": "a", "response": "b"}]',  # a BOM before a JSON array
+        b'{\n "query": "a",\n "response": "b"\n}\n',  # one pretty-printed object
+    ],
+)
+def test_json_files_with_a_bom_or_one_pretty_object_are_read(tmp_path, tok, content):
+    path = tmp_path / "one.json"
+    path.write_bytes(content)
+    ds = _dataset(path)
+    assert len(ds.source) == 1 and _text_and_answer(ds, 0, tok)[1] == "b\n\x17"
+
+
+def test_an_empty_file_is_named_not_its_split(tmp_path, one_line_error):
+    path = tmp_path / "none.json"
+    path.write_text("[]")
+    one_line_error(
+        _dataset, path, match=r"none.json holds no records: give a file of query / response records$"
+    )
+
+
+def test_no_response_within_ctx_len_names_the_sft_fixes(tmp_path, one_line_error):
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"query": "What is 2+2?", "response": "4"}) + "\n")
+    msg = one_line_error(_dataset, path, ctx_len=16, match="no response token")
+    assert msg.endswith("raise --ctx_len, or train on the prompt too with --loss_mask none")
+
+
+def test_sft_flags_given_with_another_data_type_are_refused_even_at_their_defaults(
+    base, sft_file, tmp_path, capsys
+):
+    """Given explicitly they would be ignored; a resumed run's stored values are not refused (not given)."""
+    argv = _train(base, sft_file, tmp_path / "p", "--data_type", "jsonl", "--sft_field", "query", "response")
+    assert main(argv) == 2
+    assert "--sft_field apply to --data_type sft only" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
+def test_prepare_preview_refuses_flags_it_would_ignore(sft_file, tmp_path, capsys):
+    args = ["prepare", "--input", str(sft_file), "--preview", "1", "--output", str(tmp_path / "x")]
+    assert main([*args, "--workers", "3"]) == 2
+    assert "--preview shows records and writes nothing, so --output, --workers" in capsys.readouterr().err
+
+
+def test_prepare_never_removes_an_input_named_like_its_lock(tmp_path, capsys):
+    lock = tmp_path / ".z.prepare.lock"
+    lock.write_text('{"text": "x"}\n')
+    assert main(["prepare", "--input", str(lock), "--output", str(tmp_path / "z")]) == 2
+    assert lock.read_text() == '{"text": "x"}\n'
+
+
+def test_a_resumed_sft_run_may_switch_data_type(base, sft_file, tmp_path, capsys):
+    """The stored --sft_split of the run is not the user's flag: switching the data type on --resume works."""
+    proj = tmp_path / "p"
+    assert main(_train(base, sft_file, proj, "--sft_split", "train[:3]")) == 0
+    resume = [
+        "train",
+        "--resume",
+        str(proj),
+        "--epoch_count",
+        "2",
+        "--data_type",
+        "dummy",
+        "--progress_bar",
+        "0",
+    ]
+    assert main(resume) == 0, capsys.readouterr().err
+    assert (proj / "rwkv-1.pth").is_file()

@@ -249,7 +249,7 @@ def _answer_counts(source, masks, dataload: str, ctx_len: int) -> bool:
 
 
 def check_data(
-    source, masks, name: str, dataload: str, ctx_len: int, loss_mask: str, vocab_size: int
+    source, masks, name: str, dataload: str, ctx_len: int, loss_mask: str, vocab_size: int, sft: bool = False
 ) -> None:
     """Refuse data that cannot train: empty, shorter than a window, ids outside the vocabulary, or no
     token that counts toward the loss (which would run silently at loss 0)."""
@@ -275,12 +275,19 @@ def check_data(
             f"every document of {name} has fewer than 2 tokens, so no token counts toward the loss "
             "(a token is predicted from the ones before it); use longer documents or --dataload get"
         )
-    if masks is not None and not _answer_counts(source, masks, dataload, ctx_len):
+    if masks is None or _answer_counts(source, masks, dataload, ctx_len):
+        return
+    if sft:  # the template's prompt alone is ~30 tokens, and for sft data pad already means "the response"
         raise RWKVDishaError(
-            f"--loss_mask {loss_mask}: no token of {name} counts toward the loss (no answer tokens within "
-            f"the first ctx_len = {ctx_len} tokens of any document); give chat / Q&A records with "
-            "assistant answers, raise --ctx_len, or use --loss_mask pad"
+            f"--loss_mask {loss_mask}: no response token of {name} lies within the first ctx_len = {ctx_len} "
+            "tokens of its record (RWKV-PEFT's template puts the prompt first): raise --ctx_len, or train on "
+            "the prompt too with --loss_mask none"
         )
+    raise RWKVDishaError(
+        f"--loss_mask {loss_mask}: no token of {name} counts toward the loss (no answer tokens within "
+        f"the first ctx_len = {ctx_len} tokens of any document); give chat / Q&A records with "
+        "assistant answers, raise --ctx_len, or use --loss_mask pad"
+    )
 
 
 def make_dataset(
@@ -311,7 +318,7 @@ def make_dataset(
     source, masks, name = open_source(
         data_file, data_type, dataload, loss_mask, ctx_len, vocab_size, seed, sft
     )
-    check_data(source, masks, name, dataload, ctx_len, loss_mask, vocab_size)
+    check_data(source, masks, name, dataload, ctx_len, loss_mask, vocab_size, sft=data_type == "sft")
     return TokenDataset(
         source,
         masks,

@@ -226,12 +226,17 @@ def _check_output(output: str) -> str:
     return prefix
 
 
+def _lock_path(prefix: str) -> Path:
+    return Path(os.path.dirname(prefix) or ".") / f".{os.path.basename(prefix)}.prepare.lock"
+
+
 def _refuse_input_as_output(inputs: list[str], prefix: str) -> None:
     """An input among the files prepare writes (or removes, with --overwrite 1): refused even with
     --overwrite 1, as merge / import / export refuse to write over their inputs."""
     outputs = {
         os.path.realpath(p + suffix) for p in (prefix, prefix + MASK_SUFFIX) for suffix in (".bin", ".idx")
     }
+    outputs.add(os.path.realpath(_lock_path(prefix)))  # removed when the run ends
     for path in inputs:
         if os.path.realpath(path) in outputs:
             raise RWKVDishaError(
@@ -255,7 +260,7 @@ def output_lock(prefix: str) -> Iterator[Path]:
     the first's pid. It is an ``flock``: a killed holder never leaves a stale lock."""
     import fcntl
 
-    lock = Path(os.path.dirname(prefix) or ".") / f".{os.path.basename(prefix)}.prepare.lock"
+    lock = _lock_path(prefix)
     try:
         while True:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -449,8 +454,19 @@ def _remove_folders(created: list[str]) -> None:
 
 def run(cfg: Config) -> int:
     if cfg.preview:  # checks the flags and inputs, tokenizes the first records, writes nothing
+        from rwkv_disha.config import given_options
         from rwkv_disha.data.preview import preview
 
+        unused = [
+            f"--{n}"
+            for n in ("output", "overwrite", "workers", "dtype", "progress")
+            if n in given_options(cfg)
+        ]
+        if unused:
+            raise RWKVDishaError(
+                f"--preview shows records and writes nothing, so {', '.join(unused)} would do nothing: drop "
+                "them (or drop --preview to write the data)"
+            )
         inputs = _check(cfg)
         preview(
             inputs, cfg.preview, cfg.ctx_len, cfg.txt_split, cfg.text_key, cfg.append_eos, cfg.on_error,

@@ -235,6 +235,20 @@ class LineNumbers:
         return [(f"{p}: block {n}", why) for p, n, why in enc.errors]
 
 
+def _one_json_object(path: str) -> dict | None:
+    """The record a .json file holds as one JSON object spread over lines, or None (then it is JSON lines;
+    a file over 64 MB is taken as JSON lines without reading it whole)."""
+    if os.path.getsize(path) > 1 << 26:
+        return None
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def iter_chunks(
     path: str, txt_split: str = "blank", chunk_bytes: int = 1 << 20, chunk_items: int = 2048
 ) -> Iterator[tuple[str, str, object, int]]:
@@ -247,7 +261,11 @@ def iter_chunks(
     """
     if is_json_file(path):
         with open(path, "rb") as f:
-            first = f.read(64).lstrip()
+            first = f.read(64).removeprefix(b"\xef\xbb\xbf").lstrip()  # a BOM (json.loads of bytes skips it)
+        whole = _one_json_object(path) if path.lower().endswith(".json") and first.startswith(b"{") else None
+        if whole is not None:  # a pretty-printed .json holding one record
+            yield "obj", path, [(1, whole)], os.path.getsize(path)
+            return
         if path.lower().endswith(".json") and first.startswith(b"["):
             with open(path, "rb") as f:
                 data = f.read()

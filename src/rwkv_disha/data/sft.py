@@ -39,13 +39,20 @@ class SftSpec:
     split: str = "train"
 
 
-def sft_spec(opts) -> SftSpec | None:
+def sft_spec(opts, given=None) -> SftSpec | None:
     """``opts.sft_field`` / ``opts.sft_split`` (train's data options, eval's config) checked, before any file
-    is read: a spec for ``--data_type sft``, None for another type (which refuses changed sft flags)."""
+    is read: a spec for ``--data_type sft``, None for another type. ``given``: the option names given on
+    this command line; for another type those sft flags are refused, whatever their value (they would be
+    ignored); a resumed run's stored ones are not the user's to drop. None: refuse changed values."""
     if opts.data_type != "sft":
-        if list(opts.sft_field) != list(SftSpec.fields) or opts.sft_split != SftSpec.split:
+        names = [f"--{n}" for n in ("sft_field", "sft_split") if n in given] if given is not None else []
+        if given is None and (
+            list(opts.sft_field) != list(SftSpec.fields) or opts.sft_split != SftSpec.split
+        ):
+            names = ["--sft_field / --sft_split"]
+        if names:
             raise RWKVDishaError(
-                f"--sft_field / --sft_split apply to --data_type sft only (this run reads --data_type "
+                f"{' '.join(names)} apply to --data_type sft only (this run reads --data_type "
                 f"{opts.data_type}): drop them or use --data_type sft"
             )
         return None
@@ -60,7 +67,12 @@ def check_sft_options(fields, split: str) -> SftSpec:
             "--sft_field takes two different keys, the query's and the response's "
             f"(got {' '.join(fields) or 'none'}); e.g. --sft_field query response"
         )
-    if not _SPLIT.fullmatch(split):
+    m = _SPLIT.fullmatch(split)
+    if m and any(b and b.endswith("%") and abs(int(b[:-1])) > 100 for b in (m["start"], m["stop"])):
+        raise RWKVDishaError(
+            f"--sft_split {split!r}: percent bounds lie within -100% .. 100% (as in datasets)"
+        )
+    if not m:
         raise RWKVDishaError(
             f"--sft_split {split!r} is not a split: give a name with an optional slice, e.g. train, "
             "train[:1000] or train[10%:20%]"
@@ -76,9 +88,8 @@ def split_rows(split: str, n: int) -> range:
     def bound(text: str | None) -> int | None:
         if text is None:
             return None
-        if text.endswith("%"):
-            pct = int(text[:-1])
-            return int(np.sign(pct)) * int(abs(pct) * n / 100 + 0.5)  # to the closest row, as datasets
+        if text.endswith("%"):  # datasets' "closest" rounding: Python's round, half to even
+            return round(int(text[:-1]) * n / 100)
         return int(text)
 
     return range(n)[slice(bound(m["start"]), bound(m["stop"]))]
@@ -116,6 +127,8 @@ def load_sft(path: str, spec: SftSpec):
                 "first 1000 records)"
             )
         source, masks, _ = load_jsonl(path, sft_fields=spec.fields)
+        if len(source) == 0:
+            raise RWKVDishaError(f"{path} holds no records: give a file of query / response records")
         rows = split_rows(spec.split, len(source))
         docs = [source.doc(i) for i in rows]
         answers = [masks.doc(i) for i in rows]

@@ -31,6 +31,7 @@ def build_adapter_config(cfg: Config):
 def build_dataset(cfg: Config, vocab_size: int):
     """The run's dataset (every data problem surfaces here, before the model loads). Built for rank 0 of
     1; DishaData.setup gives it this process's rank once the engine knows it."""
+    from rwkv_disha.config import given_options
     from rwkv_disha.data.dataset import make_dataset
     from rwkv_disha.data.sft import sft_spec
 
@@ -46,7 +47,7 @@ def build_dataset(cfg: Config, vocab_size: int):
         cfg.optim.seed,
         vocab_size,
         shuffle=d.data_shuffle,
-        sft=sft_spec(d),
+        sft=sft_spec(d, given_options(cfg)),
     )
 
 
