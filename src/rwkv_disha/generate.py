@@ -21,8 +21,11 @@ from rwkv_disha.choices import OPS
 from rwkv_disha.config import opt
 from rwkv_disha.data.sft import SFT_END, SFT_PROMPT
 from rwkv_disha.errors import RWKVDishaError
+from rwkv_disha.model.load import hf_folder_error
 
 MODEL_FLAGS = ("--load_model", "--compare")  # flags that may name a whole model (eval's --compare too)
+# flags that name an adapter or state file: what each expects (a model folder there is the wrong input)
+ADAPTER_FLAGS = {"--peft_checkpoint": "an adapter", "--state": "a state", "--state_checkpoint": "a state"}
 
 
 def check_input_file(path: str, flag: str) -> None:
@@ -34,6 +37,8 @@ def check_input_file(path: str, flag: str) -> None:
         return
     if flag in MODEL_FLAGS:
         check_not_hf_model(p, flag)
+    elif flag in ADAPTER_FLAGS and p.is_dir() and (p / "config.json").is_file():
+        raise hf_folder_error(f"{flag} {path}", p, ADAPTER_FLAGS[flag])
     if p.is_dir():
         fix = "a prompt file (.jsonl, or text)" if flag == "--prompt_file" else "the .pth file inside it"
         raise RWKVDishaError(f"{flag} {path} is a directory; give {fix}")
@@ -248,7 +253,11 @@ class Config:
     top_p: float = opt(0.85, "nucleus sampling mass (1 = off)")
     top_k: int = opt(0, "sample among the k most likely tokens (0 = off)")
     seed: int = opt(0, "random seed (same prompt + seed = same text)")
-    stop: str = opt("", "stop when the output contains this string (chat mode: a blank line)")
+    stop: str = opt(
+        "",
+        "stop when the output contains this string; with --chat / --sft also at their own end of turn "
+        "(a blank line / \\x17), whichever comes first",
+    )
     chat: bool = opt(False, "wrap the prompt as 'User: ...\\n\\nAssistant:' (RWKV chat format)")
     sft: bool = opt(
         False,
@@ -378,7 +387,7 @@ def run(cfg: Config) -> int:
     sampling = (cfg.temperature, cfg.top_p, cfg.top_k)
     if cfg.chat_loop:
         return chat_loop(model, tok, cfg, penalties)
-    stop = cfg.stop or ("\n\n" if cfg.chat else SFT_END if cfg.sft else "")
+    stops = stop_strings(cfg)
     for k, prompt in enumerate(prompts):
         if len(prompts) > 1:
             gap = "\n" if k else ""  # a blank line between one prompt's text and the next header
@@ -388,8 +397,16 @@ def run(cfg: Config) -> int:
         gen = torch.Generator().manual_seed(cfg.seed)  # each prompt: the text it would get on its own
         session = Session(model)
         session.feed(ids or [0])  # an empty prompt starts from end-of-text, as after a document
-        stream_text(tok, session.reply(cfg.max_tokens, *sampling, gen, penalties), stop)
+        stream_text(tok, session.reply(cfg.max_tokens, *sampling, gen, penalties), stops)
     return 0
+
+
+def stop_strings(cfg: Config) -> tuple[str, ...]:
+    """The strings that end a reply: the mode's own end of turn (--chat / --chat_loop: the blank line,
+    --sft: \\x17) and --stop. --stop adds to the mode's stop, never replaces it: an SFT or chat model
+    would otherwise write its next turn after its end of turn."""
+    own = "\n\n" if cfg.chat or cfg.chat_loop else SFT_END if cfg.sft else ""
+    return tuple(s for s in dict.fromkeys((own, cfg.stop)) if s)
 
 
 def _encode(tok, text: str, vocab: int) -> list[int]:
@@ -407,21 +424,37 @@ def _encode(tok, text: str, vocab: int) -> list[int]:
     return ids
 
 
-def stream_text(tok, ids: Iterator[int], stop: str) -> tuple[str, bool]:
-    """Write the text of ``ids`` to stdout as it comes (a multi-byte character once complete), up to
-    ``stop``, then a newline. Returns (the text written, whether ``stop`` ended it)."""
+def _first_stop(text: str, stops: tuple[str, ...]) -> str:
+    """The stop string of ``stops`` that occurs earliest in ``text`` ("" when none does)."""
+    found = [(text.index(s), s) for s in stops if s in text]
+    return min(found)[1] if found else ""
+
+
+def _stop_start(text: str, stops: tuple[str, ...]) -> int:
+    """The length of the longest end of ``text`` that begins one of ``stops``: held back until the next
+    token says whether the stop follows (it must not reach stdout)."""
+    ends = [n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])]
+    return max(ends, default=0)
+
+
+def stream_text(tok, ids: Iterator[int], stops: tuple[str, ...]) -> tuple[str, str]:
+    """Write the text of ``ids`` to stdout as it comes (a multi-byte character once complete), up to the
+    first of ``stops`` to occur, then a newline. Returns (the text written, the stop string that ended it,
+    "" when none did)."""
     out_ids: list[int] = []
     shown = ""
-    stopped = False
+    stopped = ""
     for t in ids:
         out_ids.append(t)
         text = tok.decode(out_ids)
-        if stop and stop in text:
-            text = text[: text.index(stop)]
+        stopped = _first_stop(text, stops)
+        if stopped:
+            text = text[: text.index(stopped)]
             sys.stdout.write(text[len(shown) :])
-            shown, stopped = text, True
+            shown = text
             break
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+        text = text[: len(text) - _stop_start(text, stops)]  # a stop's beginning may be its start
+        if not text.endswith("\ufffd") and len(text) > len(shown):  # wait for a multi-byte character's rest
             sys.stdout.write(text[len(shown) :])
             sys.stdout.flush()
             shown = text
@@ -452,6 +485,6 @@ def chat_loop(model, tok, cfg: Config, penalties: Penalties) -> int:
         # each turn follows the blank line that closed the previous answer: "User: ...\n\nAssistant:"
         session.feed(_encode(tok, chat_prompt(line), model.config.vocab_size))
         reply = session.reply(cfg.max_tokens, cfg.temperature, cfg.top_p, cfg.top_k, gen, penalties)
-        _, stopped = stream_text(tok, reply, cfg.stop or "\n\n")
-        if not stopped or cfg.stop:  # token 0, --max_tokens or a custom stop: close the turn in the state
+        _, stopped = stream_text(tok, reply, stop_strings(cfg))
+        if stopped != "\n\n":  # token 0, --max_tokens or --stop: close the turn in the state
             session.feed(tok.encode("\n\n"))

@@ -33,6 +33,7 @@ from rwkv_disha.adapters.state import TimeState, is_state_key, time_state_parame
 from rwkv_disha.choices import TRAIN_PARTS
 from rwkv_disha.errors import RWKVDishaError
 from rwkv_disha.fsio import atomic_write_json
+from rwkv_disha.train.checks import check_lora_scale
 
 Tensor = torch.Tensor
 
@@ -356,6 +357,7 @@ def apply_lora_alpha(file: AdapterFile, lora_alpha: float | None, log) -> None:
             f"--lora_alpha {lora_alpha:g} scales LoRA adapters, but {file.source} holds "
             f"{file.cfg.describe()}: drop --lora_alpha"
         )
+    check_lora_scale("--lora_alpha", lora_alpha, file.cfg.r)
     if lora_alpha != file.cfg.lora_alpha:  # a file without sidecar already took it from the flag
         log(f"using --lora_alpha {lora_alpha:g} instead of the sidecar's {file.cfg.lora_alpha:g}")
         file.cfg.lora_alpha = float(lora_alpha)

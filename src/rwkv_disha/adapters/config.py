@@ -21,6 +21,7 @@ from rwkv_disha.adapters.registry import MODEL_KINDS, adapter_class, kinds_of
 from rwkv_disha.choices import DEFAULT_TRAIN_PARTS, TRAIN_PARTS
 from rwkv_disha.errors import RWKVDishaError
 from rwkv_disha.model.registry import MODELS, RWKV7_TARGETS
+from rwkv_disha.train.checks import check_lora_scale
 
 # docs/ADAPTERS.md, "Layouts": the Linear layers RWKV-PEFT adapts in RWKV-7 (module name after ``blocks.N.``)
 # The Linear layers adapters replace by default come from the model version's registry entry
@@ -116,6 +117,8 @@ class AdapterConfig:
             key = next(k for k, (name, _, _) in kind.cli_keys.items() if name == "r")
             raise RWKVDishaError(f"{kind.cli_flag} {key} must be a positive integer, got {self.r!r}")
         kind.check_config(self)
+        if any(name == "lora_alpha" for name, _, _ in kind.cli_keys.values()):  # LoRA: scale alpha / r
+            check_lora_scale("lora_alpha", self.lora_alpha, self.r)
         if isinstance(self.targets, str):
             self.targets = [t for t in re.split(r"[\s,]+", self.targets) if t]
         if not isinstance(self.targets, list) or not all(isinstance(t, str) and t for t in self.targets):

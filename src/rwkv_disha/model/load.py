@@ -27,6 +27,22 @@ SAFETENSORS_SUFFIXES = (".safetensors", ".st")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
+def hf_folder_error(name: str, folder: Path, what: str = "model") -> RWKVDishaError:
+    """The one line for a Hugging Face model folder (config.json + model.safetensors) given as ``name``
+    (a flag and its path); ``what``: "model", or the file expected with its article ("an adapter"). For a
+    model, the import command that converts it; for an adapter or a state
+    file, that it is a whole model (it holds no .pth to pick), so the fix is the right file there."""
+    command = f"`rwkv-disha import --hf_model {folder} --output model.pth`"
+    if what == "model":
+        return RWKVDishaError(
+            f"{name} is a Hugging Face model folder: convert it with {command} and give the .pth"
+        )
+    return RWKVDishaError(
+        f"{name} is a Hugging Face model folder, not {what} file: give {what} file (.pth) there; a model "
+        f"goes to --load_model / --base_model, converted with {command}"
+    )
+
+
 def load_state_dict(path: str | os.PathLike, what: str = "model") -> dict[str, torch.Tensor]:
     """Memory-map a ``.pth`` (or read a ``.safetensors``/``.st``) file into a dict of tensors."""
     p = Path(path)
@@ -34,10 +50,8 @@ def load_state_dict(path: str | os.PathLike, what: str = "model") -> dict[str, t
         raise RWKVDishaError(f"{what} file not found: {p} (check the path)")
     if p.is_dir():
         if (p / "config.json").is_file():
-            raise RWKVDishaError(
-                f"{what} path {p} is a Hugging Face model folder: convert it with "
-                f"`rwkv-disha import --hf_model {p} --output model.pth` and give the .pth"
-            )
+            expected = "model" if what.endswith("model") else f"{'an' if what[0] in 'aeiou' else 'a'} {what}"
+            raise hf_folder_error(f"{what} path {p}", p, expected)
         raise RWKVDishaError(f"{what} path {p} is a directory; give the .pth file inside it")
     _refuse_non_checkpoint(p, what)
     if p.suffix in SAFETENSORS_SUFFIXES:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from pathlib import Path
 
+from rwkv_disha.config import given_options
 from rwkv_disha.data.sft import sft_spec
 from rwkv_disha.errors import RWKVDishaError
+from rwkv_disha.model.load import hf_folder_error
 from rwkv_disha.train.config import SEED_MAX, Config, non_finite_option
 
 POSITIVE = ("epoch_steps", "epoch_count", "epoch_save", "accumulate_grad_batches")
@@ -17,6 +20,8 @@ def validate(cfg: Config) -> None:
     """Every option on its own and together, without touching the model or the data."""
     if not cfg.load_model:
         raise RWKVDishaError("--load_model is required: the base RWKV .pth to fine-tune")
+    if Path(cfg.load_model).is_dir() and (Path(cfg.load_model) / "config.json").is_file():
+        raise hf_folder_error(f"--load_model {cfg.load_model}", Path(cfg.load_model))
     if Path(cfg.load_model).is_dir():
         raise RWKVDishaError(f"--load_model {cfg.load_model} is a directory: give the model's .pth file")
     if not Path(cfg.load_model).is_file():
@@ -45,7 +50,7 @@ def validate(cfg: Config) -> None:
         )
     if d.data_type == "wds_img":
         raise RWKVDishaError("--data_type wds_img: image data is not supported (text models only)")
-    sft_spec(d)
+    sft_spec(d, given_options(cfg))  # only flags given here: a resumed run brings its own
     _validate_engine(cfg)
     if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
         raise RWKVDishaError("--wandb needs the wandb package: pip install wandb (WANDB_MODE=offline works)")
@@ -105,6 +110,34 @@ def check_float32(flag: str, value: float, positive: bool = False) -> None:
         raise RWKVDishaError(
             f"{flag} {value:g} is below float32's smallest normal number, which torch computes it in: give "
             f"at least {FLOAT32_TINY:.1e}"
+        )
+
+
+def _three_digits(x: float, up: bool) -> str:
+    """``x`` to three significant digits, rounded up or down (not to nearest): a bound the message offers
+    must itself pass the check."""
+    step = 10.0 ** (math.floor(math.log10(x)) - 2)
+    digits = math.ceil(x / step) if up else math.floor(x / step)
+    return f"{digits * step:.3g}"
+
+
+def check_lora_scale(name: str, alpha: float, r: int) -> None:
+    """Refuse a LoRA ``alpha`` whose scale alpha / r float32 cannot hold: the forward multiplies by it in
+    float32, so a scale above float32's largest value fails in torch ("cannot be converted ... without
+    overflow") or turns every output into inf / NaN, and one below its smallest normal number loses the
+    adapter. ``name`` says where the value came from (a flag, a JSON key, a sidecar's key)."""
+    scale = alpha / r if isinstance(alpha, (int, float)) and math.isfinite(alpha) else math.nan
+    if not scale > 0:
+        raise RWKVDishaError(f"{name} must be a positive finite number, got {alpha!r}")
+    if scale > FLOAT32_MAX:
+        raise RWKVDishaError(
+            f"{name} {alpha:g} makes LoRA's scale alpha / r = {alpha:g} / {r} = {scale:.3g}, which does not "
+            f"fit float32: give {name} at most {_three_digits(FLOAT32_MAX * r, up=False)}"
+        )
+    if scale < FLOAT32_TINY:
+        raise RWKVDishaError(
+            f"{name} {alpha:g} makes LoRA's scale alpha / r = {alpha:g} / {r} = {scale:.3g}, below float32's "
+            f"smallest normal number: give {name} at least {_three_digits(FLOAT32_TINY * r, up=True)}"
         )
 
 
