@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from rwkv_disha.choices import DATA_TYPES, DATALOADS, LOSS_MASKS, OPS
-from rwkv_disha.config import opt
+from rwkv_disha.config import given_options, opt
 from rwkv_disha.data.sft import sft_spec
 from rwkv_disha.errors import RWKVDishaError
 
@@ -126,7 +126,7 @@ def validate(cfg: Config) -> None:
     if cfg.dataload == "only" and cfg.micro_bsz != 1:
         raise RWKVDishaError(f"--dataload only needs --micro_bsz 1 (got {cfg.micro_bsz})")
     check_seed(cfg)
-    sft_spec(cfg)
+    sft_spec(cfg, given_options(cfg))
     adapters = [cfg.peft_checkpoint] if cfg.peft_checkpoint else []
     adapters += [p for p in cfg.compare if model_kind(p) == "adapter"]
     check_adapters(adapters, cfg.lora_alpha, "--peft_checkpoint or --compare")
@@ -190,7 +190,7 @@ def run(cfg: Config) -> int:
         cfg.seed,
         vocab,
         shuffle=cfg.dataload == "get",  # windows in --seed's order; documents in file order
-        sft=sft_spec(cfg),
+        sft=sft_spec(cfg, given_options(cfg)),
     )
     rows = []
     for i, (name, kind, model_path, adapter_path) in enumerate(models_to_compare(cfg)):

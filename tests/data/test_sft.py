@@ -295,7 +295,7 @@ def test_generate_sft_stops_at_the_end_of_turn(monkeypatch, base, capsys):
     seen = []
     monkeypatch.setattr(gen, "stream_text", lambda tok, tokens, stop: seen.append(stop))
     assert main(["generate", "--load_model", str(base), "--sft", "--prompt", "hi", "--max_tokens", "1"]) == 0
-    assert seen == ["\x17"]
+    assert seen == [("\x17",)]
 
 
 @pytest.mark.parametrize(
