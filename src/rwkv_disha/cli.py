@@ -292,7 +292,35 @@ def parse_config(name: str, argv: list[str]):
     bad = _non_finite(cfg)
     if bad:
         raise RWKVDishaError(f"--{bad[0]} must be a finite number, got {bad[1]}")
+    if getattr(ns, "_config", None):
+        _refuse_config_as_output(cfg, ns._config)
     return module, cfg
+
+
+# options naming a file a command writes; prepare's --output is a prefix of four files
+_OUTPUT_OPTIONS = ("output", "json")
+_PREFIX_FILES = (".bin", ".idx", ".mask.bin", ".mask.idx")
+
+
+def _refuse_config_as_output(cfg, config_path: str) -> None:
+    """The --config file is an input: an output that would write over it is refused, --overwrite or not."""
+    from rwkv_disha.config import flat_dict
+
+    options = flat_dict(cfg)
+    target = os.path.realpath(config_path)
+    for name in _OUTPUT_OPTIONS:
+        value = options.get(name)
+        if not isinstance(value, str) or not value:
+            continue
+        paths = (
+            [value, *(value + s for s in _PREFIX_FILES)]
+            if type(cfg).__module__.endswith(".prepare")
+            else [value]
+        )
+        if any(os.path.realpath(p) == target for p in paths):
+            raise RWKVDishaError(
+                f"--{name} {value} would write over the --config file {config_path}: choose another"
+            )
 
 
 def _usage() -> str:

@@ -62,3 +62,25 @@ def test_rwkv_peft_merge_flags_get_their_fix(capsys):
         assert main(["merge", "--base_model", "b.pth", *argv, "--output", "m.pth"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: rwkv-disha merge: ") and err.count("\n") == 1 and fix in err, err
+
+
+def test_an_output_over_the_config_file_is_refused(tmp_path, capsys, monkeypatch):
+    """The --config file is an input: even with --overwrite 1 no command writes over it."""
+    from rwkv_disha.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        ("ic.yaml", "n_layer: 1\nn_embd: 64\n", ["init", "--output", "ic.yaml", "--overwrite", "1"]),
+        (
+            "ev.yaml",
+            "ctx_len: 16\n",
+            ["eval", "--load_model", "m.pth", "--json", "ev.yaml", "--overwrite", "1"],
+        ),
+        ("p.bin", "input: [a.jsonl]\n", ["prepare", "--output", "p", "--overwrite", "1"]),
+    ]
+    for name, text, argv in cases:
+        (tmp_path / name).write_text(text)
+        assert main([*argv, "--config", name]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"would write over the --config file {name}" in err, err
+        assert (tmp_path / name).read_text() == text
