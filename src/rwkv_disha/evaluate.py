@@ -199,6 +199,12 @@ def run(cfg: Config) -> int:
         model = load_for_inference(model_path, adapter_path, cfg.op, cfg.lora_alpha, state)
         rows.append({"model": name, "kind": kind, **evaluate_loss(model, ds, cfg.micro_bsz, cfg.max_samples)})
         del model  # one model in memory at a time
+    bad = next((r for r in rows if not math.isfinite(r["loss"])), None)
+    if bad:  # NaN is no result (and no JSON): say which model overflows instead of printing it
+        raise RWKVDishaError(
+            f"the loss of {bad['model']} is {bad['loss']} on this data: the model overflows (a diverged "
+            "adapter, or a --lora_alpha far too large); nothing written"
+        )
     if cfg.json:
         from rwkv_disha.fsio import atomic_write_json
 
