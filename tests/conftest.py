@@ -51,6 +51,30 @@ def make_checkpoint(tmp_path_factory):
     return make
 
 
+def _save_random_adapter(base, cfg, out, seed: int = 1, scale: float = 0.3):
+    """``cfg`` injected into the model at ``base``, every trainable tensor given random (non-zero) values,
+    saved as training saves it (+ sidecar) at ``out``. Zero-started adapters would make any test that
+    compares merged with unmerged, or scales the adapter, trivially pass."""
+    from rwkv_disha import load_model
+    from rwkv_disha.adapters import inject_adapters, mark_trainable, save_adapter_file
+
+    model = load_model(base)
+    inject_adapters(model, cfg)
+    mark_trainable(model, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+    return save_adapter_file(model, cfg, out)
+
+
+@pytest.fixture(scope="session")
+def random_adapter():
+    """random_adapter(base, cfg, out, seed=1, scale=0.3) -> path of a saved adapter with random weights."""
+    return _save_random_adapter
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path(make_checkpoint):
     return make_checkpoint(2, 128, 1000)

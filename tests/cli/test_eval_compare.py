@@ -6,29 +6,20 @@ import math
 import pytest
 import torch
 
-from rwkv_disha.adapters import AdapterConfig, inject_adapters, mark_trainable, save_adapter_file
+from rwkv_disha.adapters import AdapterConfig
 from rwkv_disha.cli import main
 from rwkv_disha.data.dataset import make_dataset
 from rwkv_disha.demo import make_corpus
 from rwkv_disha.generate import load_for_inference
-from rwkv_disha.model.load import load_model
 
 
 @pytest.fixture(scope="module")
-def demo_setup(make_checkpoint, tmp_path_factory):
+def demo_setup(make_checkpoint, tmp_path_factory, random_adapter):
     """A World-vocabulary base, a Bone adapter with random weights, its merge, and demo chat data."""
     d = tmp_path_factory.mktemp("evalcmp")
     base = make_checkpoint(2, 64, 65536, seed=5)
-    model = load_model(base)
     cfg = AdapterConfig.from_cli("disha", '{"mode":"bone","r":16}', "", ["time", "ln"])
-    inject_adapters(model, cfg)
-    mark_trainable(model, cfg)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)  # non-zero: merged == base would be trivial
-    adapter = save_adapter_file(model, cfg, d / "rwkv-0.pth")
+    adapter = random_adapter(base, cfg, d / "rwkv-0.pth")  # non-zero: merged == base would be trivial
     merged = d / "merged.pth"
     assert (
         main(["merge", "--base_model", str(base), "--peft_checkpoint", str(adapter), "--output", str(merged)])

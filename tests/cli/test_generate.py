@@ -6,10 +6,9 @@ import sys
 import pytest
 import torch
 
-from rwkv_disha.adapters import AdapterConfig, inject_adapters, mark_trainable, save_adapter_file
+from rwkv_disha.adapters import AdapterConfig
 from rwkv_disha.cli import main
 from rwkv_disha.generate import chat_prompt, generate_ids, load_for_inference, sample_token
-from rwkv_disha.model.load import load_model
 
 
 @pytest.fixture(scope="module")
@@ -18,18 +17,10 @@ def world_model(make_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def adapter_file(world_model, tmp_path_factory):
+def adapter_file(world_model, tmp_path_factory, random_adapter):
     """A Bone adapter with random (non-zero) weights, saved as training saves it."""
-    model = load_model(world_model)
     cfg = AdapterConfig.from_cli("disha", '{"mode":"bone","r":16}', "", ["time", "ln"])
-    inject_adapters(model, cfg)
-    mark_trainable(model, cfg)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return save_adapter_file(model, cfg, tmp_path_factory.mktemp("adapter") / "rwkv-0.pth")
+    return random_adapter(world_model, cfg, tmp_path_factory.mktemp("adapter") / "rwkv-0.pth", seed=0)
 
 
 def run(capsys, *args):

@@ -18,41 +18,28 @@ import torch
 
 import rwkv_disha.data.dataset as dataset_module
 import rwkv_disha.generate as generate
-from rwkv_disha.adapters import AdapterConfig, inject_adapters, mark_trainable, save_adapter_file
+from rwkv_disha.adapters import AdapterConfig
 from rwkv_disha.cli import main
 from rwkv_disha.data.binidx import write_binidx
 from rwkv_disha.data.dataset import make_dataset
 from rwkv_disha.evaluate import evaluate_loss
 from rwkv_disha.generate import load_for_inference, sample_token
-from rwkv_disha.model.load import load_model
 
 NOTICE = "using --lora_alpha 1000 instead of the sidecar's 8"
 
 
-def _random_adapter(base: Path, peft: str, config: str, out: Path) -> Path:
-    """An adapter of ``peft`` with random (non-zero) weights, saved as training saves it (+ sidecar)."""
-    model = load_model(base)
-    cfg = AdapterConfig.from_cli(peft, **{f"{peft}_config": config})
-    inject_adapters(model, cfg)
-    mark_trainable(model, cfg)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return save_adapter_file(model, cfg, out)
-
-
 @pytest.fixture(scope="module")
-def files(make_checkpoint, tmp_path_factory):
+def files(make_checkpoint, tmp_path_factory, random_adapter):
     """A World-vocabulary base, a LoRA (alpha 8, with sidecar), the same LoRA without sidecar, a Bone, and
     binidx data of ~300 tokens (ids < 256)."""
     d = tmp_path_factory.mktemp("sweep3")
     base = make_checkpoint(2, 64, 65536, seed=5)
-    lora = _random_adapter(base, "lora", '{"lora_r":4,"lora_alpha":8}', d / "lora" / "rwkv-0.pth")
+    lora_cfg = AdapterConfig.from_cli("lora", lora_config='{"lora_r":4,"lora_alpha":8}')
+    lora = random_adapter(base, lora_cfg, d / "lora" / "rwkv-0.pth")
     (d / "ns").mkdir()
     bare = Path(shutil.copy(lora, d / "ns" / "lora.pth"))  # an RWKV-PEFT style file: no sidecar
-    bone = _random_adapter(base, "disha", '{"mode":"bone","r":16}', d / "bone" / "rwkv-0.pth")
+    bone_cfg = AdapterConfig.from_cli("disha", disha_config='{"mode":"bone","r":16}')
+    bone = random_adapter(base, bone_cfg, d / "bone" / "rwkv-0.pth")
     rng = np.random.default_rng(0)
     docs = [np.append(rng.integers(1, 255, int(rng.integers(20, 50))), 0).astype(np.int32) for _ in range(9)]
     write_binidx(d / "data", docs)

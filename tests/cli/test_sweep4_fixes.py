@@ -174,19 +174,10 @@ def test_hf_folder_as_adapter_or_state_is_named(base, hf_folder, command, flag, 
     )
 
 
-def test_eval_refuses_a_loss_that_overflows(base, tmp_path, capsys):
+def test_eval_refuses_a_loss_that_overflows(base, tmp_path, capsys, random_adapter):
     """A LoRA scale that fits float32 (1e39 / 8) can still overflow the forward: NaN is no result."""
-    import torch
-
-    model = load_model(base)
     cfg = AdapterConfig.from_cli("lora", lora_config='{"lora_r":8,"lora_alpha":32,"lora_dropout":0}')
-    inject_adapters(model, cfg)
-    mark_trainable(model, cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.fill_(0.1)  # zero-init B would make any scale harmless
-    path = save_adapter_file(model, cfg, tmp_path / "rwkv-0.pth")
+    path = random_adapter(base, cfg, tmp_path / "rwkv-0.pth")  # zero-init B would make any scale harmless
     out = tmp_path / "r.json"
     args = ["eval", "--load_model", str(base), "--peft_checkpoint", str(path), "--data_type", "dummy"]
     assert main([*args, "--max_samples", "1", "--lora_alpha", "1e39", "--json", str(out)]) == 2
