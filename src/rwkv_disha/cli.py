@@ -293,17 +293,17 @@ def parse_config(name: str, argv: list[str]):
     if bad:
         raise RWKVDishaError(f"--{bad[0]} must be a finite number, got {bad[1]}")
     if getattr(ns, "_config", None):
-        _refuse_config_as_output(cfg, ns._config)
+        _refuse_config_as_output(cfg, ns._config, getattr(module, "OUTPUT_SUFFIXES", ("",)))
     return module, cfg
 
 
-# options naming a file a command writes; prepare's --output is a prefix of four files
-_OUTPUT_OPTIONS = ("output", "json")
-_PREFIX_FILES = (".bin", ".idx", ".mask.bin", ".mask.idx")
+_OUTPUT_OPTIONS = ("output", "json")  # the options that name a file a command writes
 
 
-def _refuse_config_as_output(cfg, config_path: str) -> None:
-    """The --config file is an input: an output that would write over it is refused, --overwrite or not."""
+def _refuse_config_as_output(cfg, config_path: str, suffixes: tuple[str, ...]) -> None:
+    """The --config file is an input: an output that would write over it is refused, --overwrite or not.
+    ``suffixes``: the files an output option names (a command module's ``OUTPUT_SUFFIXES``; prepare's
+    --output is a prefix of four files)."""
     from rwkv_disha.config import flat_dict
 
     options = flat_dict(cfg)
@@ -312,12 +312,7 @@ def _refuse_config_as_output(cfg, config_path: str) -> None:
         value = options.get(name)
         if not isinstance(value, str) or not value:
             continue
-        paths = (
-            [value, *(value + s for s in _PREFIX_FILES)]
-            if type(cfg).__module__.endswith(".prepare")
-            else [value]
-        )
-        if any(os.path.realpath(p) == target for p in paths):
+        if any(os.path.realpath(value + s) == target for s in ("", *suffixes)):
             raise RWKVDishaError(
                 f"--{name} {value} would write over the --config file {config_path}: choose another"
             )

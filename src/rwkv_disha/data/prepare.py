@@ -38,6 +38,10 @@ CHUNK_BYTES = 1 << 20  # input bytes per task sent to a worker
 WORKERS_PER_CORE = 4  # --workers above this many per core is a typo, not a plan (each one is a process)
 
 
+# the files --output PREFIX names (cli.py refuses a --config file among them)
+OUTPUT_SUFFIXES = (".bin", ".idx", MASK_SUFFIX + ".bin", MASK_SUFFIX + ".idx")
+
+
 @dataclass
 class Config:
     input: list[str] = opt([], "input file(s): .jsonl/.json records (text, chat or Q&A) or plain text files")
@@ -233,9 +237,7 @@ def _lock_path(prefix: str) -> Path:
 def _refuse_input_as_output(inputs: list[str], prefix: str) -> None:
     """An input among the files prepare writes (or removes, with --overwrite 1): refused even with
     --overwrite 1, as merge / import / export refuse to write over their inputs."""
-    outputs = {
-        os.path.realpath(p + suffix) for p in (prefix, prefix + MASK_SUFFIX) for suffix in (".bin", ".idx")
-    }
+    outputs = {os.path.realpath(prefix + suffix) for suffix in OUTPUT_SUFFIXES}
     outputs.add(os.path.realpath(_lock_path(prefix)))  # removed when the run ends
     for path in inputs:
         if os.path.realpath(path) in outputs:
