@@ -69,12 +69,14 @@ def check_op_for_model(op: str, path: str) -> None:
 def check_finite(tensors, what: str) -> None:
     """Refuse NaN / inf in any floating-point tensor of ``tensors`` (name -> tensor): one line, not a
     traceback (or garbage text) later."""
-    for name, t in tensors:
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise RWKVDishaError(
-                f"{what} holds non-finite weights (NaN/inf), first in {name} — probably from a diverged "
-                "run; use an earlier checkpoint, or retrain with a lower --lr_init / gradient clipping"
-            )
+    from rwkv_disha.model.load import non_finite_names
+
+    bad = non_finite_names(tensors)
+    if bad:
+        raise RWKVDishaError(
+            f"{what} holds non-finite weights (NaN/inf), first in {bad[0]} — probably from a diverged "
+            "run; use an earlier checkpoint, or retrain with a lower --lr_init / gradient clipping"
+        )
 
 
 def _note(msg: str) -> None:

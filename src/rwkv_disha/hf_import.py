@@ -102,9 +102,8 @@ _CONFIG_FIELDS = {
 
 def check_imported(sd: dict, conf: dict, folder: Path):
     """Refuse a converted model that is not exactly an official RWKV-7 or disagrees with config.json."""
-    import torch
 
-    from rwkv_disha.model.load import infer_config
+    from rwkv_disha.model.load import infer_config, non_finite_names
 
     where = f"--hf_model {folder}"
     cfg = infer_config(sd, source=where)  # every key, shape and dtype against the registry's layout
@@ -117,7 +116,7 @@ def check_imported(sd: dict, conf: dict, folder: Path):
                 f"{folder / 'config.json'} has {field} {value!r} but the tensors give {want}: "
                 f"fix config.json ({field}: {want}) or the weights"
             )
-    bad = [k for k, t in sd.items() if not bool(torch.isfinite(t).all())]
+    bad = non_finite_names(sd)
     if bad:
         raise RWKVDishaError(
             f"{where} has NaN / inf values in {', '.join(bad[:3])}: the weights are damaged; "

@@ -284,13 +284,15 @@ class AdapterFile:
 
 def _refuse_non_finite(tensors: Mapping[str, Tensor], source: str) -> None:
     """Every trained tensor is floating point and finite."""
+    from rwkv_disha.model.load import non_finite_names
+
     ints = [f"{k} ({t.dtype})" for k, t in tensors.items() if not t.is_floating_point()]
     if ints:
         raise RWKVDishaError(
             f"{source} holds non-float tensors ({_list(ints)}): trained weights are float, so the file is "
             f"damaged or not an adapter"
         )
-    bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    bad = non_finite_names(tensors)  # all floating point: checked above
     if bad:
         raise RWKVDishaError(
             f"{source} holds non-finite weights (NaN/inf) in {_list(bad)}: probably from a diverged run; "

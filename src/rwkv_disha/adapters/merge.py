@@ -136,7 +136,9 @@ def merged_state_dict(base: dict[str, Tensor], model) -> dict[str, Tensor]:
 
 
 def _refuse_non_finite(merged: dict[str, Tensor], output: Path) -> None:
-    bad = [k for k, t in merged.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    from rwkv_disha.model.load import non_finite_names
+
+    bad = non_finite_names(merged)
     if bad:
         names = ", ".join(bad[:3]) + (f", ... ({len(bad)} in all)" if len(bad) > 3 else "")
         raise RWKVDishaError(

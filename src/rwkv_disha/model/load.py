@@ -302,6 +302,13 @@ def load_model(
     return model
 
 
+def non_finite_names(tensors) -> list[str]:
+    """Names of the floating-point tensors holding NaN / inf, in order; ``tensors``: a mapping or
+    (name, tensor) pairs. Every reader and writer that refuses such values asks this."""
+    items = tensors.items() if hasattr(tensors, "items") else tensors
+    return [k for k, t in items if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def save_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike, what: str = "model") -> Path:
     """Write ``sd`` as ``.pth`` (or ``.safetensors`` / ``.st``) atomically through :func:`fsio.atomic_write`:
     a failure never leaves a partial file at ``path``, and an OS error is one line naming the cause."""
