@@ -177,13 +177,11 @@ def _refuse_type(value: Any, where: str) -> None:
     raise RWKVDishaError(f"{where}: takes a number, text, true / false or a list, not {kind}")
 
 
-def _yaml_argv(
-    values: dict, parser: argparse.ArgumentParser, json_options: frozenset[str] | None = None
-) -> list[str]:
+def _yaml_argv(values: dict, parser: argparse.ArgumentParser, json_options: frozenset[str]) -> list[str]:
     """YAML values as flags, so they are type-checked (and choice-checked) exactly like flags. A value is
     never split into flags of its own: a list only for an option that takes several values, none of its
     items starting with '-'; true / false only for a 0|1 option; a map only for an option that takes JSON
-    text (``json_options``, a command module's ``JSON_OPTIONS``; None: any option), written out as JSON; an
+    text (``json_options``, a command module's ``JSON_OPTIONS``), written out as JSON; an
     empty value is refused, not dropped."""
     actions = {a.dest: a for a in parser._actions}
     argv: list[str] = []
@@ -214,7 +212,7 @@ def _yaml_argv(
                 raise RWKVDishaError(f"{key}: takes a value, not {str(value).lower()}")
             argv.append(f"--{key}={int(value)}")
         elif isinstance(value, dict):
-            if json_options is not None and key not in json_options:  # str(map) would be its text
+            if key not in json_options:  # str(map) would be its text
                 many = "values" if takes_list else "one value"
                 raise RWKVDishaError(f"{key}: takes {many}, not the map {_shown(value)}")
             _check_json_value(value, key)

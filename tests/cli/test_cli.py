@@ -90,7 +90,10 @@ def test_yaml_argv():
     parser.add_argument("--b", nargs="*")
     parser.add_argument("--c", nargs="?", const=True)
     parser.add_argument("--e")
-    argv = _yaml_argv({"a": {"mode": "bone", "r": 8}, "b": [1, "x"], "c": True, "e": "-1"}, parser)
+    json_options = frozenset({"a"})  # the options that take JSON text (a command's JSON_OPTIONS)
+    argv = _yaml_argv(
+        {"a": {"mode": "bone", "r": 8}, "b": [1, "x"], "c": True, "e": "-1"}, parser, json_options
+    )
     assert argv == ['--a={"mode": "bone", "r": 8}', "--b", "1", "x", "--c=1", "--e=-1"]
     from rwkv_disha.errors import RWKVDishaError
 
@@ -102,7 +105,7 @@ def test_yaml_argv():
     ]
     for bad, why in bad_values:
         with pytest.raises(RWKVDishaError, match=why):
-            _yaml_argv(bad, parser)
+            _yaml_argv(bad, parser, json_options)
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])

@@ -39,24 +39,20 @@ class SftSpec:
     split: str = "train"
 
 
-def sft_spec(opts, given=None) -> SftSpec | None:
+def sft_spec(opts, given) -> SftSpec | None:
     """``opts.sft_field`` / ``opts.sft_split`` (train's data options, eval's config) checked, before any file
     is read: a spec for ``--data_type sft``, None for another type. ``given``: the option names given on
     this command line; for another type those sft flags are refused, whatever their value (they would be
-    ignored); a resumed run's stored ones are not the user's to drop. None: refuse changed values."""
-    if opts.data_type != "sft":
-        names = [f"--{n}" for n in ("sft_field", "sft_split") if n in given] if given is not None else []
-        if given is None and (
-            list(opts.sft_field) != list(SftSpec.fields) or opts.sft_split != SftSpec.split
-        ):
-            names = ["--sft_field / --sft_split"]
-        if names:
-            raise RWKVDishaError(
-                f"{' '.join(names)} apply to --data_type sft only (this run reads --data_type "
-                f"{opts.data_type}): drop them or use --data_type sft"
-            )
-        return None
-    return check_sft_options(opts.sft_field, opts.sft_split)
+    ignored); a resumed run's stored ones are not the user's to drop."""
+    if opts.data_type == "sft":
+        return check_sft_options(opts.sft_field, opts.sft_split)
+    names = [f"--{n}" for n in ("sft_field", "sft_split") if n in given]
+    if names:
+        raise RWKVDishaError(
+            f"{' '.join(names)} apply to --data_type sft only (this run reads --data_type "
+            f"{opts.data_type}): drop them or use --data_type sft"
+        )
+    return None
 
 
 def check_sft_options(fields, split: str) -> SftSpec:
@@ -130,6 +126,8 @@ def load_sft(path: str, spec: SftSpec):
         if len(source) == 0:
             raise RWKVDishaError(f"{path} holds no records: give a file of query / response records")
         rows = split_rows(spec.split, len(source))
+        if rows == range(len(source)):  # the whole file: no copy
+            return source, masks, f"{path} ({spec.split})"
         docs = [source.doc(i) for i in rows]
         answers = [masks.doc(i) for i in rows]
     else:
