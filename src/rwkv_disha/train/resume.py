@@ -102,7 +102,8 @@ def check_resume_base(folder: str, load_model: str) -> None:
     from rwkv_disha.adapters.fingerprint import base_fingerprint, check_fingerprint, shape_summary
     from rwkv_disha.model.load import load_state_dict
 
-    want, source = _recorded_base_shape(Path(folder))
+    recorded = _newest_sidecar_base(Path(folder))
+    want, source = _recorded_base_shape(Path(folder), recorded)
     if want is None:
         return
     sd = load_state_dict(load_model)
@@ -114,7 +115,6 @@ def check_resume_base(folder: str, load_model: str) -> None:
             f"--load_model {load_model} is a {_describe(have, diff)} model but {folder} was trained on "
             f"{_describe(want, diff)}: resume with the run's base{hint}"
         )
-    recorded = _newest_sidecar_base(Path(folder))
     if recorded:  # same shape: the weights' fingerprint tells another base of that shape
         check_fingerprint(recorded, base_fingerprint(sd), f"--resume {folder}: the run{hint}")
 
@@ -132,14 +132,15 @@ def _newest_sidecar_base(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def _recorded_base_shape(folder: Path) -> tuple[dict[str, Any] | None, str]:
-    """The shape summary of the base the run in ``folder`` trained on, and that base's path when known."""
+def _recorded_base_shape(folder: Path, recorded: dict | None) -> tuple[dict[str, Any] | None, str]:
+    """The shape summary of the base the run in ``folder`` trained on (from ``recorded``, the newest
+    sidecar's base fingerprint, else from the base file train_config.json names), and that base's path."""
     from rwkv_disha.adapters.fingerprint import shape_summary
     from rwkv_disha.model.load import load_state_dict
     from rwkv_disha.train.config import SAVED_CONFIG, load_saved_config
 
     base = load_saved_config(folder / SAVED_CONFIG).get("load_model", "")  # resolve_resume read it already
-    shape = (_newest_sidecar_base(folder) or {}).get("shape")
+    shape = (recorded or {}).get("shape")
     if shape:
         return shape, base
     if base and Path(base).is_file():  # no adapter saved yet (stopped in the first epoch)
