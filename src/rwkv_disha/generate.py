@@ -21,7 +21,7 @@ from rwkv_disha.choices import OPS
 from rwkv_disha.config import opt
 from rwkv_disha.data.sft import SFT_END, SFT_PROMPT
 from rwkv_disha.errors import RWKVDishaError
-from rwkv_disha.model.load import hf_folder_error
+from rwkv_disha.model.load import hf_folder_error, is_hf_model_folder
 
 MODEL_FLAGS = ("--load_model", "--compare")  # flags that may name a whole model (eval's --compare too)
 # flags that name an adapter or state file: what each expects (a model folder there is the wrong input)
@@ -35,25 +35,13 @@ def check_input_file(path: str, flag: str) -> None:
     p = Path(path)
     if flag != "--load_model" and is_peft_folder(p):  # a peft adapter folder is an adapter input
         return
-    if flag in MODEL_FLAGS:
-        check_not_hf_model(p, flag)
-    elif flag in ADAPTER_FLAGS and p.is_dir() and (p / "config.json").is_file():
-        raise hf_folder_error(f"{flag} {path}", p, ADAPTER_FLAGS[flag])
+    if (flag in MODEL_FLAGS or flag in ADAPTER_FLAGS) and is_hf_model_folder(p):
+        raise hf_folder_error(f"{flag} {path}", p, ADAPTER_FLAGS.get(flag, "model"))
     if p.is_dir():
         fix = "a prompt file (.jsonl, or text)" if flag == "--prompt_file" else "the .pth file inside it"
         raise RWKVDishaError(f"{flag} {path} is a directory; give {fix}")
     if not p.is_file():
         raise RWKVDishaError(f"{flag} {path}: file not found")
-
-
-def check_not_hf_model(p: Path, flag: str) -> None:
-    """Refuse a Hugging Face model folder (config.json + model.safetensors, as `export --format hf` writes),
-    naming the import command (its weight file given alone is refused by ``load_state_dict``)."""
-    if p.is_dir() and (p / "config.json").is_file():
-        raise RWKVDishaError(
-            f"{flag} {p} is a Hugging Face model folder: convert it with `rwkv-disha import --hf_model {p} "
-            "--output model.pth` and give the .pth"
-        )
 
 
 def check_op_for_model(op: str, path: str) -> None:

@@ -27,6 +27,11 @@ SAFETENSORS_SUFFIXES = (".safetensors", ".st")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
+def is_hf_model_folder(path: str | os.PathLike) -> bool:
+    """A Hugging Face model folder: config.json beside the weights (as `export --format hf` writes it)."""
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
 def hf_folder_error(name: str, folder: Path, what: str = "model") -> RWKVDishaError:
     """The one line for a Hugging Face model folder (config.json + model.safetensors) given as ``name``
     (a flag and its path); ``what``: "model", or the file expected with its article ("an adapter"). For a
@@ -49,7 +54,7 @@ def load_state_dict(path: str | os.PathLike, what: str = "model") -> dict[str, t
     if not p.exists():
         raise RWKVDishaError(f"{what} file not found: {p} (check the path)")
     if p.is_dir():
-        if (p / "config.json").is_file():
+        if is_hf_model_folder(p):
             expected = "model" if what.endswith("model") else f"{'an' if what[0] in 'aeiou' else 'a'} {what}"
             raise hf_folder_error(f"{what} path {p}", p, expected)
         raise RWKVDishaError(f"{what} path {p} is a directory; give the .pth file inside it")

@@ -10,7 +10,7 @@ from pathlib import Path
 from rwkv_disha.config import given_options
 from rwkv_disha.data.sft import sft_spec
 from rwkv_disha.errors import RWKVDishaError
-from rwkv_disha.model.load import hf_folder_error
+from rwkv_disha.model.load import hf_folder_error, is_hf_model_folder
 from rwkv_disha.train.config import SEED_MAX, Config, non_finite_option
 
 POSITIVE = ("epoch_steps", "epoch_count", "epoch_save", "accumulate_grad_batches")
@@ -20,7 +20,7 @@ def validate(cfg: Config) -> None:
     """Every option on its own and together, without touching the model or the data."""
     if not cfg.load_model:
         raise RWKVDishaError("--load_model is required: the base RWKV .pth to fine-tune")
-    if Path(cfg.load_model).is_dir() and (Path(cfg.load_model) / "config.json").is_file():
+    if is_hf_model_folder(cfg.load_model):
         raise hf_folder_error(f"--load_model {cfg.load_model}", Path(cfg.load_model))
     if Path(cfg.load_model).is_dir():
         raise RWKVDishaError(f"--load_model {cfg.load_model} is a directory: give the model's .pth file")
