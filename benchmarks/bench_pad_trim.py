@@ -1,4 +1,4 @@
-"""What cutting a padded batch after its last counted position saves (train/modes.py ``trim_padding``).
+"""What cutting a padded batch after its last counted position saves (data/dataset.py ``trim_padding``).
 
     .venv/bin/python benchmarks/bench_pad_trim.py               # L4 C768 V65536, 4 x 512, docs of 96
     .venv/bin/python benchmarks/bench_pad_trim.py --n_layer 12 --doc 64 --rounds 3

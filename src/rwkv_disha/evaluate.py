@@ -69,14 +69,15 @@ def perplexity(loss: float) -> float:
 @torch.no_grad()
 def evaluate_loss(model, dataset, micro_bsz: int, max_samples: int) -> dict:
     """Token-weighted mean loss over the first ``max_samples`` samples of ``dataset``."""
-    from rwkv_disha.data.dataset import collate
+    from rwkv_disha.data.dataset import collate, trim_padding
 
     n = len(dataset) if max_samples <= 0 else min(max_samples, len(dataset))
     if getattr(dataset, "dataload", "get") != "get":
         n = min(n, dataset.n_items)  # one document at most once
     total, count, correct = 0.0, 0.0, 0.0
     for start in range(0, n, micro_bsz):
-        batch = collate([counted_part(dataset[i]) for i in range(start, min(start + micro_bsz, n))])
+        # cut after the batch's last counted position: the model is causal, no counted logit changes
+        batch = trim_padding(collate([dataset[i] for i in range(start, min(start + micro_bsz, n))]))
         logits = model(batch["input_ids"]).float().flatten(0, 1)
         labels, mask = batch["labels"].flatten(), batch["mask"].flatten()
         ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
@@ -87,14 +88,6 @@ def evaluate_loss(model, dataset, micro_bsz: int, max_samples: int) -> dict:
         raise RWKVDishaError("no token counts towards the loss in these samples (check --loss_mask / data)")
     loss = total / count
     return {"loss": loss, "ppl": perplexity(loss), "acc": correct / count, "tokens": int(count), "samples": n}
-
-
-def counted_part(sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``sample`` cut after its last position that counts (mask > 0): the model is causal, so the cut
-    changes no counted logit, and a batch is padded to its longest sample, not to --ctx_len."""
-    counted = torch.nonzero(sample["mask"]).flatten()
-    end = int(counted[-1]) + 1 if counted.numel() else 1
-    return {key: t[:end] for key, t in sample.items()}
 
 
 def validate(cfg: Config) -> None:
@@ -235,7 +228,7 @@ def eval_inputs(cfg: Config) -> list[tuple[str, Path]]:
     masks PREFIX.mask.bin / .idx)."""
     from rwkv_disha.adapters.adapter_file import sidecar_path
     from rwkv_disha.adapters.peft_folder import CONFIG_NAME, WEIGHTS_NAME, is_peft_folder
-    from rwkv_disha.data.binidx import MASK_SUFFIX, split_prefix
+    from rwkv_disha.data.binidx import FILE_SUFFIXES, split_prefix
 
     given = [("--load_model", cfg.load_model), ("--peft_checkpoint", cfg.peft_checkpoint)]
     given += [("--state", cfg.state)] + [("--compare", c) for c in cfg.compare]
@@ -252,7 +245,7 @@ def eval_inputs(cfg: Config) -> list[tuple[str, Path]]:
             out += [(f"the {flag} file {p}", p), (f"the .json sidecar of {flag} {p}", sidecar_path(p))]
     if cfg.data_type == "binidx" and cfg.data_file:
         prefix = split_prefix(cfg.data_file)
-        names = [prefix + ext for base in ("", MASK_SUFFIX) for ext in (base + ".bin", base + ".idx")]
+        names = [prefix + suffix for suffix in FILE_SUFFIXES]
         out += [(f"the data file {n} (--data_file {cfg.data_file})", Path(n)) for n in names]
     elif cfg.data_type != "dummy" and cfg.data_file:
         out.append((f"the data {cfg.data_file}", Path(cfg.data_file)))

@@ -37,6 +37,7 @@ from rwkv_disha.fsio import clean_stale_temps, os_error_cause, pid_alive, temp_p
 
 MAGIC = b"MMIDIDX\x00\x00"
 MASK_SUFFIX = ".mask"  # answer masks of PREFIX live in PREFIX.mask.bin / .idx (uint8, same documents)
+FILE_SUFFIXES = (".bin", ".idx", MASK_SUFFIX + ".bin", MASK_SUFFIX + ".idx")  # every file of a PREFIX
 VERSION = 1
 HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, n, n_doc_idx: 34 bytes
 

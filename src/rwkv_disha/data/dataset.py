@@ -337,6 +337,25 @@ def make_dataset(
 
 
 # --- batching and loss --------------------------------------------------------------------------------
+TRIM_MULTIPLE = 16  # trimmed lengths are whole chunks of the WKV kernels, and few distinct shapes
+
+
+def trim_padding(batch: dict[str, torch.Tensor], multiple: int = TRIM_MULTIPLE) -> dict[str, torch.Tensor]:
+    """``batch`` without its trailing positions where no row counts toward the loss (rounded up to a
+    multiple of ``multiple``). The model is causal, so the positions kept see exactly what they saw
+    before and the masked mean loss and its gradients do not change; `--dataload pad` pads every
+    document to ctx_len, so short documents (SFT / chat data) cost their own length instead."""
+    mask = batch["mask"]
+    T = mask.shape[1]
+    counted = torch.nonzero(mask.detach().any(0))
+    if counted.numel() == 0:
+        return batch
+    keep = min(T, -(-(int(counted[-1]) + 1) // multiple) * multiple)
+    if keep == T:
+        return batch
+    return {k: v[:, :keep] if v.dim() == 2 and v.shape[1] == T else v for k, v in batch.items()}
+
+
 def collate(batch: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack items into ``(B, T)`` tensors, padding to the longest with token 0 and mask 0, so padding
     never counts in the loss."""

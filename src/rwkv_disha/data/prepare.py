@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from rwkv_disha.config import opt
-from rwkv_disha.data.binidx import MASK_SUFFIX, BinIdxWriter, exists, split_prefix
+from rwkv_disha.data.binidx import FILE_SUFFIXES, MASK_SUFFIX, BinIdxWriter, exists, split_prefix
 from rwkv_disha.data.records import TXT_SPLITS, Encoded, LineNumbers, encode_items, iter_chunks
 from rwkv_disha.data.sft import check_sft_options
 from rwkv_disha.errors import RWKVDishaError
@@ -39,7 +39,7 @@ WORKERS_PER_CORE = 4  # --workers above this many per core is a typo, not a plan
 
 
 # the files --output PREFIX names (cli.py refuses a --config file among them)
-OUTPUT_SUFFIXES = (".bin", ".idx", MASK_SUFFIX + ".bin", MASK_SUFFIX + ".idx")
+OUTPUT_SUFFIXES = FILE_SUFFIXES
 
 
 @dataclass

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from rwkv_disha.data.dataset import masked_ce_sum
+from rwkv_disha.data.dataset import masked_ce_sum, trim_padding
 from rwkv_disha.errors import RWKVDishaError
 from rwkv_disha.train.loss import lm_loss
 
@@ -72,25 +72,6 @@ def sample_loss(
     if trim:
         batch = trim_padding(batch)
     return fn(model, batch["input_ids"], batch["labels"], batch["mask"], chunk_ctx)
-
-
-TRIM_MULTIPLE = 16  # trimmed lengths are whole chunks of the WKV kernels, and few distinct shapes
-
-
-def trim_padding(batch: dict[str, Tensor], multiple: int = TRIM_MULTIPLE) -> dict[str, Tensor]:
-    """``batch`` without its trailing positions where no row counts toward the loss (rounded up to a
-    multiple of ``multiple``). The model is causal, so the positions kept see exactly what they saw
-    before and the masked mean loss and its gradients do not change; `--dataload pad` pads every
-    document to ctx_len, so short documents (SFT / chat data) cost their own length instead."""
-    mask = batch["mask"]
-    T = mask.shape[1]
-    counted = torch.nonzero(mask.detach().any(0))
-    if counted.numel() == 0:
-        return batch
-    keep = min(T, -(-(int(counted[-1]) + 1) // multiple) * multiple)
-    if keep == T:
-        return batch
-    return {k: v[:, :keep] if v.dim() == 2 and v.shape[1] == T else v for k, v in batch.items()}
 
 
 def check_state_gradients(op: str, device: torch.device) -> None:
