@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -294,6 +295,17 @@ def _remove_temp(entry: Path) -> bool:
     return True
 
 
+def lock_holder(fd: int, wait_s: float = 1.0) -> str:
+    """Who holds the flock on ``fd``, as its holder wrote it (``rwkv-disha train (pid N)``). The holder
+    writes that line just after taking the lock, so an empty file is read again for up to ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        if holder or time.monotonic() > deadline:
+            return holder or "another process"
+        time.sleep(0.02)
+
+
 @contextmanager
 def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
     """Hold an exclusive lock on ``folder`` (``folder/.rwkv-disha.lock``) for the duration of the block.
@@ -311,9 +323,8 @@ def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             raise RWKVDishaError(
-                f"{folder} is in use by {holder}: wait for it to finish or use another folder"
+                f"{folder} is in use by {lock_holder(fd)}: wait for it to finish or use another folder"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"rwkv-disha {command} (pid {os.getpid()})".encode(), 0)

@@ -31,7 +31,7 @@ from rwkv_disha.data.binidx import FILE_SUFFIXES, MASK_SUFFIX, BinIdxWriter, exi
 from rwkv_disha.data.records import TXT_SPLITS, Encoded, LineNumbers, encode_items, iter_chunks
 from rwkv_disha.data.sft import check_sft_options
 from rwkv_disha.errors import RWKVDishaError
-from rwkv_disha.fsio import check_output_path, os_error_cause
+from rwkv_disha.fsio import check_output_path, lock_holder, os_error_cause
 
 MAX_REPORTED = 10
 CHUNK_BYTES = 1 << 20  # input bytes per task sent to a worker
@@ -269,7 +269,7 @@ def output_lock(prefix: str) -> Iterator[Path]:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                holder = lock_holder(fd)
                 os.close(fd)
                 raise RWKVDishaError(
                     f"{prefix}.bin/.idx is being written by {holder}: wait for it to finish "
