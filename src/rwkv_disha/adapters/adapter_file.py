@@ -56,6 +56,24 @@ def adapter_suffixes() -> tuple[str, ...]:
     return tuple(dict.fromkeys(n for cls in ADAPTER_KINDS.values() for n in cls.adapter_names))
 
 
+# RWKV-PEFT named the DiSHA parameter ``bone`` before it became ``disha`` (its ``--peft bone`` releases, late
+# 2024 to early 2025): the same tensors, Bone (r, out) or Bat (in/r, r, r), under the old suffix
+RWKV_PEFT_OLD_SUFFIXES = {"bone": "disha"}
+
+
+def _current_names(tensors: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+    """``blocks.0.att.key.bone`` -> ``blocks.0.att.key.disha``; other keys unchanged, order kept."""
+    renamed: dict[str, Tensor] = {}
+    for key, t in tensors.items():
+        prefix, _, suffix = key.rpartition(".")
+        new = RWKV_PEFT_OLD_SUFFIXES.get(suffix) if prefix else None
+        name = f"{prefix}.{new}" if new else key
+        if name != key and name in tensors:
+            raise RWKVDishaError(f"{source} holds both {key} and {name}: it is not one adapter")
+        renamed[name] = t
+    return renamed
+
+
 def _split_adapter_key(key: str) -> tuple[str, str] | None:
     """``blocks.0.att.key.disha`` -> (``blocks.0.att.key``, ``disha``); None for other tensors."""
     prefix, _, suffix = key.rpartition(".")
@@ -329,7 +347,7 @@ def open_adapter_file(path: str | Path, lora_alpha: float | None = None) -> Adap
     if is_peft_folder(path):  # a Hugging Face peft folder: the same AdapterFile, from peft's names
         return open_peft_folder(path)
     source = f"adapter file {path}"
-    tensors = load_state_dict(path, what="adapter")
+    tensors = _current_names(load_state_dict(path, what="adapter"), source)
     _refuse_non_finite(tensors, source)  # first: a diverged run is the likeliest story of a NaN file
     meta = read_sidecar(path)
     cfg = (

@@ -12,7 +12,8 @@ Reading turns a folder into the same :class:`AdapterFile` an ``rwkv-N.pth`` give
 train read both alike. Writing does the reverse; PiSSA is written as the plain LoRA of rank 2r with the same
 ΔW, and RWKV-PEFT's Bat (indexed by input block) has no peft form. A config whose r, mini_r, lora_alpha
 or target_modules disagree with the tensors (or are not numbers / names) is refused, as peft would build
-another adapter from it.
+another adapter from it; so is any field that builds another model in peft (DoRA, an init_lora_weights that
+rewrote the base, a LoRA variant). The adapted layers are kept by full name: peft may adapt some blocks only.
 """
 
 from __future__ import annotations
@@ -33,6 +34,22 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 # modules_to_save that hold our --train_parts "ln" tensors in RWKV-7 (module names, peft's suffix rule)
 LN_MODULES = ("ln0", "ln1", "ln2", "ln_x", "ln_out")
+# init_lora_weights (besides true / false) that leave the base weight as it is; the others (pissa*, olora,
+# corda, loftq, lora_ga) start LoRA by rewriting W into a residual the folder does not hold
+LORA_INITS_KEEPING_THE_BASE = ("gaussian", "eva", "orthogonal", "mica")
+# config fields read below, and fields that change nothing the tensors mean (bookkeeping, training-only
+# settings, which layers: the tensors say that); any other field set (a LoRA variant such as lora_bias,
+# alora_invocation_tokens, layer_replication, arrow_config) builds another model in peft: refused
+READ_FIELDS = {
+    "peft_type", "r", "lora_alpha", "init_weights", "init_lora_weights", "mini_r", "target_modules",
+    "modules_to_save", "bias", "use_dora", "use_rslora", "fan_in_fan_out", "rank_pattern", "alpha_pattern",
+}  # fmt: skip
+INERT_FIELDS = {
+    "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+    "lora_dropout", "miss_dropout", "exclude_modules", "layers_to_transform", "layers_pattern",
+    "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+    "qalora_group_size", "runtime_config", "ensure_weight_tying",
+}  # fmt: skip
 
 
 def is_peft_folder(path: str | Path) -> bool:
@@ -52,6 +69,11 @@ def _read_config(folder: Path) -> dict[str, Any]:
 def _refuse(folder: Path, conf: dict[str, Any], key: str, ok, why: str) -> None:
     if key in conf and not ok(conf[key]):
         raise RWKVDishaError(f"peft folder {folder}: {key}={conf[key]!r} is not supported ({why})")
+
+
+def _keeps_the_base(init: Any) -> bool:
+    """Whether peft's LoRA ``init_lora_weights`` left the base weight as it is."""
+    return isinstance(init, bool) or (isinstance(init, str) and init.lower() in LORA_INITS_KEEPING_THE_BASE)
 
 
 def _agree(folder: Path, conf: dict[str, Any], key: str, want: int, what: str) -> None:
@@ -108,9 +130,23 @@ def open_peft_folder(folder: str | Path):
     _refuse(folder, conf, "fan_in_fan_out", lambda v: not v, "RWKV Linears store (out, in)")
     _refuse(folder, conf, "rank_pattern", lambda v: not v, "one r per file")
     _refuse(folder, conf, "alpha_pattern", lambda v: not v, "one alpha per file")
+    if ptype == "LORA":
+        _refuse(
+            folder,
+            conf,
+            "init_lora_weights",
+            _keeps_the_base,
+            "peft started it by rewriting the base weights into a residual, which the folder does not hold: "
+            "save it from peft with save_pretrained(path_initial_model_for_weight_conversion=...), a plain "
+            "LoRA of the released base",
+        )
+    for key in sorted(set(conf) - READ_FIELDS - INERT_FIELDS):
+        _refuse(folder, conf, key, lambda v: not v, "rwkv-disha reads plain LoRA and MiSS adapters")
     raw = load_state_dict(weights, what="peft adapter")
     _refuse_non_finite(raw, source)
     mode = conf.get("init_weights", True) if ptype == "MISS" else None
+    if mode is False:  # peft's balance mode started from random values instead of zeros: the same layer
+        mode = True
     if ptype == "MISS" and mode not in (True, "bat", "mini"):
         raise RWKVDishaError(f'{source}: MiSS init_weights {mode!r} is unknown (true, "bat" or "mini")')
     tensors: dict[str, Tensor] = {}
@@ -142,6 +178,10 @@ def open_peft_folder(folder: str | Path):
         raise RWKVDishaError(f"{source}: init_weights {mode!r} does not match its tensors ({cfg.describe()})")
     for k, v in extra.items():
         setattr(cfg, k, v)
+    # the exact layers, by full name: peft can adapt some blocks only (layers_to_transform, full-name or
+    # regex target_modules), which module names without the block would extend to every block
+    names = set(cfg.layer_class.adapter_names)
+    cfg.targets = list(dict.fromkeys(k.rpartition(".")[0] for k in tensors if k.rpartition(".")[2] in names))
     meta = {"format": "peft", "adapter": cfg.to_dict(), "base": None, "weight_dtype": None}
     return AdapterFile(folder, tensors, meta, cfg)
 
@@ -166,6 +206,8 @@ def peft_tensors_and_config(tensors: dict[str, Tensor], cfg) -> tuple[dict[str, 
             "by output block): merge it with rwkv-disha merge instead"
         )
     targets = sorted({re.sub(r"^blocks\.\d+\.", "", p) for p in layers})
+    if any(t.startswith("blocks.") for t in cfg.targets):  # some blocks only (read from a peft folder)
+        targets = list(layers)
     conf: dict[str, Any] = {
         "base_model_name_or_path": None,
         "bias": "none",
