@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import sys
@@ -105,6 +106,11 @@ class SaveAdapters(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
+            if not self.cfg.resume:
+                # an --overwrite 1 run replaces the earlier run's resume.ckpt: left beside this run's
+                # train_config.json, a crash before this run's first epoch end would have --resume
+                # continue the earlier run under this run's options
+                _remove(Path(self.cfg.proj_dir) / RESUME_FILE)
             atomic_write_json(Path(self.cfg.proj_dir) / SAVED_CONFIG, config_json(self.cfg), "train config")
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -157,16 +163,28 @@ class StopOnSignal(L.Callback):
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
                 signal.signal(s, self._handler)
+        connector = getattr(trainer, "_signal_connector", None)
+        if getattr(connector, "received_sigterm", False):
+            # a SIGTERM caught by Lightning's handler before ours (while the run set up) is ours to act
+            # on: Lightning's own flag would end the run after the next micro-batch with exit status 0
+            connector.received_sigterm = False
+            self.received = self.received or signal.SIGTERM
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % self.cfg.optim.accumulate_grad_batches:
             return  # in the middle of an optimizer step: its accumulated gradients are not saved
+        if batch_idx + 1 >= trainer.num_training_batches:
+            # the epoch's last step: its end writes rwkv-N.pth and resume.ckpt, then on_train_epoch_end
+            # stops (a resume.ckpt saved here would resume past the epoch's end and never write rwkv-N.pth)
+            return
         if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             save_resume_checkpoint(trainer, pl_module, self.cfg, epoch_batches=batch_idx + 1)
             self._stop(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         # runs after SaveAdapters (callback order): resume.ckpt for the epoch's end is written
+        if trainer.current_epoch + 1 >= self.cfg.optim.epoch_count:
+            return  # the last epoch: the run is complete, and finishes as one (no --resume to give)
         if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             self._stop(trainer)
 
@@ -174,7 +192,7 @@ class StopOnSignal(L.Callback):
         name = signal.Signals(self.received).name if self.received else "a signal on another rank"
         raise Interrupted(
             f"stopped by {name} after step {trainer.global_step}; {Path(self.cfg.proj_dir) / RESUME_FILE} "
-            f"is saved: continue with `rwkv-disha train --resume {self.cfg.proj_dir}`"
+            f"is saved: continue with `rwkv-disha train --resume {shlex.quote(str(self.cfg.proj_dir))}`"
         )
 
     def on_exception(self, trainer, pl_module, exception) -> None:
@@ -198,7 +216,7 @@ class TrainLog(L.Callback):
         self._csv: MetricsCsv | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._t_start = time.time()
+        self._t_start = self._t_epoch = time.time()  # a resumed epoch gets no on_train_epoch_start
         if not trainer.is_global_zero:
             return
         counts = f"trainable {self.n_train:,} of {self.n_total:,} parameters"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import shlex
 from pathlib import Path
 
 from rwkv_disha.config import given_options
@@ -247,7 +248,7 @@ def check_adapter_load(cfg: Config, mcfg, acfg) -> None:
     from rwkv_disha.adapters.adapter_file import check_adapter_fits
     from rwkv_disha.model.load import load_state_dict
 
-    file = open_adapter_file(acfg.load, acfg.lora_alpha)
+    file = open_adapter_file(acfg.load, acfg.lora_alpha, acfg.pissa_init)
     # only a sidecar records the base's fingerprint; a .pth base is memory-mapped (a few KB are read)
     base = load_state_dict(cfg.load_model) if (file.meta or {}).get("base") else {}
     check_adapter_fits(file, _meta_model(mcfg, acfg, cfg.engine.op), acfg, base)
@@ -288,6 +289,6 @@ def check_fresh_folder(cfg: Config) -> None:
     if found:
         shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
         raise RWKVDishaError(
-            f"--proj_dir {proj} holds an earlier run ({shown}): continue it with --resume {proj}, "
-            "replace it with --overwrite 1, or choose another folder"
+            f"--proj_dir {proj} holds an earlier run ({shown}): continue it with --resume "
+            f"{shlex.quote(str(proj))}, replace it with --overwrite 1, or choose another folder"
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import shlex
 import time
 from pathlib import Path
 
@@ -58,9 +59,8 @@ class MetricsCsv:
 def merge_command(cfg: Config, adapter_path: Path) -> str:
     q = f" --quant {cfg.adapter.quant}" if cfg.adapter.quant != "none" else ""
     out = adapter_path.with_name(adapter_path.stem + "-merged.pth")
-    return (
-        f"rwkv-disha merge --base_model {cfg.load_model} --peft_checkpoint {adapter_path} --output {out}{q}"
-    )
+    base, adapter, out = (shlex.quote(str(p)) for p in (cfg.load_model, adapter_path, out))  # to paste
+    return f"rwkv-disha merge --base_model {base} --peft_checkpoint {adapter} --output {out}{q}"
 
 
 def summary_lines(

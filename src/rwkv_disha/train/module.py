@@ -6,7 +6,9 @@ reloaded from ``--load_model`` on resume, so a resume file is megabytes, not gig
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import time
 from pathlib import Path
 
@@ -196,6 +198,21 @@ class _Positioned(torch.utils.data.Sampler):
         return self.length
 
 
+def _worker_init(worker_id: int, rank: int) -> None:
+    """A DataLoader worker ignores SIGTERM / SIGINT: a cluster's SIGTERM or a terminal's Ctrl-C reaches the
+    whole process group, and a worker killed by it fails the main process at once (torch's SIGCHLD check),
+    before StopOnSignal can finish the step and save resume.ckpt. The main process ends its workers itself
+    (torch's shutdown), and a worker whose parent died exits on its own (torch's watchdog)."""
+    import signal
+
+    from lightning.fabric.utilities.seed import pl_worker_init_function
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):  # what Lightning adds when no worker_init_fn is given
+        pl_worker_init_function(worker_id, rank=rank)
+
+
 class DishaData(L.LightningDataModule):
     """The dataset is built once per run; each epoch gets a DataLoader positioned at that epoch's samples
     for this rank (``set_epoch``), so epochs continue through the data and a resumed run starts where it
@@ -221,5 +238,6 @@ class DishaData(L.LightningDataModule):
             sampler=_Positioned(skip * bsz, len(ds)),
             collate_fn=collate,
             num_workers=self.cfg.data.num_workers,
+            worker_init_fn=functools.partial(_worker_init, rank=trainer.global_rank),
             drop_last=True,
         )
