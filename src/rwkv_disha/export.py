@@ -42,6 +42,10 @@ class Config:
         "LoRA alpha: needed for a LoRA file without its .json sidecar; replaces the sidecar's value when "
         "given (0 = from the sidecar; refused for other adapter kinds)",
     )
+    lora_init: str = opt(
+        "",
+        "RWKV-PEFT's init_pissa.pth: the initial factors of an RWKV-PEFT PiSSA rwkv-N.pth (ours hold them)",
+    )
     overwrite: bool = opt(False, "replace an existing --output")
 
 
@@ -118,8 +122,8 @@ def run(cfg: Config) -> int:
     if not cfg.lora_alpha >= 0:
         raise RWKVDishaError(f"--lora_alpha must be > 0 (or 0: from the sidecar), got {cfg.lora_alpha:g}")
     src = Path(cfg.peft_checkpoint)
-    out = _check_output(cfg, [src])
-    file = open_adapter_file(src, cfg.lora_alpha or None)
+    out = _check_output(cfg, [src, *([Path(cfg.lora_init)] if cfg.lora_init else [])])
+    file = open_adapter_file(src, cfg.lora_alpha or None, cfg.lora_init)
     apply_lora_alpha(file, cfg.lora_alpha, print)  # the value written out, as merge would merge it
     acfg = file.cfg
     if not acfg.adapts_layers:
@@ -165,11 +169,12 @@ def export_hf(cfg: Config) -> int:
         raise RWKVDishaError(
             "--format hf converts a model: merge the adapter first (rwkv-disha merge), then export"
         )
-    if cfg.lora_alpha:
-        raise RWKVDishaError(
-            "--format hf converts a model and reads no --lora_alpha: drop it (merge takes it, with the "
-            "adapter)"
-        )
+    for flag in ("lora_alpha", "lora_init"):
+        if getattr(cfg, flag):
+            raise RWKVDishaError(
+                f"--format hf converts a model and reads no --{flag}: drop it (merge takes it, with the "
+                f"adapter)"
+            )
     src = Path(cfg.load_model)
     out = _check_output(cfg, [src])
     sd = load_state_dict(src, what="model")

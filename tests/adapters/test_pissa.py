@@ -109,7 +109,9 @@ def test_merged_logits_equal_adapter_logits_and_the_lora_export(make_checkpoint,
 
 
 def test_refusals():
-    with pytest.raises(RWKVDishaError, match="pissa_init is not needed"):
+    with pytest.raises(
+        RWKVDishaError, match="pissa_init completes an RWKV-PEFT PiSSA checkpoint given as pissa_load"
+    ):
         AdapterConfig.from_cli("pissa", pissa_config='{"pissa_init":"init.pth"}')
     with pytest.raises(RWKVDishaError, match="svd_niter must be an integer >= 0"):
         AdapterConfig.from_cli("pissa", pissa_config='{"svd_niter":-1}')

@@ -28,6 +28,7 @@ from rwkv_disha.adapters.base import adapter_modules
 from rwkv_disha.adapters.config import DEFAULT_TARGETS, AdapterConfig
 from rwkv_disha.adapters.fingerprint import base_fingerprint, check_fingerprint, check_fingerprint_types
 from rwkv_disha.adapters.inject import adapter_parameters, train_part_parameters
+from rwkv_disha.adapters.pissa import with_rwkv_peft_init
 from rwkv_disha.adapters.registry import ADAPTER_KINDS
 from rwkv_disha.adapters.state import TimeState, is_state_key, time_state_parameters
 from rwkv_disha.choices import TRAIN_PARTS
@@ -334,20 +335,31 @@ def _sidecar_config(tensors: Mapping[str, Tensor], meta: Mapping[str, Any], sour
     return cfg
 
 
-def open_adapter_file(path: str | Path, lora_alpha: float | None = None) -> AdapterFile:
+def open_adapter_file(path: str | Path, lora_alpha: float | None = None, pissa_init: str = "") -> AdapterFile:
     """Read adapter file ``path`` (.pth memory-mapped) and its sidecar, and work out its settings: from
-    the sidecar, else from the tensor shapes (``lora_alpha`` is then needed for LoRA). Refuses, one line
-    each: a missing or unreadable file, a bad sidecar, NaN/inf values, tensors that are not an adapter."""
+    the sidecar, else from the tensor shapes (``lora_alpha`` is then needed for LoRA). ``pissa_init``:
+    RWKV-PEFT's init_pissa.pth, which completes the rwkv-N.pth of its PiSSA runs into one PiSSA adapter.
+    Refuses, one line each: a missing or unreadable file, a bad sidecar, NaN/inf values, tensors that are
+    not an adapter, an init file that does not belong to ``path``."""
     from rwkv_disha.adapters.peft_folder import WEIGHTS_NAME, is_peft_folder, open_peft_folder
     from rwkv_disha.model.load import load_state_dict
 
     path = Path(path)
     if path.name == WEIGHTS_NAME and is_peft_folder(path.parent):
         path = path.parent  # its settings are in the folder's adapter_config.json: not from shapes
+    source = f"adapter file {path}"
+    if pissa_init and (is_peft_folder(path) or sidecar_path(path).is_file()):
+        raise RWKVDishaError(
+            f"{source} is not an RWKV-PEFT checkpoint (it has {'peft' if is_peft_folder(path) else 'our'} "
+            f"settings beside it): the PiSSA init file {pissa_init} completes RWKV-PEFT's PiSSA files only; "
+            f"drop it"
+        )
     if is_peft_folder(path):  # a Hugging Face peft folder: the same AdapterFile, from peft's names
         return open_peft_folder(path)
-    source = f"adapter file {path}"
     tensors = _current_names(load_state_dict(path, what="adapter"), source)
+    if pissa_init:
+        init = load_state_dict(pissa_init, what="PiSSA init")
+        tensors = with_rwkv_peft_init(tensors, init, source, f"the PiSSA init file {pissa_init}")
     _refuse_non_finite(tensors, source)  # first: a diverged run is the likeliest story of a NaN file
     meta = read_sidecar(path)
     cfg = (

@@ -88,7 +88,7 @@ class AdapterConfig:
     lora_dropout: float = 0.01
     mini_r: int = 1  # MiSS mini: width of the block repeated along out
     svd_niter: int = 4  # PiSSA: randomized SVD iterations
-    pissa_init: str = ""  # PiSSA: RWKV-PEFT's init file (refused: ours holds the init)
+    pissa_init: str = ""  # PiSSA: RWKV-PEFT's init_pissa.pth for an RWKV-PEFT ``load`` (ours hold the init)
     targets: list[str] = field(default_factory=list)  # [] = the model version's (inject_adapters)
     train_parts: list[str] = field(default_factory=lambda: list(DEFAULT_TRAIN_PARTS))
     quant: str = "none"  # frozen base storage: none, int8, nf4, fp4
@@ -186,9 +186,11 @@ class AdapterConfig:
         return cls(peft=peft, **values, **common)
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings an adapter file's sidecar records (everything but ``load``)."""
+        """The settings an adapter file's sidecar records (everything but the files a run started from:
+        ``load``, and ``pissa_init``, whose factors the saved file holds)."""
         d = asdict(self)
         d.pop("load")
+        d.pop("pissa_init")
         return d
 
     @classmethod

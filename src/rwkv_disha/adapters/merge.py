@@ -46,7 +46,6 @@ Tensor = torch.Tensor
 FOREIGN_FLAGS = {
     "lora_checkpoint": "RWKV-PEFT's merge.py flag: use --peft_checkpoint (any adapter file, LoRA included)",
     "type": "the adapter kind (lora, pissa, disha, ...) is read from the adapter file: drop it",
-    "lora_init": "our PiSSA adapter files hold their initial factors: drop it (docs/MIGRATING.md, PiSSA)",
     "device": "merge runs on the CPU: drop it",
 }
 FOREIGN_VALUES = {("quant", "4bit"): "RWKV-PEFT's 4bit is bitsandbytes' fp4: use --quant fp4"}
@@ -61,6 +60,10 @@ class Config:
     )
     state_checkpoint: str = opt("", "the same as --state (the name RWKV-PEFT's merge_state.py uses)")
     output: str = opt("", "where to write the merged model (.pth, or .safetensors)")
+    lora_init: str = opt(
+        "",
+        "RWKV-PEFT's init_pissa.pth: the initial factors of an RWKV-PEFT PiSSA rwkv-N.pth (ours hold them)",
+    )
     quant: str = opt(
         "",
         "quantize-dequantize the base weights first, as training with --quant did "
@@ -73,9 +76,16 @@ class Config:
     overwrite: bool = opt(False, "replace an existing --output file")
 
 
-def _check_paths(base_path: Path, adapter_path: Path, output: str | Path, overwrite: bool) -> None:
+def _check_paths(
+    base_path: Path, adapter_path: Path, output: str | Path, overwrite: bool, pissa_init: str = ""
+) -> None:
     """Refuse an --output that is an input, a directory, or (without ``overwrite``) an existing file."""
-    inputs = (base_path, adapter_path, sidecar_path(adapter_path))
+    inputs = (
+        base_path,
+        adapter_path,
+        sidecar_path(adapter_path),
+        *([Path(pissa_init)] if pissa_init else []),
+    )
     if any(Path(output).resolve() == p.resolve() for p in inputs):
         raise RWKVDishaError(
             f"--output {output} would overwrite an input: write the merged model to a new file"
@@ -155,19 +165,22 @@ def merge_adapter_file(
     lora_alpha: float | None = None,
     log: Callable[[str], None] = lambda msg: None,
     overwrite: bool = False,
+    pissa_init: str = "",
 ) -> dict[str, Any]:
     """Merge ``adapter_path`` into ``base_path`` and write ``output`` atomically; returns a summary.
 
     ``quant`` None / "" means: what the sidecar records (none without a sidecar). ``lora_alpha`` is needed
-    only for a LoRA file without sidecar (it overrides the sidecar's value when given).
+    only for a LoRA file without sidecar (it overrides the sidecar's value when given). ``pissa_init``:
+    RWKV-PEFT's init_pissa.pth when ``adapter_path`` is the rwkv-N.pth of an RWKV-PEFT PiSSA run.
     """
     from rwkv_disha.model.load import infer_config, load_state_dict, save_state_dict
 
-    _check_paths(Path(base_path), Path(adapter_path), output, overwrite)  # output as given: "x/" is no file
+    # output as given: "x/" is no file
+    _check_paths(Path(base_path), Path(adapter_path), output, overwrite, pissa_init)
     base_path, adapter_path, output = Path(base_path), Path(adapter_path), Path(output)
     base = load_state_dict(base_path, what="base model")
     model_cfg = infer_config(base, source=str(base_path))  # refuses an adapter file given as the base
-    file = open_adapter_file(adapter_path, lora_alpha=lora_alpha or None)
+    file = open_adapter_file(adapter_path, lora_alpha=lora_alpha or None, pissa_init=pissa_init)
     apply_lora_alpha(file, lora_alpha, log)  # refused for a kind it would not change
     quant = _resolve_quant(file, quant, log)
     with torch.no_grad():
@@ -227,6 +240,7 @@ def run(cfg: Config) -> int:
         lora_alpha=cfg.lora_alpha or None,
         log=print,
         overwrite=cfg.overwrite,
+        pissa_init=cfg.lora_init,
     )
     states = f", {info['states']} initial states" if info["states"] else ""
     print(

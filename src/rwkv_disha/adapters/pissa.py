@@ -58,6 +58,57 @@ def pissa_as_lora(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {"lora_A": a, "lora_B": b}
 
 
+# RWKV-PEFT keeps PiSSA's initial factors out of its checkpoints, in one file per run (init_pissa.pth):
+# ``<layer>.init_lora_A`` (r, in), ``<layer>.init_lora_B`` (out, r), the values lora_A / lora_B started from
+RWKV_PEFT_INIT_NAMES = {"init_lora_A": ("pissa_A0", "lora_A"), "init_lora_B": ("pissa_B0", "lora_B")}
+
+
+def with_rwkv_peft_init(
+    tensors: Mapping[str, Tensor], init: Mapping[str, Tensor], source: str, init_source: str
+) -> dict[str, Tensor]:
+    """RWKV-PEFT's PiSSA checkpoint (``lora_A`` / ``lora_B`` per layer, + any train_parts tensors) and its
+    init file -> the tensors of one PiSSA adapter file: ``pissa_A0`` / ``pissa_B0`` added per layer.
+    Refuses, one line each, a checkpoint that already holds them or holds no LoRA tensors, and an init
+    file that is not RWKV-PEFT's or not of the same run (other layers or shapes)."""
+    if any(k.endswith((".pissa_A0", ".pissa_B0")) for k in tensors):
+        raise RWKVDishaError(
+            f"{source} already holds PiSSA's initial factors (pissa_A0 / pissa_B0): drop {init_source}"
+        )
+    layers = [k.removesuffix(".lora_A") for k in tensors if k.endswith(".lora_A")]
+    if not layers:
+        raise RWKVDishaError(
+            f"{source} holds no lora_A / lora_B tensors: {init_source} completes the rwkv-N.pth of an "
+            f"RWKV-PEFT --peft pissa run only; drop it"
+        )
+    stray = [k for k in init if k.rpartition(".")[2] not in RWKV_PEFT_INIT_NAMES]
+    if stray or not init:
+        raise RWKVDishaError(
+            f"{init_source} is not RWKV-PEFT's init_pissa.pth, which holds only *.init_lora_A / "
+            f"*.init_lora_B tensors (found {', '.join(stray[:3]) or 'no tensors'})"
+        )
+    others = sorted({k.rpartition(".")[0] for k in init} - set(layers))
+    if others:
+        raise RWKVDishaError(
+            f"{init_source} holds initial factors of layers {source} does not adapt "
+            f"({', '.join(others[:3])}): it is the init file of another run"
+        )
+    out = dict(tensors)
+    for layer in layers:
+        for old, (new, trained) in RWKV_PEFT_INIT_NAMES.items():
+            t0, t = init.get(f"{layer}.{old}"), tensors.get(f"{layer}.{trained}")
+            if t0 is None:
+                raise RWKVDishaError(
+                    f"{init_source} lacks {layer}.{old}: it is the init file of another run than {source}"
+                )
+            if t is not None and t0.shape != t.shape:
+                raise RWKVDishaError(
+                    f"{init_source}: {layer}.{old} is {tuple(t0.shape)} but {source}'s {trained} is "
+                    f"{tuple(t.shape)}: it is the init file of another run"
+                )
+            out[f"{layer}.{new}"] = t0
+    return out
+
+
 class PissaLinear(AdapterLinear):
     """Frozen ``weight`` (out, in) + trainable ``lora_A`` (r, in), ``lora_B`` (out, r) started from W's top-r
     SVD, and their saved starting values ``pissa_A0`` / ``pissa_B0``; r <= min(in, out)."""
@@ -115,10 +166,10 @@ class PissaLinear(AdapterLinear):
         niter = cfg.svd_niter
         if not is_int_at_least(niter, 0):
             raise RWKVDishaError(f"{cls.cli_flag} svd_niter must be an integer >= 0, got {niter!r}")
-        if cfg.pissa_init:  # RWKV-PEFT's separate init file: ours carries A0 / B0 inside the adapter file
+        if cfg.pissa_init and not cfg.load:  # RWKV-PEFT's init file completes the checkpoint it continues
             raise RWKVDishaError(
-                f"{cls.cli_flag} pissa_init is not needed: an rwkv-disha PiSSA file holds its initial "
-                f"factors; pass the file as pissa_load and leave pissa_init empty"
+                f"{cls.cli_flag} pissa_init completes an RWKV-PEFT PiSSA checkpoint given as pissa_load; "
+                f"give both (a fresh run makes its own initial factors), or neither"
             )
 
     @classmethod

@@ -82,14 +82,14 @@ def build_model(cfg: Config, acfg, on_gpu: bool):
 def adapt_model(model: torch.nn.Module, cfg: Config, acfg, on_gpu: bool) -> torch.nn.Module:
     """A loaded base made ready to train, in place (``train``, and ``bench`` on random weights): base
     dtype for the precision, grad_cp, adapters (+ --quant), trainable tensors in fp32, --compile."""
-    from rwkv_disha.adapters import inject_adapters, load_adapter_file, mark_trainable
+    from rwkv_disha.adapters import inject_adapters, load_adapter_file, mark_trainable, open_adapter_file
 
     model.to(base_dtype_for(cfg.engine.precision, model.emb.weight.dtype, on_gpu))
     model.grad_cp = bool(cfg.engine.grad_cp)
     inject_adapters(model, acfg)
     mark_trainable(model, acfg)
     if acfg.load:
-        load_adapter_file(model, acfg.load, acfg)
+        load_adapter_file(model, open_adapter_file(acfg.load, acfg.lora_alpha, acfg.pissa_init), acfg)
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # Adam on 16-bit parameters loses small updates
