@@ -134,6 +134,11 @@ def test_unknown_target_and_double_injection(model_path):
         inject_adapters(model, AdapterConfig.from_cli("disha", '{"r":8}', targets=["att.gate"]))
     with pytest.raises(RWKVDishaError, match="not a bias-free nn.Linear"):
         inject_adapters(model, AdapterConfig.from_cli("disha", '{"r":8}', targets=["att.ln_x"]))
+    for target in ("head", "emb"):  # outside the blocks (a peft folder's LoRA on lm_head): said so
+        with pytest.raises(
+            RWKVDishaError, match=f"not on the {target}; train it whole with --train_parts {target}"
+        ):
+            inject_adapters(model, AdapterConfig.from_cli("lora", '{"lora_r":4}', targets=[target]))
     cfg = AdapterConfig.from_cli("disha", '{"r":8}')
     inject_adapters(model, cfg)
     with pytest.raises(RWKVDishaError, match="already has an adapter"):

@@ -186,3 +186,15 @@ def test_a_peft_config_that_disagrees_with_its_tensors_is_refused(base, tmp_path
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
     assert not (tmp_path / "back.pth").exists()
+
+
+def test_a_folder_saving_some_ln_modules_is_refused_with_its_own_fix(base, tmp_path, capsys):
+    """peft's modules_to_save names modules one by one; ours train and merge the whole --train_parts ln."""
+    conf = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["key"], modules_to_save=["ln1", "ln2"])
+    _peft_model(base, conf).save_pretrained(tmp_path / "adapter")
+    argv = ["merge", "--base_model", str(base), "--peft_checkpoint", str(tmp_path / "adapter")]
+    assert main([*argv, "--output", str(tmp_path / "m.pth")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lacks tensors" in err[0], err
+    assert "its modules_to_save holds only some of the --train_parts ln modules" in err[0]
+    assert "save all of them in peft, or none" in err[0] and not (tmp_path / "m.pth").exists()

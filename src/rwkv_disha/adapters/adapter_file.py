@@ -433,6 +433,10 @@ def _check_keys(file: AdapterFile, expected: Mapping[str, Tensor], cfg: AdapterC
         fix = (
             "it was trained on fewer target layers: set the same targets as in training"
             if any(_split_adapter_key(k) for k in missing)
+            # a folder's modules_to_save named some of a part's modules; ours train and merge whole parts
+            else f"its modules_to_save holds only some of the --train_parts {parts} modules, which are saved "
+            f"whole here: save all of them in peft, or none"
+            if (file.meta or {}).get("format") == "peft" and parts
             else f"pass the --train_parts used in training ({parts or 'none'})"
         )
         raise RWKVDishaError(f"{file.source} lacks tensors {_list(missing)}: {fix}")

@@ -43,6 +43,14 @@ def find_targets(model: nn.Module, targets: Iterable[str]) -> dict[str, nn.Linea
     for target in targets:
         pattern = _target_pattern(target)
         hits = [name for name in modules if pattern.search(name)]
+        if not hits and target.rpartition(".")[2] in (
+            "head",
+            "emb",
+        ):  # outside the blocks: whole or not at all
+            raise RWKVDishaError(
+                f"adapter target {target!r}: adapters go on the Linear layers inside the blocks, not on the "
+                f"{target.rpartition('.')[2]}; train it whole with --train_parts {target.rpartition('.')[2]}"
+            )
         if not hits:
             linears = sorted(
                 {
