@@ -183,4 +183,18 @@ def fit(trainer: L.Trainer, module, data, ckpt_path: str | None) -> int:
             f"out of memory at --ctx_len {cfg.data.ctx_len} x --micro_bsz {cfg.data.micro_bsz}: lower them, "
             f"or add --grad_cp 1 (the adapters of finished epochs are saved in {cfg.proj_dir})"
         ) from e
+    except Exception as e:
+        if not _is_wandb_error(e):
+            raise
+        # W&B starts when Lightning sets the loggers up: no login and no terminal to ask on is a UsageError
+        raise RWKVDishaError(
+            f"--wandb {module.cfg.logging.wandb}: W&B could not start ({str(e).strip()}): log in with "
+            "`wandb login` (or set WANDB_API_KEY), or log offline with WANDB_MODE=offline"
+        ) from e
     return 0
+
+
+def _is_wandb_error(e: BaseException) -> bool:
+    """An error raised by the wandb package itself (its ``wandb.errors`` classes), told apart by module so
+    that wandb need not be imported (it is optional)."""
+    return any(c.__module__.startswith("wandb.errors") for c in type(e).__mro__)
