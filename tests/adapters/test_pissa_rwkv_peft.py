@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -248,3 +250,76 @@ def test_an_init_file_that_does_not_belong_is_refused(run, tmp_path, capsys, ran
         "reads no --lora_init",
     )
     assert os.path.getsize(init) > 0
+
+
+MERGE_PISSA_SH = """
+base_model='{base}'
+pissa_init='{init}'
+pissa_checkpoint='{ckpt}'
+output='{out}'
+TYPE='pissa'
+
+python merge/merge.py --base_model $base_model \\
+--lora_init $pissa_init \\
+--lora_checkpoint $pissa_checkpoint \\
+--output $output \\
+--type $TYPE
+"""
+MERGE_LORA_SH = """base_model='{base}'
+lora_checkpoint='{ckpt}'
+output='{out}'
+TYPE='lora'
+Lora_alpha=32
+
+python merge/merge.py --base_model $base_model \\
+--lora_checkpoint $lora_checkpoint \\
+--output $output \\
+--type $TYPE \\
+--lora_alpha $Lora_alpha"""
+
+
+def _run_script(text: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """RWKV-PEFT's merge script with `python merge/merge.py` replaced by `rwkv-disha merge`, nothing else."""
+    script = tmp_path / "merge.sh"
+    script.write_text(text.replace("python merge/merge.py", f"{sys.executable} -m rwkv_disha.cli merge"))
+    return subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=300)
+
+
+def test_rwkv_peft_merge_scripts_run_unchanged(run, tmp_path):
+    """scripts/merge_pissa.sh and merge_lora.sh of RWKV-PEFT: --lora_checkpoint, --lora_init, --type and
+    --lora_alpha as its merge.py takes them; the results equal its merge formulas."""
+    base, ckpt, init = run
+    out = tmp_path / "pissa.pth"
+    done = _run_script(MERGE_PISSA_SH.format(base=base, init=init, ckpt=ckpt, out=out), tmp_path)
+    assert done.returncode == 0, done.stderr
+    ref = _rwkv_peft_merge(base, ckpt, init)
+    merged = load_state_dict(out)
+    for k, v in ref.items():
+        torch.testing.assert_close(merged[k].float(), v, rtol=1e-5, atol=1e-6, msg=k)
+    # LoRA: W + B @ A * alpha / r, the same lora_A / lora_B file read without an init file
+    out = tmp_path / "lora.pth"
+    done = _run_script(MERGE_LORA_SH.format(base=base, ckpt=ckpt, out=out), tmp_path)
+    assert done.returncode == 0, done.stderr
+    w, lora = load_state_dict(base), torch.load(ckpt, weights_only=True)
+    merged = load_state_dict(out)
+    for k in [k for k in lora if k.endswith(".lora_A")]:
+        p = k.removesuffix(".lora_A")
+        expect = w[f"{p}.weight"].float() + lora[f"{p}.lora_B"] @ lora[k] * (32 / R)
+        torch.testing.assert_close(merged[f"{p}.weight"].float(), expect, rtol=1e-5, atol=1e-5, msg=p)
+
+
+def test_type_names_the_kind_the_file_must_hold(run, tmp_path, capsys):
+    """--type pissa on a PiSSA checkpoint given without its init file (which reads as LoRA, the silent
+    wrong merge) names the missing file; any other mismatch names both kinds."""
+    base, ckpt, init = run
+    merge = ["merge", "--base_model", str(base), "--output", str(tmp_path / "m.pth")]
+    _refused(
+        capsys,
+        [*merge, "--lora_checkpoint", str(ckpt), "--type", "pissa", "--lora_alpha", "8"],
+        tmp_path,
+        "add --lora_init PROJ_DIR/init_pissa.pth",
+    )
+    argv = [*merge, "--lora_checkpoint", str(ckpt), "--lora_init", str(init), "--type", "lora"]
+    _refused(capsys, argv, tmp_path, "holds PiSSA r=4 svd_niter=4, not LoRA")
+    argv = [*merge, "--lora_checkpoint", str(ckpt), "--peft_checkpoint", str(ckpt)]
+    _refused(capsys, argv, tmp_path, "give one of --peft_checkpoint / --lora_checkpoint")

@@ -43,11 +43,8 @@ Tensor = torch.Tensor
 
 
 # RWKV-PEFT's merge/merge.py flags that merge spells otherwise (cli.py turns them into their fix)
-FOREIGN_FLAGS = {
-    "lora_checkpoint": "RWKV-PEFT's merge.py flag: use --peft_checkpoint (any adapter file, LoRA included)",
-    "type": "the adapter kind (lora, pissa, disha, ...) is read from the adapter file: drop it",
-    "device": "merge runs on the CPU: drop it",
-}
+FOREIGN_FLAGS = {"device": "merge runs on the CPU: drop it"}
+MERGE_TYPES = {"lora": "LoRA", "pissa": "PiSSA"}  # RWKV-PEFT merge.py's --type: the kind it merges as
 FOREIGN_VALUES = {("quant", "4bit"): "RWKV-PEFT's 4bit is bitsandbytes' fp4: use --quant fp4"}
 
 
@@ -59,10 +56,16 @@ class Config:
         "", "a state file (rwkv-N.pth of --peft state) to write into the base as blocks.N.att.time_state"
     )
     state_checkpoint: str = opt("", "the same as --state (the name RWKV-PEFT's merge_state.py uses)")
+    lora_checkpoint: str = opt("", "the same as --peft_checkpoint (the name RWKV-PEFT's merge.py uses)")
     output: str = opt("", "where to write the merged model (.pth, or .safetensors)")
     lora_init: str = opt(
         "",
         "RWKV-PEFT's init_pissa.pth: the initial factors of an RWKV-PEFT PiSSA rwkv-N.pth (ours hold them)",
+    )
+    type: str = opt(
+        "",
+        "RWKV-PEFT merge.py's --type: the file must hold that kind ('' = any: the kind is read from it)",
+        choices=("", *MERGE_TYPES),
     )
     quant: str = opt(
         "",
@@ -166,12 +169,14 @@ def merge_adapter_file(
     log: Callable[[str], None] = lambda msg: None,
     overwrite: bool = False,
     pissa_init: str = "",
+    kind: str = "",
 ) -> dict[str, Any]:
     """Merge ``adapter_path`` into ``base_path`` and write ``output`` atomically; returns a summary.
 
     ``quant`` None / "" means: what the sidecar records (none without a sidecar). ``lora_alpha`` is needed
     only for a LoRA file without sidecar (it overrides the sidecar's value when given). ``pissa_init``:
     RWKV-PEFT's init_pissa.pth when ``adapter_path`` is the rwkv-N.pth of an RWKV-PEFT PiSSA run.
+    ``kind`` (RWKV-PEFT merge.py's --type, a key of MERGE_TYPES): the file must hold that kind.
     """
     from rwkv_disha.model.load import infer_config, load_state_dict, save_state_dict
 
@@ -181,6 +186,7 @@ def merge_adapter_file(
     base = load_state_dict(base_path, what="base model")
     model_cfg = infer_config(base, source=str(base_path))  # refuses an adapter file given as the base
     file = open_adapter_file(adapter_path, lora_alpha=lora_alpha or None, pissa_init=pissa_init)
+    _check_kind(file, kind, pissa_init)
     apply_lora_alpha(file, lora_alpha, log)  # refused for a kind it would not change
     quant = _resolve_quant(file, quant, log)
     with torch.no_grad():
@@ -201,15 +207,34 @@ def merge_adapter_file(
     }
 
 
+def _check_kind(file: AdapterFile, kind: str, pissa_init: str) -> None:
+    """--type: refuse a file of another kind. An RWKV-PEFT PiSSA checkpoint without its init file reads as
+    LoRA (the same tensor names), which is the likeliest way to get here: name the missing file."""
+    if not kind or file.cfg.peft == kind:
+        return
+    if kind == "pissa" and file.cfg.peft == "lora" and not pissa_init:
+        raise RWKVDishaError(
+            f"--type pissa: {file.source} holds only lora_A / lora_B, so it reads as LoRA; an RWKV-PEFT "
+            f"PiSSA checkpoint needs the run's initial factors: add --lora_init PROJ_DIR/init_pissa.pth"
+        )
+    raise RWKVDishaError(
+        f"--type {kind}: {file.source} holds {file.cfg.describe()}, not {MERGE_TYPES[kind]}: give the "
+        f"{MERGE_TYPES[kind]} checkpoint, or drop --type (the kind is read from the file)"
+    )
+
+
 def _one_input(cfg: Config) -> str:
-    """The file to merge: --peft_checkpoint (any adapter file) or --state / --state_checkpoint (states)."""
-    given = [f for f in ("peft_checkpoint", "state", "state_checkpoint") if getattr(cfg, f)]
+    """The file to merge: --peft_checkpoint / --lora_checkpoint (any adapter file) or --state /
+    --state_checkpoint (states)."""
+    given = [
+        f for f in ("peft_checkpoint", "lora_checkpoint", "state", "state_checkpoint") if getattr(cfg, f)
+    ]
     if len(given) > 1:
         raise RWKVDishaError(
             f"give one of --{' / --'.join(given)}: an adapter trained with --train_state 1 holds its states "
             f"(give it as --peft_checkpoint); merge a separate state file into the merged model afterwards"
         )
-    if given and given[0] != "peft_checkpoint":
+    if given and given[0] in ("state", "state_checkpoint"):
         from rwkv_disha.adapters.adapter_file import open_adapter_file
 
         path = getattr(cfg, given[0])
@@ -241,6 +266,7 @@ def run(cfg: Config) -> int:
         log=print,
         overwrite=cfg.overwrite,
         pissa_init=cfg.lora_init,
+        kind=cfg.type,
     )
     states = f", {info['states']} initial states" if info["states"] else ""
     print(
