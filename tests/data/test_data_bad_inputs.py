@@ -305,6 +305,14 @@ def test_workers_never_outnumber_the_chunks(tmp_path, monkeypatch):
         prep.Config(input=[str(src)], output=str(tmp_path / "out"), workers=32, progress=False)
     )
     assert stats.workers == 1 and stats.documents == 3
+    # several small files are a small input too (each file used to count as a chunk: two tiny files
+    # started a pool of two processes)
+    more = [tmp_path / f"more{i}.jsonl" for i in range(3)]
+    for i, p in enumerate(more):
+        p.write_text(json.dumps({"text": f"t{i}"}) + "\n")
+    srcs = [str(src)] + [str(p) for p in more]
+    stats = prep.prepare(prep.Config(input=srcs, output=str(tmp_path / "out2"), workers=32, progress=False))
+    assert stats.workers == 1 and stats.documents == 6
 
 
 @pytest.mark.parametrize("content", [b'{"text": "fine"}\n\xff\xfe\n', b""])

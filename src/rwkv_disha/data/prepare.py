@@ -356,10 +356,10 @@ def _report(cfg: Config, errors: list[tuple[str, str]], stats: PrepareStats, log
 
 
 def _workers(cfg: Config, inputs: list[str]) -> int:
-    """Processes to start: --workers (0 = all cores), never more than the input has 1 MB chunks, so a
-    small input is done in-process."""
-    chunks = sum(max(1, -(-os.path.getsize(p) // CHUNK_BYTES)) for p in inputs)
-    return max(1, min(cfg.workers or _cpu_count(), chunks))
+    """Processes to start: --workers (0 = all cores), never more than one per started MB of the whole
+    input, so a small input is done in-process however many files hold it."""
+    megabytes = -(-sum(os.path.getsize(p) for p in inputs) // CHUNK_BYTES)
+    return max(1, min(cfg.workers or _cpu_count(), megabytes))
 
 
 def _tokenise(cfg: Config, inputs: list[str], prefix: str, log) -> PrepareStats:
