@@ -350,20 +350,15 @@ def test_prepare_never_removes_an_input_named_like_its_lock(tmp_path, capsys):
     assert lock.read_text() == '{"text": "x"}\n'
 
 
-def test_a_resumed_sft_run_may_switch_data_type(base, sft_file, tmp_path, capsys):
-    """The stored --sft_split of the run is not the user's flag: switching the data type on --resume works."""
+def test_a_resumed_sft_run_keeps_its_data_type(base, sft_file, tmp_path, capsys):
+    """The stored --sft_split of the run is not the user's flag: the run resumes as it was. Switching the
+    data type at --resume would continue the run's data position in other data: refused."""
     proj = tmp_path / "p"
     assert main(_train(base, sft_file, proj, "--sft_split", "train[:3]")) == 0
-    resume = [
-        "train",
-        "--resume",
-        str(proj),
-        "--epoch_count",
-        "2",
-        "--data_type",
-        "dummy",
-        "--progress_bar",
-        "0",
-    ]
+    resume = ["train", "--resume", str(proj), "--epoch_count", "2", "--progress_bar", "0"]
+    assert main([*resume, "--data_type", "dummy"]) == 2
+    assert "--data_type dummy differs from the run's sft: --resume continues the run as it was" in (
+        capsys.readouterr().err
+    )
     assert main(resume) == 0, capsys.readouterr().err
     assert (proj / "rwkv-1.pth").is_file()

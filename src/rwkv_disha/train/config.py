@@ -301,6 +301,7 @@ def resolve_resume(cfg: Config) -> Config:
         raise RWKVDishaError(f"--resume {cfg.resume}: {saved} does not describe a run (it has no load_model)")
     _check_stored_paths(stored, given, saved)
     mine = flat_dict(cfg)
+    _check_same_run(stored, mine, given, cfg.resume)
     merged = {k: v for k, v in stored.items() if k not in given}
     merged.update({k: mine[k] for k in given})
     merged["resume"] = cfg.resume
@@ -327,6 +328,65 @@ def _check_stored_paths(stored: dict[str, Any], given: frozenset[str], saved: Pa
             f"{saved} stores {shown} relative to the folder that run started in, not found from here: pass "
             f"{flags} with the path (or resume from that folder)"
         )
+
+
+# what --resume may not change: the data position in resume.ckpt counts micro-batches of this rank, so
+# another data, sample form, batch, step, seed, epoch index or world size would skip or repeat samples
+RUN_DEFINING = (
+    "data_file", "data_type", "dataload", "loss_mask", "sft_field", "sft_split", "data_shuffle", "ctx_len",
+    "micro_bsz", "epoch_steps", "accumulate_grad_batches", "random_seed", "epoch_begin", "devices",
+    "num_nodes",
+)  # fmt: skip
+
+
+def _same_value(name: str, given: Any, stored: Any, data_type: str) -> bool:
+    import os
+
+    from rwkv_disha.data.binidx import split_prefix
+
+    if name == "random_seed":  # -1 is the default seed
+        return (DEFAULT_SEED if given < 0 else given) == (DEFAULT_SEED if stored < 0 else stored)
+    if name == "data_file" and isinstance(stored, str):
+        if data_type == "dummy" or _lost(stored):  # unread, or the documented fix for an old relative path
+            return True
+        given, stored = os.path.realpath(given), os.path.realpath(stored)
+        if data_type == "binidx":  # data/x, data/x.bin and data/x.idx name one dataset
+            given, stored = split_prefix(given), split_prefix(stored)
+    if isinstance(given, (list, tuple)) and isinstance(stored, (list, tuple)):
+        return list(given) == list(stored)
+    return given == stored
+
+
+def _shown(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def load_hint(peft: str) -> str:
+    """Where a new run names the adapter file it starts from, for this --peft."""
+    return {"lora": '"lora_load" in --lora_config', "pissa": '"pissa_load" in --pissa_config'}.get(
+        peft, '"load" in --disha_config'
+    )
+
+
+def _check_same_run(stored: dict[str, Any], mine: dict[str, Any], given: frozenset[str], folder: str) -> None:
+    """Refuse a flag given at --resume that changes which samples the rest of the run sees or how a step
+    is formed (:data:`RUN_DEFINING`); the same value as the run's is fine."""
+    data_type = stored.get("data_type", mine["data_type"])
+    changed = [
+        n
+        for n in RUN_DEFINING
+        if n in given and n in stored and not _same_value(n, mine[n], stored[n], data_type)
+    ]
+    if not changed:
+        return
+    flags = ", ".join(f"--{n} {_shown(mine[n])}" for n in changed)
+    runs = ", ".join(_shown(stored[n]) for n in changed)
+    verb = "differs" if len(changed) == 1 else "differ"
+    raise RWKVDishaError(
+        f"--resume {folder}: {flags} {verb} from the run's {runs}: --resume continues the run as it was; to "
+        f"change {'it' if len(changed) == 1 else 'them'}, start a new run from its last adapter "
+        f"({Path(folder) / 'rwkv-N.pth'} as {load_hint(stored.get('peft', 'disha'))}) with a new --proj_dir"
+    )
 
 
 def non_finite_option(cfg: Config) -> str | None:

@@ -1,0 +1,113 @@
+"""--resume continues the run as it was: a flag that changes which samples the rest of the run sees or how
+a step is formed is refused (one line, nothing written); the same value, or a flag that may change (more
+epochs, learning rate, logging), is accepted."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import rwkv_disha.model.load as load_mod
+from rwkv_disha.cli import main
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory, base_path, count_data, train_args):
+    """A finished one-epoch Bone r=16 run, micro_bsz 2, ctx_len 16, epoch_steps 2, seed 1 (tests copy it)."""
+    proj = tmp_path_factory.mktemp("done") / "run"
+    assert main(train_args(base_path, count_data, proj, epochs=1, steps=2, ctx=16)) == 0
+    return proj
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(load_mod, "load_model", refuse)
+
+
+def copy_run(done: Path, dest: Path) -> Path:
+    shutil.copytree(done, dest)
+    saved = json.loads((dest / "train_config.json").read_text())
+    saved["proj_dir"] = str(dest)
+    (dest / "train_config.json").write_text(json.dumps(saved))
+    return dest
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0].removeprefix("error: ")
+
+
+def fix(run: Path) -> str:
+    return (
+        f"--resume continues the run as it was; to change it, start a new run from its last adapter "
+        f'({run}/rwkv-N.pth as "load" in --disha_config) with a new --proj_dir'
+    )
+
+
+CHANGED = [
+    (["--micro_bsz", "4"], "--micro_bsz 4 differs from the run's 2"),
+    (["--ctx_len", "32"], "--ctx_len 32 differs from the run's 16"),
+    (["--accumulate_grad_batches", "2"], "--accumulate_grad_batches 2 differs from the run's 1"),
+    (["--epoch_steps", "4"], "--epoch_steps 4 differs from the run's 2"),
+    (["--data_type", "dummy"], "--data_type dummy differs from the run's binidx"),
+    (["--dataload", "get"], "--dataload get differs from the run's pad"),
+    (["--random_seed", "-1"], "--random_seed -1 differs from the run's 1"),
+    (["--epoch_begin", "3"], "--epoch_begin 3 differs from the run's 0"),
+    (["--data_shuffle", "0"], "--data_shuffle False differs from the run's True"),
+    (["--devices", "2"], "--devices 2 differs from the run's 1"),
+]
+
+
+@pytest.mark.parametrize("flags,message", CHANGED, ids=[c[0][0][2:] for c in CHANGED])
+def test_a_flag_that_changes_the_samples_or_the_step_is_refused(
+    tmp_path, done, no_model_load, capsys, flags, message
+):
+    run = copy_run(done, tmp_path / "run")
+    before = snapshot(tmp_path)
+    assert main(["train", "--resume", str(run), "--epoch_count", "2", *flags]) == 2
+    assert one_error_line(capsys) == f"--resume {run}: {message}: {fix(run)}"
+    assert snapshot(tmp_path) == before
+
+
+def test_another_data_file_and_two_flags_at_once(tmp_path, done, unique_data, no_model_load, capsys):
+    run = copy_run(done, tmp_path / "run")
+    stored = json.loads((run / "train_config.json").read_text())["data"]["data_file"]
+    argv = ["train", "--resume", str(run), "--data_file", unique_data, "--micro_bsz", "3"]
+    assert main(argv) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(
+        f"--resume {run}: --data_file {unique_data}, --micro_bsz 3 differ from the run's {stored}, 2: "
+        "--resume continues the run as it was; to change them, start a new run"
+    )
+
+
+def test_a_yaml_config_is_held_to_the_same_rule(tmp_path, done, no_model_load, capsys):
+    run = copy_run(done, tmp_path / "run")
+    (tmp_path / "more.yaml").write_text("epoch_count: 2\nctx_len: 64\n")
+    assert main(["train", "--resume", str(run), "--config", str(tmp_path / "more.yaml")]) == 2
+    assert one_error_line(capsys) == f"--resume {run}: --ctx_len 64 differs from the run's 16: {fix(run)}"
+
+
+def test_the_same_values_and_changeable_flags_are_accepted(tmp_path, done, count_data, monkeypatch):
+    """The run's own values (the data as prefix.bin from another folder), and what may change at resume:
+    more epochs, learning rate, clipping, logging."""
+    run = copy_run(done, tmp_path / "run")
+    monkeypatch.chdir(Path(count_data).parent)
+    argv = ["train", "--resume", str(run), "--epoch_count", "2", "--micro_bsz", "2", "--ctx_len", "16"]
+    argv += ["--random_seed", "1", "--data_file", Path(count_data).name + ".bin", "--data_type", "binidx"]
+    argv += ["--lr_init", "5e-3", "--lr_final", "1e-3", "--grad_clip", "0.5", "--log_every_n_steps", "2"]
+    assert main([*argv, "--progress_bar", "0", "--epoch_save", "1", "--num_workers", "0"]) == 0
+    assert (run / "rwkv-1.pth").is_file()
+    saved = json.loads((run / "train_config.json").read_text())
+    assert saved["optim"]["lr_init"] == 5e-3 and saved["data"]["micro_bsz"] == 2
