@@ -1,12 +1,14 @@
-"""RWKV-PEFT's PiSSA runs: rwkv-N.pth holds lora_A / lora_B only, PROJ_DIR/init_pissa.pth the factors they
-started from (``<layer>.init_lora_A`` / ``.init_lora_B``). ``merge --lora_init`` (RWKV-PEFT merge.py's flag),
-``export --lora_init`` and train's ``pissa_init`` read the pair as one PiSSA adapter; checked against
-RWKV-PEFT's merge formula written out here: W - init_B @ init_A + B @ A, no scaling."""
+"""RWKV-PEFT's merge scripts and PiSSA runs. Its PiSSA rwkv-N.pth holds lora_A / lora_B only, and
+PROJ_DIR/init_pissa.pth the factors they started from (``<layer>.init_lora_A`` / ``.init_lora_B``).
+``merge --lora_init`` (RWKV-PEFT merge.py's flag), ``export --lora_init`` and train's ``pissa_init`` read the
+pair as one PiSSA adapter; checked against RWKV-PEFT's merge formula written out here: W - init_B @ init_A +
+B @ A, no scaling. Its scripts/merge_*.sh run unchanged but for the command."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -279,9 +281,10 @@ python merge/merge.py --base_model $base_model \\
 
 
 def _run_script(text: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    """RWKV-PEFT's merge script with `python merge/merge.py` replaced by `rwkv-disha merge`, nothing else."""
+    """RWKV-PEFT's merge script with `python merge/merge*.py` replaced by `rwkv-disha merge`, nothing else."""
     script = tmp_path / "merge.sh"
-    script.write_text(text.replace("python merge/merge.py", f"{sys.executable} -m rwkv_disha.cli merge"))
+    command = f"{sys.executable} -m rwkv_disha.cli merge"
+    script.write_text(re.sub(r"python merge/merge\w*\.py", lambda _: command, text))
     return subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=300)
 
 
@@ -323,3 +326,34 @@ def test_type_names_the_kind_the_file_must_hold(run, tmp_path, capsys):
     _refused(capsys, argv, tmp_path, "holds PiSSA r=4 svd_niter=4, not LoRA")
     argv = [*merge, "--lora_checkpoint", str(ckpt), "--peft_checkpoint", str(ckpt)]
     _refused(capsys, argv, tmp_path, "give one of --peft_checkpoint / --lora_checkpoint")
+
+
+MERGE_BONE_SH = """
+base_model='{base}'
+bone_checkpoint='{ckpt}'
+output='{out}'
+
+
+python merge/merge_bone.py --base_model $base_model \\
+--lora_checkpoint $bone_checkpoint \\
+--output $output \\
+"""
+
+
+def test_rwkv_peft_merge_bone_script_runs_unchanged(make_checkpoint, tmp_path, random_adapter):
+    """scripts/merge_bone.sh on an RWKV-PEFT Bone file (its older ``.bone`` tensor names, no sidecar)
+    gives W + ΔW with ΔW[o, i] = bone[i mod r, o], written out here."""
+    base = make_checkpoint(2, 128, 300, seed=7)
+    ours = random_adapter(base, AdapterConfig.from_cli("disha", '{"mode":"bone","r":16}'), tmp_path / "a.pth")
+    bone = {k.replace(".disha", ".bone"): v for k, v in torch.load(ours, weights_only=True).items()}
+    torch.save(bone, tmp_path / "rwkv-0.pth")
+    out = tmp_path / "merged.pth"
+    script = MERGE_BONE_SH.format(base=base, ckpt=tmp_path / "rwkv-0.pth", out=out)
+    done = _run_script(script, tmp_path)
+    assert done.returncode == 0, done.stderr
+    w, merged = load_state_dict(base), load_state_dict(out)
+    for k in [k for k in bone if k.endswith(".bone")]:
+        p, b = k.removesuffix(".bone"), bone[k]  # (r, out)
+        in_f = w[f"{p}.weight"].shape[1]
+        delta = b[torch.arange(in_f) % b.shape[0]].t()  # (out, in)
+        torch.testing.assert_close(merged[f"{p}.weight"].float(), w[f"{p}.weight"].float() + delta, msg=p)
