@@ -168,7 +168,7 @@ def _train(base, data, proj, *extra):
         (["--sft_field", "query"], "--sft_field takes two different keys"),
         (["--sft_field", "query", "query"], "--sft_field takes two different keys"),
         (["--sft_split", "train[:x]"], "is not a split"),
-        (["--data_type", "jsonl", "--sft_field", "q", "a"], "apply to --data_type sft only"),
+        (["--data_type", "jsonl", "--sft_field", "q", "a"], "--sft_field applies to --data_type sft only"),
     ],
 )
 def test_train_refuses_bad_sft_flags_before_any_work(base, sft_file, tmp_path, capsys, extra, words):
@@ -333,7 +333,7 @@ def test_sft_flags_given_with_another_data_type_are_refused_even_at_their_defaul
     """Given explicitly they would be ignored; a resumed run's stored values are not refused (not given)."""
     argv = _train(base, sft_file, tmp_path / "p", "--data_type", "jsonl", "--sft_field", "query", "response")
     assert main(argv) == 2
-    assert "--sft_field apply to --data_type sft only" in capsys.readouterr().err
+    assert "--sft_field applies to --data_type sft only" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
 
 

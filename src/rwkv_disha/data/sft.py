@@ -48,9 +48,10 @@ def sft_spec(opts, given) -> SftSpec | None:
         return check_sft_options(opts.sft_field, opts.sft_split)
     names = [f"--{n}" for n in ("sft_field", "sft_split") if n in given]
     if names:
+        verb, them = ("applies", "it") if len(names) == 1 else ("apply", "them")
         raise RWKVDishaError(
-            f"{' '.join(names)} apply to --data_type sft only (this run reads --data_type "
-            f"{opts.data_type}): drop them or use --data_type sft"
+            f"{' and '.join(names)} {verb} to --data_type sft only (this run reads --data_type "
+            f"{opts.data_type}): drop {them} or use --data_type sft"
         )
     return None
 
