@@ -7,7 +7,8 @@ removed on every error path. Temporaries of killed processes are removed by :fun
 the next time a command writes into that folder. Output files get the usual ``0666 & ~umask`` mode.
 Writers that make their own temporary file beside their target (safetensors' ``save_file``) write inside a
 private temporary folder of the same naming (:func:`atomic_write_safetensors`), so a killed run's folder is
-removed with whatever the writer left in it.
+removed with whatever the writer left in it. Files that belong together (an adapter and its sidecar) go
+through :func:`atomic_write_files`, which never leaves a new one beside an old one.
 """
 
 from __future__ import annotations
@@ -228,6 +229,13 @@ def atomic_write_safetensors(
     killed run would leave that full-size file under a name we cannot tell from a user's. So it writes
     inside a :func:`temp_folder`, and the finished file moves out to our temporary file.
     """
+    return atomic_write(path, safetensors_writer(path, tensors, metadata), what, overwrite)
+
+
+def safetensors_writer(
+    path: str | os.PathLike, tensors: dict[str, Any], metadata: dict[str, str] | None = None
+) -> Callable[[Path], None]:
+    """The ``write(tmp)`` of :func:`atomic_write_safetensors`, for :func:`atomic_write_files`."""
     from safetensors.torch import save_file
 
     p = Path(path)
@@ -241,25 +249,68 @@ def atomic_write_safetensors(
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    return atomic_write(p, write, what, overwrite)
+    return write
 
 
-def atomic_write_text(
-    path: str | os.PathLike, text: str, what: str = "output", overwrite: bool = True
-) -> Path:
+def text_writer(text: str) -> Callable[[Path], None]:
+    """A ``write(tmp)`` that writes ``text`` as UTF-8 and syncs it (:func:`atomic_write`'s argument)."""
+
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
 
-    return atomic_write(path, write, what, overwrite)
+    return write
+
+
+def json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=1, sort_keys=True) + "\n"
+
+
+def atomic_write_text(
+    path: str | os.PathLike, text: str, what: str = "output", overwrite: bool = True
+) -> Path:
+    return atomic_write(path, text_writer(text), what, overwrite)
 
 
 def atomic_write_json(
     path: str | os.PathLike, obj: Any, what: str = "output", overwrite: bool = True
 ) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n", what, overwrite)
+    return atomic_write_text(path, json_text(obj), what, overwrite)
+
+
+def atomic_write_files(files: list[tuple[str | os.PathLike, Callable[[Path], Any], str]]) -> list[Path]:
+    """Write files that belong together (an adapter and its sidecar), each ``(path, write, what)`` as
+    :func:`atomic_write` does, so that they are never left mismatched: every temporary file is filled
+    first (a failure there changes nothing), then the existing files after the first are removed, then
+    the temporaries are moved into place in order. A failure or a crash at any point leaves the old set,
+    or the first files new and the rest missing: never a new first file beside an old second one."""
+    paths = [Path(f[0]) for f in files]
+    temps: list[Path] = []
+    at = 0  # the file being worked on, for the error line
+    try:
+        for at in range(len(paths)):
+            p = paths[at]
+            if p.is_dir():
+                raise IsADirectoryError(errno.EISDIR, "is a directory", str(p))
+            p.parent.mkdir(parents=True, exist_ok=True)
+            clean_stale_temps(p.parent)
+            temps.append(temp_path(p))
+            files[at][1](temps[-1])
+            os.chmod(temps[-1], _umask_mode())
+        for at in range(1, len(paths)):
+            paths[at].unlink(missing_ok=True)  # an old one must not outlive a failure to replace the first
+        for at, tmp in enumerate(list(temps)):
+            os.replace(tmp, paths[at])
+            temps.remove(tmp)
+    except BaseException as e:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        if _is_write_error(e):
+            raise RWKVDishaError(f"cannot write {files[at][2]} {paths[at]}: {os_error_cause(e)}") from None
+        raise
+    return paths
 
 
 def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:

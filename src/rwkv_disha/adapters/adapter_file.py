@@ -33,7 +33,7 @@ from rwkv_disha.adapters.registry import ADAPTER_KINDS
 from rwkv_disha.adapters.state import TimeState, is_state_key, time_state_parameters
 from rwkv_disha.choices import TRAIN_PARTS
 from rwkv_disha.errors import RWKVDishaError
-from rwkv_disha.fsio import atomic_write_json
+from rwkv_disha.fsio import atomic_write_files, json_text, text_writer
 from rwkv_disha.train.checks import check_lora_scale
 
 Tensor = torch.Tensor
@@ -122,17 +122,23 @@ def adapter_sidecar(model: nn.Module, cfg: AdapterConfig, fingerprint: dict | No
 
 
 def write_adapter_file(path: str | Path, tensors: Mapping[str, Tensor], sidecar: Mapping[str, Any]) -> Path:
-    """Write ``tensors`` to ``path`` (.pth or .safetensors) and ``sidecar`` next to it, each atomically
-    and with the same file mode; an OS error is one line naming the file. NaN / inf tensors are refused
+    """Write ``tensors`` to ``path`` (.pth or .safetensors) and ``sidecar`` next to it, as one pair
+    (:func:`fsio.atomic_write_files`): a failure or a crash leaves the old pair, or the new adapter without
+    a sidecar (its settings then come from its tensors), never the new adapter beside an old sidecar that
+    merge would trust. An OS error is one line naming the file. NaN / inf tensors are refused
     (RWKVDishaError) and nothing is written."""
-    from rwkv_disha.model.load import save_state_dict
+    from rwkv_disha.model.load import state_dict_writer
 
     path = Path(path)
     # the last line of defence against a diverged run: never a NaN adapter under a final name
     _refuse_non_finite(tensors, f"the adapter to be saved as {path}")
     meta = {"format": SIDECAR_FORMAT, "format_version": SIDECAR_VERSION, **sidecar, "tensors": len(tensors)}
-    save_state_dict(dict(tensors), path, what="adapter file")
-    atomic_write_json(sidecar_path(path), meta, what="adapter sidecar")
+    atomic_write_files(
+        [
+            (path, state_dict_writer(dict(tensors), path), "adapter file"),
+            (sidecar_path(path), text_writer(json_text(meta)), "adapter sidecar"),
+        ]
+    )
     return path
 
 

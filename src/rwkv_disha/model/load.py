@@ -19,7 +19,7 @@ import torch
 
 from rwkv_disha.choices import MODEL_VERSIONS
 from rwkv_disha.errors import RWKVDishaError
-from rwkv_disha.fsio import atomic_write, atomic_write_safetensors
+from rwkv_disha.fsio import atomic_write, safetensors_writer
 from rwkv_disha.model.config import ModelConfig
 from rwkv_disha.model.registry import get_version, markers, version_name
 
@@ -317,7 +317,11 @@ def non_finite_names(tensors) -> list[str]:
 def save_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike, what: str = "model") -> Path:
     """Write ``sd`` as ``.pth`` (or ``.safetensors`` / ``.st``) atomically through :func:`fsio.atomic_write`:
     a failure never leaves a partial file at ``path``, and an OS error is one line naming the cause."""
-    p = Path(path)
-    if p.suffix in SAFETENSORS_SUFFIXES:
-        return atomic_write_safetensors(p, {k: v.contiguous() for k, v in sd.items()}, what=what)
-    return atomic_write(p, lambda tmp: torch.save(sd, tmp), what)
+    return atomic_write(path, state_dict_writer(sd, path), what)
+
+
+def state_dict_writer(sd: dict[str, torch.Tensor], path: str | os.PathLike):
+    """The ``write(tmp)`` that fills a temporary file for :func:`save_state_dict` (by ``path``'s suffix)."""
+    if Path(path).suffix in SAFETENSORS_SUFFIXES:
+        return safetensors_writer(path, {k: v.contiguous() for k, v in sd.items()})
+    return lambda tmp: torch.save(sd, tmp)
