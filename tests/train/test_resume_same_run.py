@@ -80,15 +80,29 @@ def test_a_flag_that_changes_the_samples_or_the_step_is_refused(
     assert snapshot(tmp_path) == before
 
 
-def test_another_data_file_and_two_flags_at_once(tmp_path, done, unique_data, no_model_load, capsys):
+def test_two_flags_at_once(tmp_path, done, no_model_load, capsys):
     run = copy_run(done, tmp_path / "run")
-    stored = json.loads((run / "train_config.json").read_text())["data"]["data_file"]
-    argv = ["train", "--resume", str(run), "--data_file", unique_data, "--micro_bsz", "3"]
-    assert main(argv) == 2
-    line = one_error_line(capsys)
-    assert line.startswith(
-        f"--resume {run}: --data_file {unique_data}, --micro_bsz 3 differ from the run's {stored}, 2: "
+    assert main(["train", "--resume", str(run), "--ctx_len", "64", "--micro_bsz", "3"]) == 2
+    assert one_error_line(capsys).startswith(
+        f"--resume {run}: --ctx_len 64, --micro_bsz 3 differ from the run's 16, 2: "
         "--resume continues the run as it was; to change them, start a new run"
+    )
+
+
+def test_another_data_file_of_a_run_that_recorded_no_fingerprint(
+    tmp_path, done, unique_data, no_model_load, capsys
+):
+    """A run of an older version recorded no data fingerprint: another --data_file, while the run's own is
+    still there, is refused by its path (with a fingerprint, its files decide: test_resume_records.py)."""
+    run = copy_run(done, tmp_path / "run")
+    saved = json.loads((run / "train_config.json").read_text())
+    saved.pop("fingerprints", None)
+    (run / "train_config.json").write_text(json.dumps(saved))
+    stored = saved["data"]["data_file"]
+    assert main(["train", "--resume", str(run), "--data_file", unique_data]) == 2
+    assert (
+        one_error_line(capsys)
+        == f"--resume {run}: --data_file {unique_data} differs from the run's {stored}: {fix(run)}"
     )
 
 

@@ -110,7 +110,9 @@ def test_overwrite_run_that_dies_early_is_not_resumed_as_the_earlier_run(
         _setup(argv, CrashAt(0, 1))
     # the earlier run's resume.ckpt would have been continued under the new run's train_config.json
     assert not (proj / "resume.ckpt").exists()
-    assert (proj / "rwkv-1.pth").read_bytes() == earlier  # its adapters stay until written over
+    [aside] = proj.glob("previous-*")  # the earlier run is set aside whole, never deleted
+    assert (aside / "rwkv-1.pth").read_bytes() == earlier and (aside / "resume.ckpt").is_file()
+    assert not list(proj.glob("rwkv-*"))
     capsys.readouterr()
     assert main(["train", "--resume", str(proj)]) == 2
     [line] = _error_lines(capsys.readouterr().err)

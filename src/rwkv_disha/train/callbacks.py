@@ -19,7 +19,7 @@ import torch
 
 from rwkv_disha.errors import RWKVDishaError
 from rwkv_disha.fsio import atomic_write_json, os_error_cause
-from rwkv_disha.train.config import RESUME_FILE, SAVED_CONFIG, Config, config_json
+from rwkv_disha.train.config import RESUME_FILE, RUN_RECORD, SAVED_CONFIG, Config, config_json
 from rwkv_disha.train.logs import MetricsCsv, append_text, plot_loss, summary_lines
 from rwkv_disha.train.module import DishaModule, Diverged, divergence_advice
 
@@ -93,25 +93,61 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+# what a run writes in proj_dir (besides the lock): an --overwrite 1 run moves an earlier run's aside
+RUN_FILES = (
+    "rwkv-*.pth", "rwkv-*.json", RESUME_FILE, SAVED_CONFIG, "train_log.txt", "metrics.csv", "loss.png",
+    "samples-rank*.txt",
+)  # fmt: skip
+
+
+def set_aside_earlier_run(proj: Path) -> Path | None:
+    """Move an earlier run's files (adapters, sidecars, resume.ckpt, its config and logs) from ``proj``
+    into a new ``proj/previous-<time>/``, never deleting one; None when ``proj`` holds no earlier run
+    (no rwkv-*.pth, no resume.ckpt: what :func:`checks.check_fresh_folder` asks --overwrite 1 for)."""
+    if not (any(proj.glob("rwkv-*.pth")) or (proj / RESUME_FILE).exists()):
+        return None
+    found = sorted({p for pattern in RUN_FILES for p in proj.glob(pattern)})
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, n = proj / f"previous-{stamp}", 1
+    while aside.exists():
+        n += 1
+        aside = proj / f"previous-{stamp}-{n}"
+    try:
+        aside.mkdir()
+        for p in found:
+            os.rename(p, aside / p.name)
+    except OSError as e:
+        raise RWKVDishaError(
+            f"--overwrite 1: cannot move the earlier run in {proj} aside into {aside} ({os_error_cause(e)}); "
+            "move or remove its files yourself, or choose another --proj_dir"
+        ) from None
+    print(f"--overwrite 1: the earlier run's files in {proj} are moved to {aside}", flush=True)
+    return aside
+
+
 class SaveAdapters(L.Callback):
     """Every epoch_save epochs and at the end: proj_dir/rwkv-{epoch}.pth (+ .json sidecar). Every epoch:
     proj_dir/resume.ckpt (trainable tensors, optimizer, scheduler, loop position) for --resume. Nothing
     non-finite is ever written."""
 
-    def __init__(self, cfg: Config, acfg, saved_names: list[str], fingerprint: dict):
+    def __init__(
+        self, cfg: Config, acfg, saved_names: list[str], fingerprint: dict, record: dict | None = None
+    ):
         self.cfg, self.acfg = cfg, acfg
         self.saved_names = saved_names
         self.fingerprint = fingerprint
+        self.record = {k: v for k, v in (record or {}).items() if v is not None}  # train_config.json's
         self.written: list[Path] = []
 
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
             if not self.cfg.resume:
-                # an --overwrite 1 run replaces the earlier run's resume.ckpt: left beside this run's
-                # train_config.json, a crash before this run's first epoch end would have --resume
-                # continue the earlier run under this run's options
-                _remove(Path(self.cfg.proj_dir) / RESUME_FILE)
-            atomic_write_json(Path(self.cfg.proj_dir) / SAVED_CONFIG, config_json(self.cfg), "train config")
+                # an --overwrite 1 run sets the earlier run aside: its resume.ckpt beside this run's
+                # train_config.json would have --resume continue it under this run's options, and its
+                # higher-numbered rwkv-N.pth would pass for this run's newest
+                set_aside_earlier_run(Path(self.cfg.proj_dir))
+            saved = {**config_json(self.cfg), RUN_RECORD: self.record}
+            atomic_write_json(Path(self.cfg.proj_dir) / SAVED_CONFIG, saved, "train config")
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         from rwkv_disha.adapters import adapter_sidecar, write_adapter_file

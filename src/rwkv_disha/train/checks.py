@@ -290,5 +290,6 @@ def check_fresh_folder(cfg: Config) -> None:
         shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
         raise RWKVDishaError(
             f"--proj_dir {proj} holds an earlier run ({shown}): continue it with --resume "
-            f"{shlex.quote(str(proj))}, replace it with --overwrite 1, or choose another folder"
+            f"{shlex.quote(str(proj))}, start anew with --overwrite 1 (its files move to "
+            f"{proj / 'previous-<time>'}/), or choose another folder"
         )

@@ -205,6 +205,9 @@ class Config:
 
 SAVED_CONFIG = "train_config.json"
 RESUME_FILE = "resume.ckpt"
+# train_config.json's record of what the run started on: {"data": data.fingerprint, "base": the base
+# model's adapters.fingerprint}; --resume compares with it (a run of an older version has none)
+RUN_RECORD = "fingerprints"
 
 
 # the paths a resumed run reads again: stored absolute, so --resume works from any folder
@@ -262,6 +265,8 @@ def load_saved_config(path: str | Path) -> dict[str, Any]:
         raise RWKVDishaError(f"{path} is not an rwkv-disha train_config.json (not a mapping)")
     flat: dict[str, Any] = {}
     for key, value in raw.items():
+        if key == RUN_RECORD:
+            continue
         if isinstance(value, dict):  # a group
             flat.update(value)
         else:
@@ -274,6 +279,16 @@ def load_saved_config(path: str | Path) -> dict[str, Any]:
         )
     _check_saved_types(flat, str(path))
     return flat
+
+
+def load_run_record(path: str | Path) -> dict[str, Any]:
+    """The fingerprints a saved ``train_config.json`` records (empty: none, or no readable file)."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    record = raw.get(RUN_RECORD) if isinstance(raw, dict) else None
+    return {k: v for k, v in record.items() if isinstance(v, dict)} if isinstance(record, dict) else {}
 
 
 def resolve_resume(cfg: Config) -> Config:
@@ -301,7 +316,7 @@ def resolve_resume(cfg: Config) -> Config:
         raise RWKVDishaError(f"--resume {cfg.resume}: {saved} does not describe a run (it has no load_model)")
     _check_stored_paths(stored, given, saved)
     mine = flat_dict(cfg)
-    _check_same_run(stored, mine, given, cfg.resume)
+    _check_same_run(stored, mine, given, cfg.resume, "data" in load_run_record(saved))
     merged = {k: v for k, v in stored.items() if k not in given}
     merged.update({k: mine[k] for k in given})
     merged["resume"] = cfg.resume
@@ -312,9 +327,10 @@ def resolve_resume(cfg: Config) -> Config:
     return out
 
 
-def _lost(value: Any) -> bool:
-    """A relative path (older versions stored them as typed) that does not exist from this folder."""
-    if not isinstance(value, str) or not value or Path(value).is_absolute():
+def _lost(value: Any, absolute_too: bool = False) -> bool:
+    """A relative path (older versions stored them as typed; with ``absolute_too`` any path) that does not
+    exist from this folder."""
+    if not isinstance(value, str) or not value or (Path(value).is_absolute() and not absolute_too):
         return False
     return not any(Path(value + ext).exists() for ext in ("", ".idx", ".bin"))  # a file or binidx prefix
 
@@ -339,7 +355,10 @@ RUN_DEFINING = (
 )  # fmt: skip
 
 
-def _same_value(name: str, given: Any, stored: Any, data_type: str) -> bool:
+def _same_value(name: str, given: Any, stored: Any, data_type: str, recorded: bool) -> bool:
+    """Whether ``given`` is the run's ``stored`` value of option ``name``. Another --data_file passes when
+    the run recorded its data's fingerprint (checked once the data is opened: the same data moved), or
+    when the stored file is gone (an older run: the data moved, nothing recorded to check it by)."""
     import os
 
     from rwkv_disha.data.binidx import split_prefix
@@ -347,7 +366,7 @@ def _same_value(name: str, given: Any, stored: Any, data_type: str) -> bool:
     if name == "random_seed":  # -1 is the default seed
         return (DEFAULT_SEED if given < 0 else given) == (DEFAULT_SEED if stored < 0 else stored)
     if name == "data_file" and isinstance(stored, str):
-        if data_type == "dummy" or _lost(stored):  # unread, or the documented fix for an old relative path
+        if data_type == "dummy" or recorded or _lost(stored, absolute_too=True):
             return True
         given, stored = os.path.realpath(given), os.path.realpath(stored)
         if data_type == "binidx":  # data/x, data/x.bin and data/x.idx name one dataset
@@ -368,14 +387,25 @@ def load_hint(peft: str) -> str:
     )
 
 
-def _check_same_run(stored: dict[str, Any], mine: dict[str, Any], given: frozenset[str], folder: str) -> None:
+def new_run_fix(folder: str | Path, peft: str) -> str:
+    """The way to change what --resume may not: a new run from the resumed run's last adapter."""
+    return (
+        f"start a new run from its last adapter ({Path(folder) / 'rwkv-N.pth'} as {load_hint(peft)}) with a "
+        "new --proj_dir"
+    )
+
+
+def _check_same_run(
+    stored: dict[str, Any], mine: dict[str, Any], given: frozenset[str], folder: str, recorded: bool
+) -> None:
     """Refuse a flag given at --resume that changes which samples the rest of the run sees or how a step
-    is formed (:data:`RUN_DEFINING`); the same value as the run's is fine."""
+    is formed (:data:`RUN_DEFINING`); the same value as the run's is fine. ``recorded``: the run recorded
+    its data's fingerprint."""
     data_type = stored.get("data_type", mine["data_type"])
     changed = [
         n
         for n in RUN_DEFINING
-        if n in given and n in stored and not _same_value(n, mine[n], stored[n], data_type)
+        if n in given and n in stored and not _same_value(n, mine[n], stored[n], data_type, recorded)
     ]
     if not changed:
         return
@@ -384,8 +414,7 @@ def _check_same_run(stored: dict[str, Any], mine: dict[str, Any], given: frozens
     verb = "differs" if len(changed) == 1 else "differ"
     raise RWKVDishaError(
         f"--resume {folder}: {flags} {verb} from the run's {runs}: --resume continues the run as it was; to "
-        f"change {'it' if len(changed) == 1 else 'them'}, start a new run from its last adapter "
-        f"({Path(folder) / 'rwkv-N.pth'} as {load_hint(stored.get('peft', 'disha'))}) with a new --proj_dir"
+        f"change {'it' if len(changed) == 1 else 'them'}, {new_run_fix(folder, stored.get('peft', 'disha'))}"
     )
 
 

@@ -95,14 +95,18 @@ def check_resume_epochs(ckpt: dict[str, Any], epoch_count: int, folder: str) -> 
         )
 
 
-def check_resume_base(folder: str, load_model: str) -> None:
-    """Refuse a --load_model whose shape differs from the base the resumed run was trained on (recorded by
-    its newest adapter sidecar, else the base file its train_config.json names): the trained tensors would
-    not fit, and the checkpoint check could only blame the adapter settings."""
+def check_resume_base(
+    folder: str, load_model: str, recorded: dict[str, Any] | None = None, ckpt: dict[str, Any] | None = None
+) -> None:
+    """Refuse a --load_model whose shape differs from the base the resumed run was trained on (``recorded``:
+    the base fingerprint its train_config.json keeps; a run of an older version has none, and its own
+    sidecar of the epoch ``ckpt`` belongs to tells, else the base file its train_config.json names): the
+    trained tensors would not fit, and the checkpoint check could only blame the adapter settings."""
     from rwkv_disha.adapters.fingerprint import base_fingerprint, check_fingerprint, shape_summary
     from rwkv_disha.model.load import load_state_dict
 
-    recorded = _newest_sidecar_base(Path(folder))
+    if not recorded:
+        recorded = _run_sidecar_base(Path(folder), ckpt)
     want, source = _recorded_base_shape(Path(folder), recorded)
     if want is None:
         return
@@ -119,22 +123,37 @@ def check_resume_base(folder: str, load_model: str) -> None:
         check_fingerprint(recorded, base_fingerprint(sd), f"--resume {folder}: the run{hint}")
 
 
-def _newest_sidecar_base(folder: Path) -> dict[str, Any] | None:
-    """The base fingerprint the newest adapter sidecar in ``folder`` records (None: no readable one)."""
+def _run_sidecar_base(folder: Path, ckpt: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The base fingerprint recorded by the newest sidecar in ``folder`` that this run can have written: of
+    an epoch it has finished, at a step it has reached (an --overwrite 1 run of an older version left the
+    earlier run's files beside its own, higher-numbered ones included). None: no readable one."""
     from rwkv_disha.adapters.adapter_file import read_sidecar
+    from rwkv_disha.train.config import SAVED_CONFIG, load_saved_config
 
-    saved = [(int(p.stem[5:]), p) for p in folder.glob("rwkv-*.json") if p.stem[5:].isdigit()]
-    if not saved:
-        return None
     try:
-        return (read_sidecar(max(saved)[1].with_suffix(".pth")) or {}).get("base") or None
-    except RWKVDishaError:  # a damaged sidecar records nothing: the checkpoint's own checks follow
+        done = ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
+        step = ckpt["global_step"]
+        last = load_saved_config(folder / SAVED_CONFIG).get("epoch_begin", 0) + done - 1
+    except (KeyError, TypeError, RWKVDishaError):  # a damaged checkpoint: its own checks follow
         return None
+    saved = [(int(p.stem[5:]), p) for p in folder.glob("rwkv-*.json") if p.stem[5:].isdigit()]
+    for epoch, side in sorted(saved, reverse=True):
+        if epoch > last:
+            continue
+        try:
+            meta = read_sidecar(side.with_suffix(".pth")) or {}
+        except RWKVDishaError:  # a damaged sidecar records nothing: the checkpoint's own checks follow
+            continue
+        trained = meta.get("trained") if isinstance(meta.get("trained"), dict) else {}
+        if isinstance(trained.get("global_step"), int) and trained["global_step"] > step:
+            continue  # written after the point this run has reached: an earlier run's
+        return meta.get("base") or None
+    return None
 
 
 def _recorded_base_shape(folder: Path, recorded: dict | None) -> tuple[dict[str, Any] | None, str]:
-    """The shape summary of the base the run in ``folder`` trained on (from ``recorded``, the newest
-    sidecar's base fingerprint, else from the base file train_config.json names), and that base's path."""
+    """The shape summary of the base the run in ``folder`` trained on (from ``recorded``, the run's base
+    fingerprint, else from the base file train_config.json names), and that base's path."""
     from rwkv_disha.adapters.fingerprint import shape_summary
     from rwkv_disha.model.load import load_state_dict
     from rwkv_disha.train.config import SAVED_CONFIG, load_saved_config

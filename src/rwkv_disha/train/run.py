@@ -50,6 +50,7 @@ def setup(cfg: Config, extra_callbacks: list | None = None) -> int:
     import torch
 
     from rwkv_disha.config import given_options
+    from rwkv_disha.data.fingerprint import check_data_fingerprint, data_fingerprint
     from rwkv_disha.fsio import clean_stale_temps, folder_lock
     from rwkv_disha.train.build import build_adapter_config, build_dataset
     from rwkv_disha.train.checks import (
@@ -62,7 +63,7 @@ def setup(cfg: Config, extra_callbacks: list | None = None) -> int:
         uses_gpu,
         validate,
     )
-    from rwkv_disha.train.config import resolve_resume
+    from rwkv_disha.train.config import SAVED_CONFIG, load_run_record, new_run_fix, resolve_resume
     from rwkv_disha.train.resume import (
         check_resume_base,
         check_resume_checkpoint,
@@ -78,9 +79,15 @@ def setup(cfg: Config, extra_callbacks: list | None = None) -> int:
         cfg.engine.precision, notice = cpu_precision(cfg.engine.precision)
         if notice and _first_process():
             print(notice, file=sys.stderr)
+    record = load_run_record(Path(cfg.resume) / SAVED_CONFIG) if cfg.resume else {}
+    if cfg.resume:  # the data position in resume.ckpt counts samples of the data the run started on
+        d = cfg.data
+        fix = new_run_fix(cfg.resume, cfg.adapter.peft)
+        check_data_fingerprint(record.get("data"), d.data_file, d.data_type, d.loss_mask, cfg.resume, fix)
     mcfg = check_model_shape(cfg)
+    checkpoint = read_resume_checkpoint(Path(cfg.resume) / RESUME_FILE) if cfg.resume else None
     if cfg.resume and "load_model" in given_options(cfg):  # another base: named before its r or tensors are
-        check_resume_base(cfg.resume, cfg.load_model)
+        check_resume_base(cfg.resume, cfg.load_model, record.get("base"), checkpoint)
     acfg = build_adapter_config(cfg)
     shapes = trainable_shapes(mcfg, acfg, cfg.engine.op)  # refuses an r the layers cannot take
     if uses_gpu(cfg) and (acfg.train_state or cfg.engine.train_type == "infctx"):
@@ -89,10 +96,8 @@ def setup(cfg: Config, extra_callbacks: list | None = None) -> int:
         check_state_gradients(cfg.engine.op, torch.device("cuda"))  # both need the initial state's gradient
     if acfg.load:  # the adapter to start from: refused before any write unless it fits this run
         check_adapter_load(cfg, mcfg, acfg)
-    checkpoint = None
-    if cfg.resume:
+    if checkpoint is not None:
         path = Path(cfg.resume) / RESUME_FILE
-        checkpoint = read_resume_checkpoint(path)
         check_resume_checkpoint(checkpoint, shapes, str(path))
         check_resume_epochs(checkpoint, cfg.optim.epoch_count, cfg.resume)
         check_resume_folder(cfg)
@@ -101,6 +106,9 @@ def setup(cfg: Config, extra_callbacks: list | None = None) -> int:
         from rwkv_disha.train.dry_run import dry_run
 
         return dry_run(cfg, mcfg, acfg, dataset)
+    if "data" not in record:  # what the run starts on, for later --resume checks (train_config.json)
+        d = cfg.data
+        record = {**record, "data": data_fingerprint(d.data_file, d.data_type, d.loss_mask)}
     check_proj_dir(cfg)
     first = _first_process()
     lock = folder_lock(cfg.proj_dir, "train") if first else contextlib.nullcontext()
@@ -112,11 +120,14 @@ def setup(cfg: Config, extra_callbacks: list | None = None) -> int:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         L.seed_everything(cfg.optim.seed, workers=True, verbose=False)
-        return main(cfg, acfg, dataset, checkpoint, extra_callbacks or [])
+        return main(cfg, acfg, dataset, checkpoint, extra_callbacks or [], record)
 
 
-def main(cfg: Config, acfg, dataset, checkpoint: dict | None, extra_callbacks: list) -> int:
-    """Build the model (base + adapter), its Lightning module, the data module and the trainer, then fit."""
+def main(
+    cfg: Config, acfg, dataset, checkpoint: dict | None, extra_callbacks: list, record: dict | None = None
+) -> int:
+    """Build the model (base + adapter), its Lightning module, the data module and the trainer, then fit.
+    ``record``: the fingerprints train_config.json keeps (a resumed run's own; the base's is added here)."""
     from rwkv_disha.adapters import adapter_parameters, adapter_state_dict
     from rwkv_disha.train.build import build_model, build_trainer
     from rwkv_disha.train.callbacks import SaveAdapters, SeedBatches, StopOnSignal, TrainLog
@@ -131,7 +142,7 @@ def main(cfg: Config, acfg, dataset, checkpoint: dict | None, extra_callbacks: l
     n_total = n_base + sum(p.numel() for p in adapter_parameters(model).values())
     callbacks = [
         SeedBatches(cfg),
-        SaveAdapters(cfg, acfg, saved_names, fingerprint),
+        SaveAdapters(cfg, acfg, saved_names, fingerprint, {"base": fingerprint, **(record or {})}),
         TrainLog(cfg, n_train=n_train, n_total=n_total, describe=acfg.describe(layers=True)),
         StopOnSignal(cfg),  # after SaveAdapters: at an epoch's end, resume.ckpt is written first
         *extra_callbacks,
