@@ -6,8 +6,11 @@ reloaded from ``--load_model`` on resume, so a resume file is megabytes, not gig
 
 from __future__ import annotations
 
+import atexit
 import functools
 import math
+import multiprocessing
+import multiprocessing.util  # noqa: F401 - its exit handler must be registered before _end_workers_at_exit
 import os
 import time
 from pathlib import Path
@@ -211,6 +214,21 @@ def _worker_init(worker_id: int, rank: int) -> None:
         signal.signal(s, signal.SIG_IGN)
     if int(os.environ.get("PL_SEED_WORKERS", 0)):  # what Lightning adds when no worker_init_fn is given
         pl_worker_init_function(worker_id, rank=rank)
+
+
+def _end_workers_at_exit() -> None:
+    """Kill the DataLoader workers still running when the process exits. After an error raised in a worker
+    (bad data met mid-run) torch never shuts them down, and multiprocessing's own exit handler ends them
+    with SIGTERM, which :func:`_worker_init` makes them ignore: the run printed its error and then waited
+    for them forever. atexit runs this first (last registered, first run); it kills only daemonic
+    children (DataLoader workers are), which multiprocessing would end anyway."""
+    for p in multiprocessing.active_children():
+        if p.daemon:
+            p.kill()
+            p.join(5)
+
+
+atexit.register(_end_workers_at_exit)
 
 
 class DishaData(L.LightningDataModule):
