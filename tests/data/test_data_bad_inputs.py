@@ -370,3 +370,26 @@ def test_a_float_binidx_is_refused_not_truncated(tmp_path, one_line_error):
         make_dataset, str(prefix), "binidx", "pad", 8, 1, 1, "pad", 0, 100,
         match="declares float32 values .* token ids must be integers",
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype,value", [(np.float32, np.nan), (np.int32, -5), (np.float64, 0.5)])
+def test_an_answer_mask_sidecar_that_is_not_uint8_is_refused(tmp_path, one_line_error, dtype, value):
+    """Mask values weight the loss: NaN made every loss NaN, -5 trained away from the answers."""
+    docs = [np.arange(1, 11, dtype=np.int32) for _ in range(4)]
+    prefix = str(tmp_path / "w")
+    write_binidx(prefix, docs)
+    write_binidx(prefix + ".mask", [np.full(10, value, dtype) for _ in docs], dtype)
+    one_line_error(
+        make_dataset, prefix, "binidx", "pad", 8, 1, 0, "qa", 0, 100,
+        match=f"w.mask.idx declares {np.dtype(dtype).name} values .* answer masks are uint8",
+    )  # fmt: skip
+
+
+def test_an_answer_mask_byte_above_one_counts_once(tmp_path):
+    """A hand-made uint8 sidecar holding 200 for an answer token: that token counts as 1, not 200 times."""
+    docs = [np.arange(1, 11, dtype=np.int32) for _ in range(4)]
+    prefix = str(tmp_path / "b")
+    write_binidx(prefix, docs)
+    write_binidx(prefix + ".mask", [np.full(10, 200, np.uint8) for _ in docs], np.uint8)
+    ds = make_dataset(prefix, "binidx", "pad", 16, 1, 0, "qa", 0, 100)
+    assert set(ds[0]["mask"].tolist()) == {0.0, 1.0} and float(ds[0]["mask"].sum()) == 9.0

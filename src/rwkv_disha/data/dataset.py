@@ -155,7 +155,7 @@ class TokenDataset(torch.utils.data.Dataset):
         m = np.zeros(T, dtype=np.float32)
         if n >= 2:
             x[: n - 1], y[: n - 1] = toks[:-1], toks[1:]
-            m[: n - 1] = 1.0 if ans is None else np.asarray(ans[1:n], np.float32)  # masks: where they apply
+            m[: n - 1] = 1.0 if ans is None else np.asarray(ans[1:n]) != 0  # an answer token counts once
         elif n == 1:
             x[0] = toks[0]
         if n and (toks.max() >= self.vocab_size or toks.min() < 0):

@@ -128,6 +128,11 @@ def open_binidx(data_file: str, with_masks: bool) -> Opened:
             "writes for chat / Q&A input; re-run prepare on that input or use --loss_mask pad"
         )
     masks = BinIdx(mp)
+    if masks.dtype != np.uint8:  # as weights, float / signed values would give NaN or negative losses
+        raise RWKVDishaError(
+            f"{mp}.idx declares {masks.dtype.name} values (dtype code {masks.code}); answer masks are uint8 "
+            "(dtype code 1), 1 for each answer token: re-run `rwkv-disha prepare`"
+        )
     if len(masks) != len(source) or not np.array_equal(masks.sizes, source.sizes):
         raise RWKVDishaError(
             f"{mp}.idx does not match {source.prefix}.idx (different documents); re-run `rwkv-disha prepare`"
