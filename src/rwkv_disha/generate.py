@@ -339,7 +339,7 @@ def read_prompts(path: str) -> list[str]:
             prompts.append(text)
     else:
         try:
-            prompts = split_text(raw.decode("utf-8"), "blank")
+            prompts = split_text(raw.decode("utf-8").removeprefix("\ufeff"), "blank")  # a BOM is no text
         except UnicodeDecodeError as e:
             raise RWKVDishaError(
                 f"--prompt_file {path} is not UTF-8 text ({e.reason} at byte {e.start})"

@@ -393,3 +393,29 @@ def test_an_answer_mask_byte_above_one_counts_once(tmp_path):
     write_binidx(prefix + ".mask", [np.full(10, 200, np.uint8) for _ in docs], np.uint8)
     ds = make_dataset(prefix, "binidx", "pad", 16, 1, 0, "qa", 0, 100)
     assert set(ds[0]["mask"].tolist()) == {0.0, 1.0} and float(ds[0]["mask"].sum()) == 9.0
+
+
+def test_a_bom_of_a_text_file_is_no_token(tmp_path, capsys):
+    """A UTF-8 BOM (Windows editors write one) starting a text input: prepare and --data_type utf-8 both
+    skip it; prepare used to keep it as a token of its own at the start of the first document."""
+    from rwkv_disha.data.sources import load_text
+
+    src = tmp_path / "notes.txt"
+    src.write_bytes(b"\xef\xbb\xbfhello\r\n\r\nworld\r\n")
+    assert main(prepare_argv([src], tmp_path / "p", "--progress", "0")) == 0
+    prepared = BinIdx(tmp_path / "p")
+    read, _, _ = load_text(str(src), "utf-8")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("hello\n\nworld\n")
+    assert main(prepare_argv([plain], tmp_path / "q", "--progress", "0")) == 0
+    want = [BinIdx(tmp_path / "q").doc(i).tolist() for i in range(2)]
+    assert [prepared.doc(i).tolist() for i in range(len(prepared))] == want
+    assert [read.doc(i).tolist() for i in range(len(read))] == want
+
+
+def test_a_bom_of_a_text_prompt_file_is_no_prompt_text(tmp_path):
+    from rwkv_disha.generate import read_prompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(b"\xef\xbb\xbfHello\r\n\r\nWorld\r\n")
+    assert read_prompts(str(path)) == ["Hello", "World"]

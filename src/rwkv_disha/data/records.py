@@ -295,7 +295,7 @@ def iter_chunks(
             text = f.read()
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    docs = split_text(text, txt_split)
+    docs = split_text(text.removeprefix("\ufeff"), txt_split)  # a BOM is no text (as --data_type utf-8)
     nbytes = len(text.encode("utf-8"))
     step = max(1, min(chunk_items, len(docs) * chunk_bytes // max(nbytes, 1)))
     for k in range(0, len(docs), step):
