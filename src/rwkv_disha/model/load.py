@@ -58,6 +58,10 @@ def load_state_dict(path: str | os.PathLike, what: str = "model") -> dict[str, t
             expected = "model" if what.endswith("model") else f"{'an' if what[0] in 'aeiou' else 'a'} {what}"
             raise hf_folder_error(f"{what} path {p}", p, expected)
         raise RWKVDishaError(f"{what} path {p} is a directory; give the .pth file inside it")
+    if not p.is_file():  # reading a FIFO waits for a writer forever; a device never ends
+        raise RWKVDishaError(
+            f"{what} path {p} is not a regular file (a FIFO, device or socket); give the .pth file"
+        )
     _refuse_non_checkpoint(p, what)
     if p.suffix in SAFETENSORS_SUFFIXES:
         from safetensors import SafetensorError
