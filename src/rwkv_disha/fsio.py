@@ -164,6 +164,21 @@ def check_folder_creatable(folder: str | os.PathLike, label: str) -> None:
         raise RWKVDishaError(f"{label} {probe} is not writable")
 
 
+def _filled_temp(p: Path, write: Callable[[Path], Any], made: list[Path]) -> Path:
+    """A temporary file beside ``p`` (its folder made, a killed run's leftovers removed) filled by
+    ``write(tmp)``, with the mode a new file gets; its name goes into ``made`` before the write, so that
+    the caller removes it on any failure."""
+    if p.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory", str(p))
+    p.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(p.parent)
+    tmp = temp_path(p)
+    made.append(tmp)
+    write(tmp)
+    os.chmod(tmp, _umask_mode())
+    return tmp
+
+
 def atomic_write(
     path: str | os.PathLike, write: Callable[[Path], Any], what: str = "output", overwrite: bool = True
 ) -> Path:
@@ -174,22 +189,16 @@ def atomic_write(
     Without ``overwrite``, a file that appeared at ``path`` since the checks is kept and refused.
     """
     p = Path(path)
-    tmp: Path | None = None
+    made: list[Path] = []  # the temporary file, once named: removed on any failure
     try:
-        if p.is_dir():
-            raise IsADirectoryError(errno.EISDIR, "is a directory", str(p))
-        p.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale_temps(p.parent)
-        tmp = temp_path(p)
-        write(tmp)
-        os.chmod(tmp, _umask_mode())
+        tmp = _filled_temp(p, write, made)
         if overwrite:
             os.replace(tmp, p)
         else:
             _move_to_new(tmp, p, what)
-        tmp = None
+        made.clear()
     except BaseException as e:
-        if tmp is not None:
+        for tmp in made:
             tmp.unlink(missing_ok=True)
         if _is_write_error(e):
             raise RWKVDishaError(f"cannot write {what} {p}: {os_error_cause(e)}") from None
@@ -291,14 +300,7 @@ def atomic_write_files(files: list[tuple[str | os.PathLike, Callable[[Path], Any
     at = 0  # the file being worked on, for the error line
     try:
         for at in range(len(paths)):
-            p = paths[at]
-            if p.is_dir():
-                raise IsADirectoryError(errno.EISDIR, "is a directory", str(p))
-            p.parent.mkdir(parents=True, exist_ok=True)
-            clean_stale_temps(p.parent)
-            temps.append(temp_path(p))
-            files[at][1](temps[-1])
-            os.chmod(temps[-1], _umask_mode())
+            _filled_temp(paths[at], files[at][1], temps)
         for at in range(1, len(paths)):
             paths[at].unlink(missing_ok=True)  # an old one must not outlive a failure to replace the first
         for at, tmp in enumerate(list(temps)):

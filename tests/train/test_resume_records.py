@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from run_helpers import one_error_line, snapshot
 
 from rwkv_disha.adapters.fingerprint import base_fingerprint
 from rwkv_disha.cli import main
@@ -23,18 +24,6 @@ def data(tmp_path, count_data) -> str:
     for ext in (".bin", ".idx"):
         shutil.copy(count_data + ext, tmp_path / "data" / ("count" + ext))
     return str(tmp_path / "data" / "count")
-
-
-def snapshot(folder: Path) -> dict:
-    return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0].removeprefix("error: ")
 
 
 def resume(run, *flags) -> list[str]:

@@ -4,10 +4,10 @@ train_config.json before any work, and a bad "load" adapter leaves no proj_dir b
 import json
 import math
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import copy_run, one_error_line, snapshot
 
 import rwkv_disha.model.load as load_mod
 from rwkv_disha.adapters import AdapterConfig, inject_adapters, save_adapter_file
@@ -29,33 +29,6 @@ def no_model_load(monkeypatch):
         raise AssertionError("the model was loaded before the bad input was reported")
 
     monkeypatch.setattr(load_mod, "load_model", refuse)
-
-
-def snapshot(*folders) -> dict:
-    """Every file under the folders: bytes and mtime (what "nothing written" compares)."""
-    out = {}
-    for folder in folders:
-        for p in sorted(Path(folder).rglob("*")):
-            if p.is_file():
-                out[str(p)] = (p.read_bytes(), p.stat().st_mtime_ns)
-    return out
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
-
-
-def copy_run(done, dest: Path) -> Path:
-    """A copy of the finished run that believes it was trained in ``dest``."""
-    shutil.copytree(done, dest)
-    saved = json.loads((dest / "train_config.json").read_text())
-    saved["proj_dir"] = str(dest)
-    (dest / "train_config.json").write_text(json.dumps(saved))
-    return dest
 
 
 # ---- defect 1: the folder a resumed run writes into ---------------------------------------------------
@@ -147,7 +120,7 @@ def test_missing_or_empty_train_config(tmp_path, done, no_model_load, capsys, co
     before = snapshot(tmp_path)
     assert main(["train", "--resume", str(run)]) == 2
     line = one_error_line(capsys)
-    assert line.startswith(f"error: --resume {run}: ") and message in line
+    assert line.startswith(f"--resume {run}: ") and message in line
     assert snapshot(tmp_path) == before
 
 
@@ -215,7 +188,7 @@ def test_damaged_resume_ckpt_is_one_line_before_any_work(
     before = snapshot(tmp_path)
     assert main(["train", "--resume", str(run), "--epoch_count", "2", "--progress_bar", "0"]) == 2
     line = one_error_line(capsys)
-    assert line.startswith(f"error: --resume: {run / 'resume.ckpt'} ") and message in line
+    assert line.startswith(f"--resume: {run / 'resume.ckpt'} ") and message in line
     assert snapshot(tmp_path) == before
 
 

@@ -3,10 +3,10 @@ a step is formed is refused (one line, nothing written); the same value, or a fl
 epochs, learning rate, logging), is accepted."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
+from run_helpers import copy_run, one_error_line, snapshot
 
 import rwkv_disha.model.load as load_mod
 from rwkv_disha.cli import main
@@ -26,26 +26,6 @@ def no_model_load(monkeypatch):
         raise AssertionError("the model was loaded before the bad input was reported")
 
     monkeypatch.setattr(load_mod, "load_model", refuse)
-
-
-def copy_run(done: Path, dest: Path) -> Path:
-    shutil.copytree(done, dest)
-    saved = json.loads((dest / "train_config.json").read_text())
-    saved["proj_dir"] = str(dest)
-    (dest / "train_config.json").write_text(json.dumps(saved))
-    return dest
-
-
-def snapshot(folder: Path) -> dict:
-    return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0].removeprefix("error: ")
 
 
 def fix(run: Path) -> str:
