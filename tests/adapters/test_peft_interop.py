@@ -49,7 +49,7 @@ def _merge_refused(base, folder, tmp_path, capsys, *words):
     assert not out.exists()
 
 
-@pytest.mark.filterwarnings("ignore:OLoRA changes the base weights:UserWarning")  # peft's, on purpose here
+@pytest.mark.filterwarnings("ignore:(PiSSA|OLoRA) changes the base weights:UserWarning")  # on purpose here
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
 def test_a_lora_folder_started_by_rewriting_the_base_is_refused(base, tmp_path, capsys, init):
     """peft's PiSSA / OLoRA start from W minus the adapter's first value: the folder's tensors belong to
