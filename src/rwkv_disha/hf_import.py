@@ -29,7 +29,8 @@ def _shard_names(index: Path) -> list[str]:
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         values = list(weight_map.values())
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+    # ValueError: bad JSON / UTF-8, an integer of > 4300 digits; RecursionError: nested too deeply
+    except (ValueError, RecursionError, KeyError, TypeError, AttributeError):
         raise RWKVDishaError(f"{index} is not a safetensors index (no weight_map)") from None
     for name in values:
         # a shard outside the folder (absolute, ../, a sub-path) would read a file the user did not give
@@ -45,16 +46,17 @@ def hf_files(folder: Path) -> tuple[dict, list[Path]]:
     """config.json's contents and every file an import of ``folder`` reads (config, index, shards)."""
     if not folder.is_dir():
         raise RWKVDishaError(f"--hf_model {folder} is not a folder: give the folder holding config.json")
+    config = folder / "config.json"
+    if config.exists() and not config.is_file():  # a FIFO would be waited on forever
+        raise RWKVDishaError(f"{config} is not a regular file (a FIFO, device or folder); it must be JSON")
     try:
-        conf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        conf = json.loads(config.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RWKVDishaError(
             f"--hf_model {folder} has no config.json: it is not a Hugging Face model"
         ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RWKVDishaError(
-            f"{folder / 'config.json'} is not valid JSON ({str(e).splitlines()[0]})"
-        ) from None
+    except (ValueError, RecursionError) as e:  # + an integer of > 4300 digits, nesting too deep
+        raise RWKVDishaError(f"{config} is not valid JSON ({str(e).splitlines()[0]})") from None
     if not isinstance(conf, dict) or conf.get("model_type") != "rwkv7":
         got = conf.get("model_type") if isinstance(conf, dict) else None
         raise RWKVDishaError(f"--hf_model {folder} holds model_type {got!r}: only rwkv7 imports")
@@ -67,6 +69,11 @@ def hf_files(folder: Path) -> tuple[dict, list[Path]]:
         )
     if index.is_file():
         shards = _shard_names(index)
+        for name in shards:
+            if (folder / name).exists() and not (folder / name).is_file():  # a FIFO: waited on forever
+                raise RWKVDishaError(
+                    f"{index} names the shard {name}, which is not a regular file (a FIFO, device or folder)"
+                )
         return conf, [folder / "config.json", index, *(folder / s for s in shards)]
     if single.is_file():
         return conf, [folder / "config.json", single]

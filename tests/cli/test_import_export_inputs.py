@@ -223,3 +223,59 @@ def test_export_peft_refuses_to_overwrite_its_input(adapter, tmp_path, capsys):
         "input",
     )
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+HUGE_INT = "7" * 5000  # Python refuses to read an integer of more than 4300 digits
+
+
+BAD_CONFIG = '{"model_type": "rwkv7", "n": ' + HUGE_INT + "}"
+
+
+@pytest.mark.parametrize("text", [DEEP, BAD_CONFIG], ids=["deep", "int"])
+def test_import_refuses_a_config_json_python_cannot_read(hf, tmp_path, capsys, text):
+    """Used to be a RecursionError / ValueError traceback (exit 1)."""
+    folder = copy_hf(hf, tmp_path)
+    (folder / "config.json").write_text(text)
+    argv = ["import", "--hf_model", str(folder), "--output", str(tmp_path / "o.pth")]
+    refused(capsys, argv, "not valid JSON")
+    assert not (tmp_path / "o.pth").exists()
+
+
+@pytest.mark.parametrize("text", [DEEP, '{"weight_map": {}, "n": ' + HUGE_INT + "}"], ids=["deep", "int"])
+def test_import_refuses_an_index_python_cannot_read(hf, tmp_path, capsys, text):
+    folder = copy_hf(hf, tmp_path)
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text(text)
+    refused(capsys, ["import", "--hf_model", str(folder), "--output", str(tmp_path / "o.pth")], "index")
+    assert not (tmp_path / "o.pth").exists()
+
+
+@pytest.mark.parametrize("which", ["config.json", "shard"])
+def test_import_refuses_a_fifo_instead_of_waiting_on_it(hf, tmp_path, capsys, which):
+    """Reading a FIFO blocks until something writes to it: import used to wait forever."""
+    import os
+    import threading
+
+    folder = copy_hf(hf, tmp_path)
+    if which == "shard":
+        (folder / "model.safetensors").unlink()
+        _shard(folder, {R_PROJ: "s.safetensors"})
+        fifo = folder / "s.safetensors"
+    else:
+        fifo = folder / "config.json"
+        fifo.unlink()
+    os.mkfifo(fifo)
+    out: list = []
+    argv = ["import", "--hf_model", str(folder), "--output", str(tmp_path / "o.pth")]
+    thread = threading.Thread(target=lambda: out.append(main(argv)), daemon=True)
+    thread.start()
+    thread.join(60)
+    if thread.is_alive():  # let the blocked reader go, then fail
+        with open(fifo, "wb"):
+            pass
+        pytest.fail("import waited on the FIFO")
+    err = capsys.readouterr().err
+    assert out == [2] and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "not a regular file (a FIFO" in err
+    assert not (tmp_path / "o.pth").exists()
