@@ -369,6 +369,18 @@ def main(argv: list[str] | None = None) -> int:
         return _broken_pipe()
     except OSError as e:
         return _os_error(e)
+    except RuntimeError as e:
+        return _symlink_loop(e)
+
+
+def _symlink_loop(e: RuntimeError) -> int:
+    """One line for a path that is a symbolic link loop: Python before 3.13 raises ``RuntimeError("Symlink
+    loop from '...'")`` from ``Path.resolve()``, which the commands use to compare outputs with inputs;
+    re-raise any other RuntimeError (a bug keeps its traceback)."""
+    m = re.fullmatch(r"Symlink loop from (['\"])(.*)\1", str(e))
+    if not m:
+        raise e
+    return _fail(f"{m[2]}: a loop of symbolic links (it leads to no file); fix or remove the link")
 
 
 if __name__ == "__main__":

@@ -287,3 +287,22 @@ def test_a_fifo_given_as_a_model_is_refused_not_waited_on(tmp_path, capsys, tiny
     assert out == [2] and err.count("\n") == 1, err
     assert f"base model path {fifo} is not a regular file (a FIFO, device or socket)" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth"]
+
+
+@pytest.mark.parametrize("command", ["merge-base", "merge-adapter", "export"])
+def test_a_symlink_loop_given_as_a_model_is_one_line(tmp_path, capsys, tiny_model_path, command):
+    """Path.resolve() raises RuntimeError("Symlink loop from ...") before Python 3.13: was a traceback."""
+    loop = tmp_path / "a.pth"
+    loop.symlink_to(tmp_path / "b.pth")
+    (tmp_path / "b.pth").symlink_to(loop)
+    out = str(tmp_path / "m.pth")
+    argv = {
+        "merge-base": ["merge", "--base_model", str(loop), "--peft_checkpoint", str(tiny_model_path)],
+        "merge-adapter": ["merge", "--base_model", str(tiny_model_path), "--peft_checkpoint", str(loop)],
+        "export": ["export", "--peft_checkpoint", str(loop)],
+    }[command]
+    assert main([*argv, "--output", out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert f"{loop}" in err and ("symbolic links" in err or "not found" in err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pth", "b.pth"]
