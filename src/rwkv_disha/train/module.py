@@ -134,6 +134,31 @@ class DishaModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
+    def on_train_start(self) -> None:
+        """Give the optimizer this run's learning rates and Adam settings. On --resume, Lightning has just
+        restored the optimizer and the LR scheduler from resume.ckpt, their settings included (each param
+        group's lr, initial_lr, betas, eps, weight_decay; the scheduler's base_lrs), so a --lr_init,
+        --lr_final, --state_lr_scale, --beta1/2, --adam_eps or --weight_decay given at resume (accepted and
+        recorded in train_config.json) was silently ignored. Adam's moments and the step count stay; the
+        schedule continues at the restored step with the values given now. A fresh run: no change."""
+        o = self.cfg.optim
+        opt = self.trainer.optimizers[0]
+        fresh = self._param_groups([p for p in self.model.parameters() if p.requires_grad])
+        if len(fresh) != len(opt.param_groups):  # resume.check_resume_checkpoint compared them already
+            return
+        betas, eps = (o.beta1, o.beta2), o.adam_eps
+        for group, new in zip(opt.param_groups, fresh):
+            lr0, decay = new.get("lr", o.lr_init), new.get("weight_decay", o.weight_decay)
+            group.update(initial_lr=lr0, betas=betas, eps=eps, weight_decay=decay)
+        if not self.trainer.lr_scheduler_configs:
+            return
+        sched = self.trainer.lr_scheduler_configs[0].scheduler
+        sched.base_lrs = [group["initial_lr"] for group in opt.param_groups]
+        lrs = [lr0 * fn(sched.last_epoch) for lr0, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(opt.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = lrs
+
     def _adamw_kernel(self, params: list[torch.nn.Parameter]) -> dict[str, bool]:
         """AdamW's fused kernel (one pass over all tensors) on CPU and CUDA where Lightning allows it,
         instead of torch's CPU default, a Python loop of ~10 ops per tensor (148 tensors for a 0.1B Bone
