@@ -346,3 +346,31 @@ def test_pad_batch_through_loss(corpus):
     loss = masked_lm_loss(logits, batch["labels"], batch["mask"])
     loss.backward()
     assert loss.item() == 0.0 and torch.count_nonzero(logits.grad) == 0
+
+
+def test_large_data_tokenized_for_another_vocabulary_is_refused_at_start(tmp_path, monkeypatch):
+    """Over FULL_CHECK_TOKENS the start scans evenly spaced windows, not the whole .bin: data tokenized for
+    a bigger vocabulary shows there; one stray id between the windows is left to the per-sample check."""
+    import rwkv_disha.data.dataset as dataset
+    from rwkv_disha.errors import RWKVDishaError
+
+    monkeypatch.setattr(dataset, "FULL_CHECK_TOKENS", 100)
+    monkeypatch.setattr(dataset, "SCAN_TOKENS", 64)  # 16 windows of 4 tokens in 2,000
+    docs = [np.array([5, 6, 7, 8, 9, 10, 11, 12, 13, 0], np.int32) for _ in range(200)]
+    other = [d * 40 for d in docs]  # ids up to 520: another model's vocabulary
+    write_binidx(tmp_path / "other", other)
+
+    def build(name):
+        return make_dataset(str(tmp_path / name), "binidx", "pad", 4, 1, 4, "pad", 0, 256, shuffle=False)
+
+    with pytest.raises(
+        RWKVDishaError, match=r"holds token id \d+, outside the vocabulary \(vocab_size 256\)"
+    ):
+        build("other")
+    stray = [d.copy() for d in docs]
+    stray[100][3] = 300  # token 1,003: between the windows at 931 and 1,064
+    write_binidx(tmp_path / "stray", stray)
+    ds = build("stray")
+    ds.sample(99)
+    with pytest.raises(RWKVDishaError, match="token id 300 in .* is outside the vocabulary"):
+        ds.sample(100)

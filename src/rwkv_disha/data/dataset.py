@@ -248,6 +248,20 @@ def _answer_counts(source, masks, dataload: str, ctx_len: int) -> bool:
     return False
 
 
+def _token_range(source, windows: int = 16) -> tuple[int, int]:
+    """(max, min) token id of all of ``source`` up to FULL_CHECK_TOKENS tokens, else of ``windows`` evenly
+    spaced windows holding SCAN_TOKENS in all: data tokenized for another vocabulary shows at once, without
+    reading a large .bin whole (each sample is checked again when it is read)."""
+    n = source.num_tokens
+    if n <= FULL_CHECK_TOKENS:
+        spans = [(0, n)]
+    else:
+        width = max(min(SCAN_TOKENS // windows, n // windows), 1)
+        spans = [(i * (n - width) // (windows - 1), width) for i in range(windows)]
+    parts = [source.tokens(start, count) for start, count in spans]
+    return max(int(p.max()) for p in parts), min(int(p.min()) for p in parts)
+
+
 def check_data(
     source, masks, name: str, dataload: str, ctx_len: int, loss_mask: str, vocab_size: int, sft: bool = False
 ) -> None:
@@ -262,14 +276,12 @@ def check_data(
             f"{name} has {source.num_tokens} tokens, fewer than the ctx_len+1 = {ctx_len + 1} that "
             "--dataload get needs; lower --ctx_len or use --dataload pad"
         )
-    if source.num_tokens <= FULL_CHECK_TOKENS:
-        arr = source.tokens(0, source.num_tokens)
-        hi, lo = int(arr.max()), int(arr.min())
-        if hi >= vocab_size or lo < 0:
-            raise RWKVDishaError(
-                f"{name} holds token id {hi if hi >= vocab_size else lo}, outside the vocabulary "
-                f"(vocab_size {vocab_size}); the data was tokenized for another model"
-            )
+    hi, lo = _token_range(source)
+    if hi >= vocab_size or lo < 0:
+        raise RWKVDishaError(
+            f"{name} holds token id {hi if hi >= vocab_size else lo}, outside the vocabulary "
+            f"(vocab_size {vocab_size}); the data was tokenized for another model"
+        )
     if dataload != "get" and not (np.asarray(source.sizes) >= 2).any():
         raise RWKVDishaError(
             f"every document of {name} has fewer than 2 tokens, so no token counts toward the loss "
