@@ -45,6 +45,7 @@ def validate(cfg: Config) -> None:
         raise RWKVDishaError(f"--chunk_ctx must be positive (tokens per chunk), got {cfg.engine.chunk_ctx}")
     if cfg.adapter.state_lr_scale <= 0:
         raise RWKVDishaError(f"--state_lr_scale must be > 0, got {cfg.adapter.state_lr_scale}")
+    _check_state_lr_scale(cfg)
     if d.dataload == "only" and d.micro_bsz != 1:
         raise RWKVDishaError(
             f"--dataload only takes one document per step: use --micro_bsz 1 (got {d.micro_bsz})"
@@ -57,6 +58,24 @@ def validate(cfg: Config) -> None:
         raise RWKVDishaError("--wandb needs the wandb package: pip install wandb (WANDB_MODE=offline works)")
     if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise RWKVDishaError("--tensorboard needs the tensorboard package: pip install tensorboard")
+
+
+def _check_state_lr_scale(cfg: Config) -> None:
+    """--state_lr_scale sets the states' learning rate next to an adapter (a second optimizer group): given
+    where no such group exists, it would be silently ignored."""
+    a = cfg.adapter
+    if "state_lr_scale" not in given_options(cfg):
+        return
+    if str(a.peft).strip().lower() == "state":
+        raise RWKVDishaError(
+            "--state_lr_scale applies with --train_state 1 next to an adapter; with --peft state only the "
+            "states train, at --lr_init: drop --state_lr_scale and set --lr_init (e.g. 0.1)"
+        )
+    if not a.train_state:
+        raise RWKVDishaError(
+            "--state_lr_scale sets the initial states' learning rate, and no state trains: add "
+            "--train_state 1, or drop --state_lr_scale"
+        )
 
 
 def _validate_optim(cfg: Config) -> None:
