@@ -30,7 +30,7 @@ part() { echo "== [$SECONDS s] $*" | tee -a "$OUT/parts.log"; }
 part install
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   > "$OUT/pip.log" 2>&1 || { tail -5 "$OUT/pip.log"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD/src
+export PYTHONPATH=/tmp/site:$PWD/src PATH=/tmp/site/bin:$PATH  # bin: the ninja --op cuda's build runs
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, lightning, fla; print('torch', torch.__version__, 'lightning', lightning.__version__, 'fla ok')" 2>&1 | tail -1
 B="python3 -m rwkv_disha.cli bench --device cuda"
