@@ -52,6 +52,17 @@ def read_resume_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def _train_state_hint(missing: list[str], extra: list[str]) -> str:
+    """Where the tensors differ by the initial states alone: the --train_state the run had."""
+    from rwkv_disha.adapters.state import is_state_key
+
+    if any(is_state_key(k) for k in extra) and not any(is_state_key(k) for k in missing):
+        return " (it trained initial states: --train_state 1)"
+    if any(is_state_key(k) for k in missing) and not any(is_state_key(k) for k in extra):
+        return " (it trained no initial states: --train_state 0)"
+    return ""
+
+
 def check_resume_checkpoint(ckpt: dict[str, Any], expected: dict[str, tuple[int, ...]], path: str) -> None:
     """Refuse a checkpoint whose trainable tensors differ from this run's by name or shape, or are not
     finite. ``expected``: name -> shape without the ``model.`` prefix Lightning adds."""
@@ -61,7 +72,7 @@ def check_resume_checkpoint(ckpt: dict[str, Any], expected: dict[str, tuple[int,
         raise RWKVDishaError(
             f"--resume: {path} was saved by a run that trained other tensors "
             f"(missing {missing[:3]}, unexpected {extra[:3]}); resume with the same --peft, "
-            "--disha_config / --lora_config and --train_parts"
+            f"--disha_config / --lora_config and --train_parts{_train_state_hint(missing, extra)}"
         )
     for name, shape in expected.items():
         t = have[name]
