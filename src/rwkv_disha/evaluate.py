@@ -262,8 +262,10 @@ def model_kind(path: str) -> str:
 def models_to_compare(cfg: Config) -> list[tuple[str, str, str, str]]:
     """``(name, kind, model file, adapter file)`` of every model to evaluate, --load_model first (the
     adapter files were opened and checked by :func:`validate`)."""
-    first = "adapter" if cfg.peft_checkpoint else "base"
-    out = [(cfg.peft_checkpoint or cfg.load_model, first, cfg.load_model, cfg.peft_checkpoint)]
+    first = "adapter" if cfg.peft_checkpoint else "state" if cfg.state else "base"
+    name = cfg.peft_checkpoint or cfg.load_model
+    name = f"{name} + {cfg.state}" if cfg.state else name  # --state goes with the first model only
+    out = [(name, first, cfg.load_model, cfg.peft_checkpoint)]
     for path in cfg.compare:
         kind = model_kind(path)
         out.append((path, kind, cfg.load_model, path) if kind == "adapter" else (path, kind, path, ""))

@@ -46,6 +46,7 @@ CHANGED = [
     (["--epoch_begin", "3"], "--epoch_begin 3 differs from the run's 0"),
     (["--data_shuffle", "0"], "--data_shuffle False differs from the run's True"),
     (["--devices", "2"], "--devices 2 differs from the run's 1"),
+    (["--quant", "nf4"], "--quant nf4 differs from the run's none"),
 ]
 
 

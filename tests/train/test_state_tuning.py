@@ -162,6 +162,16 @@ def test_state_file_merge_generate_eval(steer_path, count_data, train_args, tmp_
         assert rc == 0
         losses.append(json.loads(out.strip().splitlines()[-1])["loss"])
     assert losses[0] == pytest.approx(losses[1], abs=1e-6) and losses[0] < losses[2]
+    # side by side, the first row names the state it started from (it read "base")
+    rows_json = tmp_path / "rows.json"
+    argv = [*ev, "--load_model", str(steer_path), "--state", str(state), "--compare", str(merged)]
+    rc, _, _ = _run([*argv, "--json", str(rows_json)], capsys)
+    rows = json.loads(rows_json.read_text())
+    assert rc == 0 and [(r["model"], r["kind"]) for r in rows] == [
+        (f"{steer_path} + {state}", "state"),
+        (str(merged), "merged"),
+    ]
+    assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], abs=1e-6)
 
 
 def test_state_and_bone_train_together_and_round_trip(steer_path, count_data, train_args, tmp_path):

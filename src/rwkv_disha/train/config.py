@@ -347,11 +347,12 @@ def _check_stored_paths(stored: dict[str, Any], given: frozenset[str], saved: Pa
 
 
 # what --resume may not change: the data position in resume.ckpt counts micro-batches of this rank, so
-# another data, sample form, batch, step, seed, epoch index or world size would skip or repeat samples
+# another data, sample form, batch, step, seed, epoch index or world size would skip or repeat samples;
+# another --quant would swap the frozen base the adapter is trained against (nf4 rounds weights by ~10 %)
 RUN_DEFINING = (
     "data_file", "data_type", "dataload", "loss_mask", "sft_field", "sft_split", "data_shuffle", "ctx_len",
     "micro_bsz", "epoch_steps", "accumulate_grad_batches", "random_seed", "epoch_begin", "devices",
-    "num_nodes",
+    "num_nodes", "quant",
 )  # fmt: skip
 
 
