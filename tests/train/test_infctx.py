@@ -145,3 +145,13 @@ def test_trim_keeps_a_batch_that_counts_to_its_end_or_nowhere():
     assert trim_padding(none_counted) is none_counted
     mask[0, 39] = 0  # last counted position 32 -> 33 positions, rounded up to 48 > 40: kept whole
     assert trim_padding(whole)["input_ids"].shape == (2, 40)
+
+
+def test_chunk_ctx_without_infctx_is_said_once(base_path, count_data, train_args, tmp_path, capsys):
+    """RWKV-PEFT's scripts pass --chunk_ctx without infctx too: it still runs, with a note, not silently."""
+    argv = train_args(base_path, count_data, tmp_path / "run", "--chunk_ctx", "12", epochs=1, steps=1, ctx=16)
+    assert main(argv) == 0
+    note = "note: --chunk_ctx 12 is read with --train_type infctx only; this run trains on whole --ctx_len 16"
+    assert capsys.readouterr().err.count(note) == 1
+    argv = train_args(base_path, count_data, tmp_path / "run2", epochs=1, steps=1, ctx=16)
+    assert main(argv) == 0 and "chunk_ctx" not in capsys.readouterr().err

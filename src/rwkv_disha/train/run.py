@@ -84,6 +84,13 @@ def setup(cfg: Config, extra_callbacks: list | None = None) -> int:
         d = cfg.data
         fix = new_run_fix(cfg.resume, cfg.adapter.peft)
         check_data_fingerprint(record.get("data"), d.data_file, d.data_type, d.loss_mask, cfg.resume, fix)
+    if "chunk_ctx" in given_options(cfg) and cfg.engine.train_type != "infctx" and _first_process():
+        # RWKV-PEFT's scripts pass it with or without infctx: said, not refused, so they still run
+        print(
+            f"note: --chunk_ctx {cfg.engine.chunk_ctx} is read with --train_type infctx only; this run "
+            f"trains on whole --ctx_len {cfg.data.ctx_len} samples",
+            file=sys.stderr,
+        )
     mcfg = check_model_shape(cfg)
     checkpoint = read_resume_checkpoint(Path(cfg.resume) / RESUME_FILE) if cfg.resume else None
     if cfg.resume and "load_model" in given_options(cfg):  # another base: named before its r or tensors are
