@@ -305,7 +305,7 @@ class TrainStep:
             "flops_per_token": round(fl["total"]),
             "flops_per_token_parts": {k: round(v) for k, v in fl.items() if k != "total"},
             "matmul_peak_flops": round(statistics.median(rates)),
-            "mfu": round(mfu, 4),
+            "mfu": float(f"{mfu:.4g}"),  # significant digits: a tiny shape's MFU is ~1e-5
             "peak_mem_bytes": int(peak),
             "resident_bytes_before_steps": int(resident),
             "peak_mem_kind": "cuda max_memory_allocated" if on_gpu else "peak RSS (VmHWM)",
