@@ -128,3 +128,26 @@ def small_fs(tmp_path):
     yield mount
     for where in mounted:
         subprocess.run(["umount", str(where)], capture_output=True)
+
+
+@pytest.fixture
+def main_beside_fifo():
+    """main_beside_fifo(argv, fifo) -> exit status of ``rwkv-disha argv`` that may read the FIFO ``fifo``:
+    run in a thread, and the test fails (after writing to the FIFO, so that the reader is let go) if it is
+    still waiting after a minute. Reading a FIFO blocks until something writes to it."""
+    import threading
+
+    from rwkv_disha.cli import main
+
+    def run(argv: list[str], fifo) -> int:
+        out: list[int] = []
+        thread = threading.Thread(target=lambda: out.append(main(argv)), daemon=True)
+        thread.start()
+        thread.join(60)
+        if thread.is_alive():
+            with open(fifo, "wb"):
+                pass
+            pytest.fail(f"{argv[0]} waited on the FIFO {fifo}")
+        return out[0]
+
+    return run

@@ -252,10 +252,9 @@ def test_import_refuses_an_index_python_cannot_read(hf, tmp_path, capsys, text):
 
 
 @pytest.mark.parametrize("which", ["config.json", "shard"])
-def test_import_refuses_a_fifo_instead_of_waiting_on_it(hf, tmp_path, capsys, which):
+def test_import_refuses_a_fifo_instead_of_waiting_on_it(hf, tmp_path, capsys, which, main_beside_fifo):
     """Reading a FIFO blocks until something writes to it: import used to wait forever."""
     import os
-    import threading
 
     folder = copy_hf(hf, tmp_path)
     if which == "shard":
@@ -266,15 +265,8 @@ def test_import_refuses_a_fifo_instead_of_waiting_on_it(hf, tmp_path, capsys, wh
         fifo = folder / "config.json"
         fifo.unlink()
     os.mkfifo(fifo)
-    out: list = []
     argv = ["import", "--hf_model", str(folder), "--output", str(tmp_path / "o.pth")]
-    thread = threading.Thread(target=lambda: out.append(main(argv)), daemon=True)
-    thread.start()
-    thread.join(60)
-    if thread.is_alive():  # let the blocked reader go, then fail
-        with open(fifo, "wb"):
-            pass
-        pytest.fail("import waited on the FIFO")
+    out = [main_beside_fifo(argv, fifo)]
     err = capsys.readouterr().err
     assert out == [2] and err.startswith("error: ") and err.count("\n") == 1, err
     assert "not a regular file (a FIFO" in err

@@ -262,27 +262,16 @@ def test_a_model_without_its_version_keys_names_the_fix(tmp_path):
     one_line(e)
 
 
-def test_a_fifo_given_as_a_model_is_refused_not_waited_on(tmp_path, capsys, tiny_model_path):
+def test_a_fifo_given_as_a_model_is_refused_not_waited_on(
+    tmp_path, capsys, tiny_model_path, main_beside_fifo
+):
     """Reading a FIFO blocks until something writes to it: merge / export used to wait forever."""
     import os
-    import threading
 
     fifo = tmp_path / "model.pth"
     os.mkfifo(fifo)
-    out: list = []
-    thread = threading.Thread(
-        target=lambda: out.append(
-            main(["merge", "--base_model", str(fifo), "--peft_checkpoint", str(tiny_model_path),
-                  "--output", str(tmp_path / "m.pth")])
-        ),
-        daemon=True,
-    )  # fmt: skip
-    thread.start()
-    thread.join(60)
-    if thread.is_alive():  # let the blocked reader go, then fail
-        with open(fifo, "wb"):
-            pass
-        pytest.fail("merge waited on the FIFO")
+    argv = ["merge", "--base_model", str(fifo), "--peft_checkpoint", str(tiny_model_path)]
+    out = [main_beside_fifo([*argv, "--output", str(tmp_path / "m.pth")], fifo)]
     err = capsys.readouterr().err
     assert out == [2] and err.count("\n") == 1, err
     assert f"base model path {fifo} is not a regular file (a FIFO, device or socket)" in err

@@ -53,3 +53,25 @@ def unique_data(tmp_path_factory):
     prefix = tmp_path_factory.mktemp("data") / "unique"
     write_binidx(prefix, docs)
     return str(prefix)
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory, base_path, count_data, train_args):
+    """A finished one-epoch Bone r=16 run, micro_bsz 2, ctx_len 16, epoch_steps 2, seed 1 (read-only: tests
+    copy it with run_helpers.copy_run)."""
+    from rwkv_disha.cli import main
+
+    proj = tmp_path_factory.mktemp("done") / "run"
+    assert main(train_args(base_path, count_data, proj, epochs=1, steps=2, ctx=16)) == 0
+    return proj
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a model is loaded: every bad input must be reported first."""
+    import rwkv_disha.model.load as load_mod
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(load_mod, "load_model", refuse)

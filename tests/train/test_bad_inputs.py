@@ -2,16 +2,7 @@
 
 import pytest
 
-import rwkv_disha.model.load as load_mod
 from rwkv_disha.cli import main
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("the model was loaded before the bad input was reported")
-
-    monkeypatch.setattr(load_mod, "load_model", refuse)
 
 
 def flags(argv, **changes):

@@ -15,22 +15,6 @@ from rwkv_disha.cli import main
 from rwkv_disha.model.load import load_state_dict
 
 
-@pytest.fixture(scope="module")
-def done(tmp_path_factory, base_path, count_data, train_args):
-    """A finished one-epoch Bone r=16 run (read-only: tests copy it)."""
-    proj = tmp_path_factory.mktemp("done") / "run"
-    assert main(train_args(base_path, count_data, proj, epochs=1, steps=2, ctx=16)) == 0
-    return proj
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("the model was loaded before the bad input was reported")
-
-    monkeypatch.setattr(load_mod, "load_model", refuse)
-
-
 # ---- defect 1: the folder a resumed run writes into ---------------------------------------------------
 def test_resumed_copy_writes_into_itself_not_the_original(tmp_path, done, monkeypatch):
     original = copy_run(done, tmp_path / "a" / "run")

@@ -8,24 +8,7 @@ from pathlib import Path
 import pytest
 from run_helpers import copy_run, one_error_line, snapshot
 
-import rwkv_disha.model.load as load_mod
 from rwkv_disha.cli import main
-
-
-@pytest.fixture(scope="module")
-def done(tmp_path_factory, base_path, count_data, train_args):
-    """A finished one-epoch Bone r=16 run, micro_bsz 2, ctx_len 16, epoch_steps 2, seed 1 (tests copy it)."""
-    proj = tmp_path_factory.mktemp("done") / "run"
-    assert main(train_args(base_path, count_data, proj, epochs=1, steps=2, ctx=16)) == 0
-    return proj
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("the model was loaded before the bad input was reported")
-
-    monkeypatch.setattr(load_mod, "load_model", refuse)
 
 
 def fix(run: Path) -> str:
