@@ -164,6 +164,20 @@ def check_folder_creatable(folder: str | os.PathLike, label: str) -> None:
         raise RWKVDishaError(f"{label} {probe} is not writable")
 
 
+@contextmanager
+def _temps_removed_on_failure(made: list[Path], target: Callable[[], str]) -> Iterator[None]:
+    """On any failure inside, remove the temporary files in ``made``; an OS error (full disk, not writable,
+    a directory in the way) becomes one line, ``cannot write <target()>: <cause>``."""
+    try:
+        yield
+    except BaseException as e:
+        for tmp in made:
+            tmp.unlink(missing_ok=True)
+        if _is_write_error(e):
+            raise RWKVDishaError(f"cannot write {target()}: {os_error_cause(e)}") from None
+        raise
+
+
 def _filled_temp(p: Path, write: Callable[[Path], Any], made: list[Path]) -> Path:
     """A temporary file beside ``p`` (its folder made, a killed run's leftovers removed) filled by
     ``write(tmp)``, with the mode a new file gets; its name goes into ``made`` before the write, so that
@@ -190,19 +204,13 @@ def atomic_write(
     """
     p = Path(path)
     made: list[Path] = []  # the temporary file, once named: removed on any failure
-    try:
+    with _temps_removed_on_failure(made, lambda: f"{what} {p}"):
         tmp = _filled_temp(p, write, made)
         if overwrite:
             os.replace(tmp, p)
         else:
             _move_to_new(tmp, p, what)
         made.clear()
-    except BaseException as e:
-        for tmp in made:
-            tmp.unlink(missing_ok=True)
-        if _is_write_error(e):
-            raise RWKVDishaError(f"cannot write {what} {p}: {os_error_cause(e)}") from None
-        raise
     return p
 
 
@@ -298,7 +306,7 @@ def atomic_write_files(files: list[tuple[str | os.PathLike, Callable[[Path], Any
     paths = [Path(f[0]) for f in files]
     temps: list[Path] = []
     at = 0  # the file being worked on, for the error line
-    try:
+    with _temps_removed_on_failure(temps, lambda: f"{files[at][2]} {paths[at]}"):
         for at in range(len(paths)):
             _filled_temp(paths[at], files[at][1], temps)
         for at in range(1, len(paths)):
@@ -306,12 +314,6 @@ def atomic_write_files(files: list[tuple[str | os.PathLike, Callable[[Path], Any
         for at, tmp in enumerate(list(temps)):
             os.replace(tmp, paths[at])
             temps.remove(tmp)
-    except BaseException as e:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
-        if _is_write_error(e):
-            raise RWKVDishaError(f"cannot write {files[at][2]} {paths[at]}: {os_error_cause(e)}") from None
-        raise
     return paths
 
 
