@@ -102,3 +102,56 @@ def test_memory_estimate_is_within_25_percent_of_a_real_step(make_checkpoint, tm
     assert parts == pytest.approx(estimate, abs=3)
     assert _mib(dry.stdout, "logits") == 256 * 65536 * 4 / 2**20
     assert "256 of 8 x 64 rows x 65536 at a time" in dry.stdout
+
+
+def _lrs(text: str) -> list[str]:
+    """The lr line's values: at the first step, [after warmup,] at the last."""
+    line = re.search(r"^ +lr \(cos_decay\) (.*)$", text, re.M).group(1)
+    return re.findall(r"([\d.e+-]+) (?:at the first step|after warmup|at the last)", line)
+
+
+def test_schedule_matches_the_real_run_fresh_and_resumed(base_path, count_data, train_args, tmp_path, capsys):
+    """The schedule line against metrics.csv: steps, token positions and the lr at the first, warmup-end
+    and last steps, for a fresh run and for its --resume with a longer --epoch_count (which continues at
+    step 8: the steps, tokens and lr are those still to come, not the whole run's from step 0)."""
+    proj = tmp_path / "run"
+    # accumulate 2: the metrics.csv row of each epoch's batch 0 carries the lr of the step it accumulates for
+    args = train_args(base_path, count_data, proj, "--lr_final", "1e-3", "--warmup_steps", "2",
+                      "--accumulate_grad_batches", "2", epochs=2, steps=8, ctx=16)  # fmt: skip
+    step_lr = {}  # optimizer step (0-based) -> lr, from the rows that start an optimizer step
+
+    def rows() -> list[dict]:
+        import csv
+
+        with open(proj / "metrics.csv") as f:
+            got = list(csv.DictReader(f))
+        for r in got:
+            if int(r["batch"]) % 2 == 0:
+                step_lr[int(r["global_step"])] = f"{float(r['lr']):.3g}"
+        return got
+
+    capsys.readouterr()
+    assert main([*args, "--dry_run", "1"]) == 0
+    dry = capsys.readouterr().out
+    assert main(args) == 0
+    first = rows()
+    assert "= 8 optimizer steps (accumulate 2); 512 token positions;" in dry
+    assert int(first[-1]["global_step"]) == 8 and int(first[-1]["tokens"]) == 512
+    assert _lrs(dry) == [step_lr[0], step_lr[2], step_lr[7]]
+
+    resume = ["train", "--resume", str(proj), "--epoch_count", "4", "--progress_bar", "0"]
+    capsys.readouterr()
+    assert main([*resume, "--dry_run", "1"]) == 0
+    dry = capsys.readouterr().out
+    assert main(resume) == 0
+    step_lr.clear()
+    new = rows()[len(first) :]
+    done = int(new[-1]["global_step"]) - int(first[-1]["global_step"])
+    tokens = int(new[-1]["tokens"]) - int(first[-1]["tokens"])
+    assert (done, tokens) == (8, 512)
+    assert (
+        f"= 16 optimizer steps (accumulate 2); resumed after step 8: {done} left; "
+        f"{tokens} token positions left;" in dry
+    )
+    assert _lrs(dry) == [step_lr[8], step_lr[15]]  # warmup (steps 0-1) is behind it
+    assert "the rest of the run: about" in dry

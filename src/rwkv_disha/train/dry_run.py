@@ -133,8 +133,10 @@ def _time_steps(cfg: Config, model, trainable, loss_fn, batches, device) -> tupl
     return seconds, measured
 
 
-def plan(cfg: Config, mcfg, acfg, dataset) -> dict:
-    """Build the model as training would, measure memory and speed on real batches, count the schedule."""
+def plan(cfg: Config, mcfg, acfg, dataset, done_steps: int = 0) -> dict:
+    """Build the model as training would, measure memory and speed on real batches, count the schedule.
+    ``done_steps``: the optimizer steps a resumed run has taken already (resume.ckpt's global_step); the
+    steps, tokens and time reported are the ones left to train."""
     from rwkv_disha.adapters import adapter_parameters
     from rwkv_disha.train.build import build_model
     from rwkv_disha.train.checks import uses_gpu
@@ -175,6 +177,7 @@ def plan(cfg: Config, mcfg, acfg, dataset) -> dict:
 
     o, world = cfg.optim, cfg.engine.devices * cfg.engine.num_nodes
     steps = o.epoch_steps * o.epoch_count // o.accumulate_grad_batches
+    left = max(steps - done_steps, 0) * o.accumulate_grad_batches  # micro-batches still to train
     return {
         "device": str(device),
         "layers": _layers_line(model),
@@ -197,11 +200,12 @@ def plan(cfg: Config, mcfg, acfg, dataset) -> dict:
         "seconds_per_step": seconds,
         "tokens_per_second": cfg.data.micro_bsz * T * world / seconds,
         "schedule": {
-            "micro_batches": o.epoch_steps * o.epoch_count,
+            "micro_batches": left,
             "optimizer_steps": steps,
-            "tokens": o.epoch_steps * o.epoch_count * cfg.data.micro_bsz * T * world,
+            "done_steps": done_steps,
+            "tokens": left * cfg.data.micro_bsz * T * world,
             "warmup_steps": o.warmup_steps,
-            "seconds": seconds * o.epoch_steps * o.epoch_count,
+            "seconds": seconds * left,
         },
         "T": T,
         "T_logits": T_logits,
@@ -220,7 +224,7 @@ def format_report(cfg: Config, mcfg, acfg, dataset, p: dict) -> str:
     cp = int(bool(cfg.engine.grad_cp))
     share = 100 * p["trainable"] / max(p["params"] + p["adapter_params"], 1)
     total_steps = s["optimizer_steps"] + o.epoch_begin * o.epoch_steps // o.accumulate_grad_batches
-    first = o.epoch_begin * o.epoch_steps // o.accumulate_grad_batches
+    first = o.epoch_begin * o.epoch_steps // o.accumulate_grad_batches + s["done_steps"]  # a resumed run's
 
     def lr(step: int) -> float:
         return lr_at(
@@ -244,10 +248,16 @@ def format_report(cfg: Config, mcfg, acfg, dataset, p: dict) -> str:
         f"--dataload {d.dataload}, ctx_len {d.ctx_len}, micro_bsz {d.micro_bsz}, --loss_mask {d.loss_mask}",
         f"schedule     {o.epoch_count} epochs x {o.epoch_steps} micro-batches = "
         f"{s['optimizer_steps']:,} optimizer steps (accumulate {o.accumulate_grad_batches}); "
-        f"{s['tokens']:,} token positions; "
+        + (
+            f"resumed after step {s['done_steps']:,}: {s['optimizer_steps'] - s['done_steps']:,} left; "
+            if s["done_steps"]
+            else ""
+        )
+        + f"{s['tokens']:,} token positions{' left' if s['done_steps'] else ''}; "
         f"warmup {o.warmup_steps} steps",
         f"             lr ({o.lr_schedule}) {lr(first):.3g} at the first step, "
-        f"{lr(first + o.warmup_steps):.3g} after warmup, {lr(total_steps - 1):.3g} at the last",
+        + (f"{lr(o.warmup_steps):.3g} after warmup, " if o.warmup_steps > first else "")
+        + f"{lr(total_steps - 1):.3g} at the last",
         "memory       estimate per device:",
         f"  runtime    {runtime}",
         f"  weights    {_human(m['weights']):>9}  every parameter and buffer as training holds it",
@@ -260,18 +270,20 @@ def format_report(cfg: Config, mcfg, acfg, dataset, p: dict) -> str:
         f"  total      {_human(m['total']):>9}  (grad_cp {cp}); grad_cp 0: {_human(m['total_no_grad_cp'])}, "
         f"grad_cp 1: {_human(m['total_grad_cp'])}",
         f"throughput   {p['seconds_per_step']:.3g} s per micro-batch, {p['tokens_per_second']:,.0f} tokens/s "
-        f"(mean of {TIMED_STEPS} timed steps); the whole run: about {_duration(s['seconds'])}",
+        f"(mean of {TIMED_STEPS} timed steps); the {'rest of the' if s['done_steps'] else 'whole'} run: "
+        f"about {_duration(s['seconds'])}",
     ]
     return "\n".join(lines)
 
 
-def dry_run(cfg: Config, mcfg, acfg, dataset) -> int:
-    """Called by ``setup`` after every check that reads the inputs, instead of locking and training."""
+def dry_run(cfg: Config, mcfg, acfg, dataset, checkpoint: dict | None = None) -> int:
+    """Called by ``setup`` after every check that reads the inputs, instead of locking and training.
+    ``checkpoint``: the resume.ckpt of a --resume run (checked), whose position the schedule starts at."""
     from rwkv_disha.train.checks import check_fresh_folder
 
     if check_proj_dir_writable(cfg.proj_dir):
         check_fresh_folder(cfg)  # reads only: a folder holding an earlier run is refused here too
-    p = plan(cfg, mcfg, acfg, dataset)
+    p = plan(cfg, mcfg, acfg, dataset, int(checkpoint["global_step"]) if checkpoint is not None else 0)
     print(format_report(cfg, mcfg, acfg, dataset, p))
     sys.stdout.flush()
     return 0 if math.isfinite(p["seconds_per_step"]) else 2

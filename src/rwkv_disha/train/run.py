@@ -112,7 +112,7 @@ def setup(cfg: Config, extra_callbacks: list | None = None) -> int:
     if cfg.dry_run:  # checked above; report instead of training, before anything is created or locked
         from rwkv_disha.train.dry_run import dry_run
 
-        return dry_run(cfg, mcfg, acfg, dataset)
+        return dry_run(cfg, mcfg, acfg, dataset, checkpoint)
     if "data" not in record:  # what the run starts on, for later --resume checks (train_config.json)
         d = cfg.data
         record = {**record, "data": data_fingerprint(d.data_file, d.data_type, d.loss_mask)}
