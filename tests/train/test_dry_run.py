@@ -135,7 +135,7 @@ def test_schedule_matches_the_real_run_fresh_and_resumed(base_path, count_data, 
     dry = capsys.readouterr().out
     assert main(args) == 0
     first = rows()
-    assert "= 8 optimizer steps (accumulate 2); 512 token positions;" in dry
+    assert "= 8 optimizer steps (accumulate 2); 512 token positions at most" in dry
     assert int(first[-1]["global_step"]) == 8 and int(first[-1]["tokens"]) == 512
     assert _lrs(dry) == [step_lr[0], step_lr[2], step_lr[7]]
 
@@ -151,7 +151,30 @@ def test_schedule_matches_the_real_run_fresh_and_resumed(base_path, count_data, 
     assert (done, tokens) == (8, 512)
     assert (
         f"= 16 optimizer steps (accumulate 2); resumed after step 8: {done} left; "
-        f"{tokens} token positions left;" in dry
+        f"{tokens} token positions left at most" in dry
     )
     assert _lrs(dry) == [step_lr[8], step_lr[15]]  # warmup (steps 0-1) is behind it
     assert "the rest of the run: about" in dry
+
+
+def test_token_positions_against_the_real_run(base_path, count_data, train_args, tmp_path, capsys):
+    """--dataload pad at a ctx_len longer than every document (21-61 tokens here): training trims each
+    batch to its longest document, so the report's count is a bound the real run stays under, and says so;
+    --dataload get trains full ctx_len windows: the count is exact."""
+    import csv
+
+    for dataload, ctx in (("pad", 128), ("get", 32)):
+        proj = tmp_path / dataload
+        args = train_args(base_path, count_data, proj, "--dataload", dataload, epochs=1, steps=4, ctx=ctx)
+        capsys.readouterr()
+        assert main([*args, "--dry_run", "1"]) == 0
+        dry = capsys.readouterr().out
+        assert main(args) == 0
+        with open(proj / "metrics.csv") as f:
+            real = int(list(csv.DictReader(f))[-1]["tokens"])
+        reported = int(re.search(r"; ([\d,]+) token positions", dry).group(1).replace(",", ""))
+        assert reported == 4 * 2 * ctx
+        if dataload == "pad":
+            assert real < reported and "token positions at most (--dataload pad" in dry
+        else:
+            assert real == reported and "at most" not in dry

@@ -238,6 +238,10 @@ def format_report(cfg: Config, mcfg, acfg, dataset, p: dict) -> str:
         runtime += (
             f"\n  measured   {_human(m['measured_peak']):>9}  peak CUDA memory allocated by the timed steps"
         )
+    # --dataload pad: training trims each batch's padding (trim_padding, unless --compile), so the run
+    # computes fewer positions than micro_bsz x ctx_len whenever a batch's documents are all shorter
+    trims = d.dataload == "pad" and not cfg.engine.compile
+    bound = " at most (--dataload pad: each batch is trimmed to its longest document)" if trims else ""
     lines = [
         f"dry run: everything checked; nothing trained, nothing written ({cfg.proj_dir} is left as it is)",
         f"model        {mcfg.summary()}, {p['params'] / 1e6:.2f}M params, on {p['device']}",
@@ -253,7 +257,7 @@ def format_report(cfg: Config, mcfg, acfg, dataset, p: dict) -> str:
             if s["done_steps"]
             else ""
         )
-        + f"{s['tokens']:,} token positions{' left' if s['done_steps'] else ''}; "
+        + f"{s['tokens']:,} token positions{' left' if s['done_steps'] else ''}{bound}; "
         f"warmup {o.warmup_steps} steps",
         f"             lr ({o.lr_schedule}) {lr(first):.3g} at the first step, "
         + (f"{lr(o.warmup_steps):.3g} after warmup, " if o.warmup_steps > first else "")
