@@ -178,3 +178,23 @@ def test_token_positions_against_the_real_run(base_path, count_data, train_args,
             assert real < reported and "token positions at most (--dataload pad" in dry
         else:
             assert real == reported and "at most" not in dry
+
+
+def test_throughput_counts_the_positions_its_timed_steps_compute(base_path, count_data, train_args, tmp_path):
+    """The timed steps run on trimmed batches (as training does): tokens/s counts those positions, not
+    micro_bsz x ctx_len; the memory estimate keeps the untrimmed width, the widest a batch can be."""
+    from rwkv_disha.cli import parse_config
+    from rwkv_disha.data.dataset import trim_padding
+    from rwkv_disha.train import dry_run as dr
+    from rwkv_disha.train.build import build_adapter_config, build_dataset
+    from rwkv_disha.train.checks import check_model_shape
+
+    args = train_args(base_path, count_data, tmp_path / "p", "--dataload", "pad", epochs=1, steps=4, ctx=128)
+    _, cfg = parse_config("train", args[1:])
+    mcfg, acfg = check_model_shape(cfg), build_adapter_config(cfg)
+    ds = build_dataset(cfg, mcfg.vocab_size)
+    widths = [trim_padding(b)["input_ids"].shape[1] for b in dr._batches(cfg, ds, 1 + dr.TIMED_STEPS, "cpu")]
+    p = dr.plan(cfg, mcfg, acfg, ds)
+    per_step = p["tokens_per_second"] * p["seconds_per_step"]
+    assert per_step == pytest.approx(2 * sum(widths[1:]) / dr.TIMED_STEPS) and per_step < 2 * 128
+    assert p["T"] == 128  # memory: the untrimmed width

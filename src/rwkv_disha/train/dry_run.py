@@ -60,13 +60,14 @@ def saved_activation_bytes(model, batch: dict, loss_fn) -> int:
     return sum(seen.values())
 
 
-def _loss_fn(cfg: Config):
-    """The loss training computes for a batch (--train_type: one pass, or infctx chunks)."""
+def _loss_fn(cfg: Config, trim: bool = True):
+    """The loss training computes for a batch (--train_type: one pass, or infctx chunks); ``trim`` False:
+    on the whole padded batch (the widest a batch gets, for the memory bound)."""
     from rwkv_disha.train.modes import sample_loss
 
     def loss(model, batch):
         e = cfg.engine
-        return sample_loss(e.train_type, model, batch, e.chunk_ctx, trim=not e.compile)
+        return sample_loss(e.train_type, model, batch, e.chunk_ctx, trim=trim and not e.compile)
 
     return loss
 
@@ -138,6 +139,7 @@ def plan(cfg: Config, mcfg, acfg, dataset, done_steps: int = 0) -> dict:
     ``done_steps``: the optimizer steps a resumed run has taken already (resume.ckpt's global_step); the
     steps, tokens and time reported are the ones left to train."""
     from rwkv_disha.adapters import adapter_parameters
+    from rwkv_disha.data.dataset import trim_padding
     from rwkv_disha.train.build import build_model
     from rwkv_disha.train.checks import uses_gpu
     from rwkv_disha.train.loss import chunk_rows, loss_workspace_bytes
@@ -154,7 +156,9 @@ def plan(cfg: Config, mcfg, acfg, dataset, done_steps: int = 0) -> dict:
     optimizer_bytes = 12 * n_train  # fp32 gradient + AdamW exp_avg + exp_avg_sq
     loss_fn = _loss_fn(cfg)
     batches = _batches(cfg, dataset, 1 + TIMED_STEPS, device)
-    T = batches[0]["input_ids"].shape[1]
+    T = batches[0]["input_ids"].shape[1]  # memory: a batch as wide as any can be (ctx_len with pad)
+    # the positions each timed step computes: padding cut as training cuts it (not under --compile)
+    widths = [(trim_padding(b) if not cfg.engine.compile else b)["input_ids"].shape[1] for b in batches]
     T_logits = min(T, cfg.engine.chunk_ctx) if cfg.engine.train_type == "infctx" else T  # one chunk's
     low = cfg.engine.precision in ("bf16", "fp16")  # the autocast _autocast() opens
     logits_rows = min(cfg.data.micro_bsz * T_logits, chunk_rows(mcfg.vocab_size, device))
@@ -164,7 +168,7 @@ def plan(cfg: Config, mcfg, acfg, dataset, done_steps: int = 0) -> dict:
     with _autocast(cfg, device):
         for cp in (False, True):
             model.grad_cp = cp
-            activations[cp] = saved_activation_bytes(model, batches[0], loss_fn)
+            activations[cp] = saved_activation_bytes(model, batches[0], _loss_fn(cfg, trim=False))
     # grad_cp keeps each block's input; during backward one block at a time is recomputed, so its
     # activations come back: (all blocks' saved bytes - the block inputs) / n_layer on top
     activations[True] += max(activations[False] - activations[True], 0) // max(mcfg.n_layer, 1)
@@ -198,7 +202,7 @@ def plan(cfg: Config, mcfg, acfg, dataset, done_steps: int = 0) -> dict:
             "measured_peak": measured,
         },
         "seconds_per_step": seconds,
-        "tokens_per_second": cfg.data.micro_bsz * T * world / seconds,
+        "tokens_per_second": cfg.data.micro_bsz * sum(widths[1:]) / TIMED_STEPS * world / seconds,
         "schedule": {
             "micro_batches": left,
             "optimizer_steps": steps,
