@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -122,35 +123,50 @@ def load_for_inference(
     return model.eval().requires_grad_(False)
 
 
-def sample_token(
-    logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator
-) -> int:
-    """One id from logits (V,): greedy at temperature 0, else top-k, then nucleus (top-p) sampling."""
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
+    """The probabilities :func:`sample_token` draws from, by the `rwkv` package's rules
+    (``PIPELINE.sample_logits``, as ChatRWKV and RWKV Runner): top-p (the likeliest tokens whose mass
+    reaches ``top_p``, with every token tied at the cutoff) and top-k choose the tokens from the
+    probabilities at temperature 1; the temperature then reshapes the probabilities among them
+    (``p ** (1 / temperature)``), so it never lets more tokens in. Greedy (the argmax alone) at temperature
+    0. Unlike the package, ``top_p`` 1 keeps every token (its float32 sum often falls short of 1, and the
+    package then keeps only the likeliest)."""
+    logits = logits.float()
     # a temperature below float32's smallest normal is greedy in effect (any gap between logits becomes
     # inf), and one that rounds to 0 in float32 would divide 0 by 0: both take the argmax
     if temperature < torch.finfo(torch.float32).tiny:
-        return int(torch.argmax(logits))
-    logits = logits.float()
+        return torch.zeros_like(logits).index_fill(0, torch.argmax(logits).view(1), 1.0)
+    probs = torch.softmax(logits, dim=-1)
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    if top_p < 1:
+        sorted_p = torch.sort(probs, descending=True).values
+        reached = torch.nonzero(torch.cumsum(sorted_p, dim=-1) >= top_p).flatten()
+        if len(reached):  # a top_p below float32's range compares as 0: the likeliest token(s)
+            keep &= probs >= sorted_p[reached[0]]
+    if 0 < top_k < probs.numel():
+        keep &= probs >= torch.topk(probs, top_k).values[-1]
     # shifted so the best logit is 0: a tiny temperature then sends the others to -inf (greedy), not inf / inf
-    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
-    if top_k > 0:
-        kth = torch.topk(probs, min(top_k, probs.numel())).values[-1]
-        probs = torch.where(probs >= kth, probs, 0.0)
-    if 0 < top_p < 1:
-        sorted_p, order = torch.sort(probs, descending=True)
-        cum = torch.cumsum(sorted_p, dim=-1)
-        keep = cum - sorted_p < top_p  # the smallest prefix whose mass reaches top_p
-        keep[0] = True  # the likeliest token always (a top_p below float32's range compares as 0)
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_p * keep)
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+    scaled = torch.where(keep, (logits - logits.max()) / temperature, -torch.inf)
+    return torch.softmax(scaled, dim=-1)
+
+
+def sample_token(
+    logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator
+) -> int:
+    """One id from logits (V,) drawn from :func:`sampling_probs` (greedy at temperature 0)."""
+    if temperature < torch.finfo(torch.float32).tiny:
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(sampling_probs(logits, temperature, top_p, top_k), 1, generator=generator))
 
 
 @dataclass
 class Penalties:
-    """RWKV's repetition penalties (ChatRWKV's PIPELINE_ARGS): before sampling, every token already
-    generated in this reply has its logit lowered by ``presence + count * frequency``, where its count
-    grows by 1 each time it is generated and every count is multiplied by ``decay`` at each new token
-    (so old repetitions are forgiven). All zero: no penalty."""
+    """RWKV's repetition penalties (the `rwkv` package's PIPELINE.generate, as ChatRWKV and RWKV
+    Runner): before sampling, every token already generated in this reply has its logit lowered by
+    ``presence + count * frequency``, where every count is multiplied by ``decay`` at each new token (so
+    old repetitions are forgiven) and then the new token's grows by 1, or by 0 for a token whose text is
+    part of ``" \\t0123456789"`` (a space, a tab, a digit, "01", ...: :func:`uncounted`), which so takes the
+    presence penalty but never the frequency one. All zero: no penalty."""
 
     presence: float = 0.0
     frequency: float = 0.0
@@ -166,7 +182,17 @@ class Penalties:
     def update(self, counts: dict[int, float], tok: int) -> None:
         for k in counts:
             counts[k] *= self.decay
-        counts[tok] = counts.get(tok, 0.0) + 1.0
+        counts[tok] = counts.get(tok, 0.0) + (0.0 if uncounted(tok) else 1.0)
+
+
+@cache
+def uncounted(tok: int) -> bool:
+    """Whether generating ``tok`` adds nothing to its repetition count: the `rwkv` package's test
+    ``decode([tok]) in " \\t0123456789"`` (space, tab, digits; also " \\t", "01", "12", ... "89" and the
+    empty padding tokens, as a substring test does)."""
+    from rwkv_disha.data.tokenizer import get_tokenizer
+
+    return get_tokenizer().decode([tok]) in " \t0123456789"
 
 
 class Session:
