@@ -110,7 +110,12 @@ def _check_targets(folder: Path, conf: dict[str, Any], tensors: dict[str, Tensor
 
 def open_peft_folder(folder: str | Path):
     """A peft adapter folder read and checked -> :class:`AdapterFile` in our names (MiSS or LoRA)."""
-    from rwkv_disha.adapters.adapter_file import AdapterFile, _refuse_non_finite, infer_adapter_config
+    from rwkv_disha.adapters.adapter_file import (
+        AdapterFile,
+        _refuse_non_finite,
+        _split_adapter_key,
+        infer_adapter_config,
+    )
     from rwkv_disha.model.load import load_state_dict
 
     folder = Path(folder)
@@ -180,8 +185,7 @@ def open_peft_folder(folder: str | Path):
         setattr(cfg, k, v)
     # the exact layers, by full name: peft can adapt some blocks only (layers_to_transform, full-name or
     # regex target_modules), which module names without the block would extend to every block
-    names = set(cfg.layer_class.adapter_names)
-    cfg.targets = list(dict.fromkeys(k.rpartition(".")[0] for k in tensors if k.rpartition(".")[2] in names))
+    cfg.targets = list(dict.fromkeys(split[0] for k in tensors if (split := _split_adapter_key(k))))
     meta = {"format": "peft", "adapter": cfg.to_dict(), "base": None, "weight_dtype": None}
     return AdapterFile(folder, tensors, meta, cfg)
 

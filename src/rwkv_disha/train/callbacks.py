@@ -104,7 +104,9 @@ def set_aside_earlier_run(proj: Path) -> Path | None:
     """Move an earlier run's files (adapters, sidecars, resume.ckpt, its config and logs) from ``proj``
     into a new ``proj/previous-<time>/``, never deleting one; None when ``proj`` holds no earlier run
     (no rwkv-*.pth, no resume.ckpt: what :func:`checks.check_fresh_folder` asks --overwrite 1 for)."""
-    if not (any(proj.glob("rwkv-*.pth")) or (proj / RESUME_FILE).exists()):
+    from rwkv_disha.train.checks import earlier_run_files
+
+    if not earlier_run_files(proj):
         return None
     found = sorted({p for pattern in RUN_FILES for p in proj.glob(pattern)})
     stamp = time.strftime("%Y%m%d-%H%M%S")

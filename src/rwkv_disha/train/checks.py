@@ -12,7 +12,7 @@ from rwkv_disha.config import given_options
 from rwkv_disha.data.sft import sft_spec
 from rwkv_disha.errors import RWKVDishaError
 from rwkv_disha.model.load import hf_folder_error, is_hf_model_folder
-from rwkv_disha.train.config import SEED_MAX, Config, non_finite_option
+from rwkv_disha.train.config import RESUME_FILE, SEED_MAX, Config, non_finite_option
 
 POSITIVE = ("epoch_steps", "epoch_count", "epoch_save", "accumulate_grad_batches")
 
@@ -297,14 +297,19 @@ def check_resume_folder(cfg: Config) -> None:
         )
 
 
+def earlier_run_files(proj: Path) -> list[str]:
+    """The files that show ``proj`` holds an earlier run: its adapters (rwkv-*.pth) and resume.ckpt."""
+    return sorted(p.name for p in proj.glob("rwkv-*.pth")) + (
+        [RESUME_FILE] if (proj / RESUME_FILE).exists() else []
+    )
+
+
 def check_fresh_folder(cfg: Config) -> None:
     """A new run must not silently replace an earlier run's adapters: --resume it, or --overwrite 1."""
     if cfg.resume or cfg.overwrite:
         return
     proj = Path(cfg.proj_dir)
-    found = sorted(p.name for p in proj.glob("rwkv-*.pth")) + (
-        ["resume.ckpt"] if (proj / "resume.ckpt").exists() else []
-    )
+    found = earlier_run_files(proj)
     if found:
         shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
         raise RWKVDishaError(

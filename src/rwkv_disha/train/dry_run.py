@@ -165,10 +165,11 @@ def plan(cfg: Config, mcfg, acfg, dataset, done_steps: int = 0) -> dict:
     logits_bytes = loss_workspace_bytes(logits_rows, mcfg.vocab_size, device, low)
 
     activations = {}
+    untrimmed = _loss_fn(cfg, trim=False)
     with _autocast(cfg, device):
         for cp in (False, True):
             model.grad_cp = cp
-            activations[cp] = saved_activation_bytes(model, batches[0], _loss_fn(cfg, trim=False))
+            activations[cp] = saved_activation_bytes(model, batches[0], untrimmed)
     # grad_cp keeps each block's input; during backward one block at a time is recomputed, so its
     # activations come back: (all blocks' saved bytes - the block inputs) / n_layer on top
     activations[True] += max(activations[False] - activations[True], 0) // max(mcfg.n_layer, 1)
